@@ -1,0 +1,285 @@
+//! The SQL surface written in Rust: row validation (the outbox's CHECK constraint), the default
+//! `source`, the commit-time wake-up trigger, and `broadcaster_health()`. The table and
+//! `broadcaster_publish` are in `sql/outbox.sql`.
+
+use std::sync::OnceLock;
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::event::{self, EventError};
+use crate::{guc, shared};
+
+impl From<EventError> for ErrorReport {
+    fn from(e: EventError) -> Self {
+        let column = e.column();
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("broadcaster: invalid event: {e}"),
+            "broadcaster_check_event",
+        )
+        .set_detail(format!("The value of \"{column}\" is refused."))
+        .set_hint("See the broadcaster_outbox column rules in the README.")
+    }
+}
+
+/// Validates one outbox row; raises SQLSTATE 22023 naming the column at fault. Used by the
+/// table's CHECK constraint so a raw INSERT from any ORM is held to the same rules as
+/// `broadcaster_publish`. NULL `type` never reaches here: the NOT NULL constraint answers first
+/// (23502).
+#[pg_extern(immutable, parallel_safe)]
+fn broadcaster_check_event(
+    event_type: Option<&str>,
+    source: Option<&str>,
+    datacontenttype: Option<&str>,
+    dataschema: Option<&str>,
+    extensions: Option<JsonB>,
+    stream: Option<&str>,
+) -> bool {
+    let checks = || -> Result<(), EventError> {
+        if let Some(ty) = event_type {
+            event::validate_type(ty)?;
+        }
+        if let Some(source) = source {
+            event::validate_source(source)?;
+        }
+        if let Some(content_type) = datacontenttype {
+            event::validate_datacontenttype(content_type)?;
+        }
+        if let Some(schema) = dataschema {
+            event::validate_dataschema(schema)?;
+        }
+        if let Some(JsonB(extensions)) = &extensions {
+            event::validate_extensions_value(extensions)?;
+        }
+        if let Some(stream) = stream {
+            event::validate_stream(stream)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = checks() {
+        ErrorReport::from(e).report(PgLogLevel::ERROR);
+    }
+    true
+}
+
+/// The `source` of events written without one: `broadcaster.default_source`, or
+/// `postgresql:///<database>`.
+#[pg_extern(stable, parallel_safe)]
+fn broadcaster_default_source() -> String {
+    static FOR_THIS_DATABASE: OnceLock<String> = OnceLock::new();
+    guc::default_source().unwrap_or_else(|| {
+        FOR_THIS_DATABASE
+            .get_or_init(|| event::default_source_for(&current_database()))
+            .clone()
+    })
+}
+
+fn current_database() -> String {
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Statement-level trigger on the outbox: the worker is woken when this transaction commits,
+/// whether the rows came from `broadcaster_publish` or from a plain INSERT.
+#[pg_trigger]
+fn broadcaster_wake_on_commit<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, PgTriggerError> {
+    shared::wake_at_commit();
+    Ok(None)
+}
+
+/// True when this database's relay worker is running and its last publish or broker check
+/// succeeded within `broadcaster.health_timeout`. Never raises, never waits.
+#[pg_extern(volatile, parallel_safe)]
+fn broadcaster_health() -> bool {
+    let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
+    shared::healthy(unsafe { pg_sys::MyDatabaseId }, timeout_us)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// The SQLSTATE `sql` fails with, or None when it succeeds. Runs in a subtransaction so
+    /// the test can go on after the error.
+    fn sqlstate_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text \
+             LANGUAGE plpgsql AS $f$ BEGIN EXECUTE q; RETURN NULL; \
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
+        )
+        .expect("helper");
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
+            .expect("probe")
+    }
+
+    fn count() -> i64 {
+        Spi::get_one::<i64>("SELECT count(*) FROM broadcaster_outbox")
+            .ok()
+            .flatten()
+            .unwrap_or(-1)
+    }
+
+    #[pg_test]
+    fn insert_naming_only_type_and_data_gets_defaults() {
+        Spi::run("INSERT INTO broadcaster_outbox (type, data) VALUES ('t.created', '{\"a\":1}')")
+            .expect("insert");
+        let row = Spi::get_two::<String, String>(
+            "SELECT source, datacontenttype FROM broadcaster_outbox",
+        )
+        .expect("row");
+        assert_eq!(row.0.as_deref(), Some("postgresql:///pgrx_tests"));
+        assert_eq!(row.1.as_deref(), Some("application/json"));
+        let pending = Spi::get_one::<bool>(
+            "SELECT state = 'pending' AND attempts = 0 AND extensions = '{}' \
+             AND id IS NOT NULL AND time IS NOT NULL FROM broadcaster_outbox",
+        )
+        .expect("row");
+        assert_eq!(pending, Some(true));
+    }
+
+    #[pg_test]
+    fn publish_returns_the_id_it_wrote() {
+        let id = Spi::get_one::<pgrx::Uuid>(
+            "SELECT broadcaster_publish(type => 'order.created', data => '{\"n\":1}', \
+             subject => 'o-1', partition_key => 'c-1', extensions => '{\"tenant\":\"acme\"}', \
+             stream => 'orders')",
+        )
+        .expect("publish")
+        .expect("an id");
+        let found = Spi::get_one_with_args::<bool>(
+            "SELECT type = 'order.created' AND subject = 'o-1' AND partition_key = 'c-1' \
+             AND extensions = '{\"tenant\":\"acme\"}' AND stream = 'orders' \
+             AND data = '{\"n\":1}' AND source = broadcaster_default_source() \
+             FROM broadcaster_outbox WHERE id = $1",
+            &[id.into()],
+        )
+        .expect("query");
+        assert_eq!(found, Some(true));
+    }
+
+    #[pg_test]
+    fn publish_with_only_a_type() {
+        let id = Spi::get_one::<pgrx::Uuid>("SELECT broadcaster_publish('ping')").expect("publish");
+        assert!(id.is_some());
+        assert_eq!(count(), 1);
+    }
+
+    #[pg_test]
+    fn default_source_follows_the_setting() {
+        Spi::run("SET broadcaster.default_source = 'urn:shop'").expect("set");
+        Spi::run("SELECT broadcaster_publish('t')").expect("publish");
+        let source = Spi::get_one::<String>("SELECT source FROM broadcaster_outbox").expect("row");
+        assert_eq!(source.as_deref(), Some("urn:shop"));
+    }
+
+    #[pg_test]
+    fn bad_input_is_refused_with_a_sqlstate() {
+        let cases = [
+            ("SELECT broadcaster_publish(NULL)", "23502"),
+            ("SELECT broadcaster_publish('')", "22023"),
+            (
+                "INSERT INTO broadcaster_outbox (type) VALUES (NULL)",
+                "23502",
+            ),
+            ("INSERT INTO broadcaster_outbox (type) VALUES ('')", "22023"),
+            (
+                "SELECT broadcaster_publish('t', source => 'not a uri')",
+                "22023",
+            ),
+            (
+                "INSERT INTO broadcaster_outbox (type, source) VALUES ('t', '')",
+                "22023",
+            ),
+            (
+                "INSERT INTO broadcaster_outbox (type, dataschema) VALUES ('t', 'relative/x')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => '{\"Bad-Name\":1}')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => '{\"waytoolongextensionname\":1}')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => '{\"id\":\"x\"}')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => '{\"a\":{\"b\":1}}')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => '[1]')",
+                "22023",
+            ),
+            ("SELECT broadcaster_publish('t', stream => '')", "22023"),
+            (
+                "SELECT broadcaster_publish('t', data => 'not json')",
+                "22P02",
+            ),
+            (
+                "INSERT INTO broadcaster_outbox (type, datacontenttype) VALUES ('t', '')",
+                "22023",
+            ),
+            (
+                "INSERT INTO broadcaster_outbox (id, type) VALUES ('nope', 't')",
+                "22P02",
+            ),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(sqlstate_of(sql).as_deref(), Some(expected), "{sql}");
+        }
+        assert_eq!(count(), 0, "nothing half-written");
+    }
+
+    #[pg_test]
+    fn good_input_is_accepted() {
+        for sql in [
+            "SELECT broadcaster_publish('t', source => 'https://shop.example/orders')",
+            "SELECT broadcaster_publish('t', extensions => '{\"traceparent\":\"00-a-b-01\",\"n\":3,\"ok\":true}')",
+            "INSERT INTO broadcaster_outbox (type, dataschema, datacontenttype, data) \
+             VALUES ('t', 'https://example.com/s.json', 'text/plain', '\"hi\"')",
+        ] {
+            assert_eq!(sqlstate_of(sql), None, "{sql}");
+        }
+    }
+
+    #[pg_test]
+    fn health_is_false_without_a_worker() {
+        // The test cluster does not preload the library, so no worker runs.
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT broadcaster_health()").expect("query"),
+            Some(false)
+        );
+    }
+
+    #[pg_test]
+    fn nothing_is_granted_to_public() {
+        let public_grants = Spi::get_one::<i64>(
+            "SELECT count(*) FROM information_schema.role_routine_grants \
+             WHERE grantee = 'PUBLIC' AND routine_name IN ('broadcaster_publish', 'broadcaster_health')",
+        )
+        .expect("query");
+        assert_eq!(public_grants, Some(0));
+        let table_grants = Spi::get_one::<i64>(
+            "SELECT count(*) FROM information_schema.role_table_grants \
+             WHERE grantee = 'PUBLIC' AND table_name = 'broadcaster_outbox'",
+        )
+        .expect("query");
+        assert_eq!(table_grants, Some(0));
+    }
+}

@@ -1,0 +1,203 @@
+//! Where events go: the `PublisherBackend` trait, its error type, and the registry that builds a
+//! backend by name. Plain Rust: backends never touch Postgres.
+//!
+//! Adding a backend: one file in this folder implementing the trait, and one line in
+//! [`REGISTRY`].
+
+use std::time::Duration;
+
+use crate::event::{EventError, OutboxEvent};
+
+pub mod file;
+pub mod redis;
+
+/// Every backend the worker can be configured with (`broadcaster.backend`), by name.
+pub const REGISTRY: &[(&str, Constructor)] = &[
+    ("redis", redis::RedisStreamBackend::from_config),
+    ("file", file::FileBackend::from_config),
+];
+
+pub type Constructor = fn(&BackendConfig) -> Result<Box<dyn PublisherBackend>, BackendError>;
+
+/// Builds the backend named `name`.
+pub fn build(
+    name: &str,
+    config: &BackendConfig,
+) -> Result<Box<dyn PublisherBackend>, BackendError> {
+    REGISTRY
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, construct)| construct(config))
+        .unwrap_or_else(|| {
+            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            Err(BackendError::Config(format!(
+                "unknown backend {name:?}; known backends: {}",
+                known.join(", ")
+            )))
+        })
+}
+
+/// How an event is laid out in the broker's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MessageMode {
+    /// One field per attribute (`ce_id`, `ce_type`, ...), `content-type` and `data`: the
+    /// CloudEvents Kafka binding's binary mode.
+    #[default]
+    Binary,
+    /// One field holding the whole event as `application/cloudevents+json`.
+    Structured,
+}
+
+/// Everything a backend may be configured with. The worker fills it from the `broadcaster.*`
+/// settings; each backend reads the fields it needs.
+#[derive(Clone, Default)]
+pub struct BackendConfig {
+    /// Secret: may hold a password. Never logged, never shown in an error.
+    pub redis_url: String,
+    /// Stream for events whose `stream` column is NULL.
+    pub stream: String,
+    /// Approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
+    pub maxlen: u64,
+    pub mode: MessageMode,
+    /// Bound on every network operation (connect, read, write).
+    pub timeout: Duration,
+    /// Target of the `file` backend.
+    pub file_path: String,
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("redis_url", &"<hidden>")
+            .field("stream", &self.stream)
+            .field("maxlen", &self.maxlen)
+            .field("mode", &self.mode)
+            .field("timeout", &self.timeout)
+            .field("file_path", &self.file_path)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The broker can't be reached or isn't serving: not the event's fault. The worker keeps
+    /// the events pending and retries with backoff, without counting an attempt against them.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused this one event. It counts as a failed attempt for that event.
+    #[error("broker rejected the event: {0}")]
+    Rejected(String),
+    /// The row does not make a valid CloudEvent.
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// The backend's settings are wrong; fix `broadcaster.*` and reload.
+    #[error("backend misconfigured: {0}")]
+    Config(String),
+}
+
+impl BackendError {
+    /// Whether the failure belongs to the broker (retry the whole batch later) rather than to
+    /// one event.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, BackendError::Unavailable(_) | BackendError::Config(_))
+    }
+}
+
+/// Per-event outcomes of a batch, in the order the events were given.
+pub type BatchOutcome = Vec<Result<(), BackendError>>;
+
+/// A destination for committed events.
+pub trait PublisherBackend {
+    /// Short name for logs and `broadcaster_health`'s reports.
+    fn name(&self) -> &'static str;
+
+    /// Delivers one event. Return [`BackendError::Unavailable`] when the broker is down.
+    fn publish(&mut self, event: &OutboxEvent) -> Result<(), BackendError>;
+
+    /// Delivers events in order. `Err` means nothing can be said about the batch (the broker is
+    /// unavailable) and it will be retried whole; `Ok` carries one outcome per event. The default
+    /// publishes one at a time; backends override it to batch (e.g. one pipelined round trip).
+    fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
+        let mut outcome = Vec::with_capacity(events.len());
+        for event in events {
+            match self.publish(event) {
+                Err(e) if e.is_unavailable() => return Err(e),
+                other => outcome.push(other),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Cheap check that the broker is reachable and serving.
+    fn health_check(&mut self) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_backend_lists_the_known_ones() {
+        let err = build("kafka", &BackendConfig::default())
+            .err()
+            .expect("unknown backend is refused");
+        let msg = err.to_string();
+        assert!(msg.contains("\"kafka\""), "{msg}");
+        assert!(msg.contains("redis, file"), "{msg}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_redis_url() {
+        let config = BackendConfig {
+            redis_url: "redis://user:s3cret@localhost".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    struct Flaky {
+        calls: usize,
+        fail_at: usize,
+        unavailable: bool,
+    }
+
+    impl PublisherBackend for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn publish(&mut self, _: &OutboxEvent) -> Result<(), BackendError> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                if self.unavailable {
+                    return Err(BackendError::Unavailable("down".into()));
+                }
+                return Err(BackendError::Rejected("no".into()));
+            }
+            Ok(())
+        }
+        fn health_check(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn default_batch_reports_each_event_and_stops_on_outage() {
+        let events = vec![OutboxEvent::default(); 3];
+        let mut rejecting = Flaky {
+            calls: 0,
+            fail_at: 2,
+            unavailable: false,
+        };
+        let outcome = rejecting.publish_batch(&events).expect("batch ran");
+        assert_eq!(outcome.len(), 3);
+        assert!(outcome[0].is_ok() && outcome[1].is_err() && outcome[2].is_ok());
+
+        let mut down = Flaky {
+            calls: 0,
+            fail_at: 2,
+            unavailable: true,
+        };
+        assert!(down.publish_batch(&events).is_err());
+        assert_eq!(down.calls, 2, "stops at the first outage");
+    }
+}

@@ -1,0 +1,493 @@
+//! The event as it sits in `broadcaster_outbox`, its validation rules, and its CloudEvents 1.0
+//! form. Plain Rust: no Postgres needed to build, validate or test an event.
+
+use cloudevents::event::{AttributesWriter, ExtensionValue, TryIntoUrl};
+use cloudevents::{Data, Event, EventBuilder, EventBuilderV10};
+use serde_json::{Map, Value};
+
+/// Longest extension attribute name the CloudEvents spec recommends.
+pub const MAX_EXTENSION_NAME_LEN: usize = 20;
+
+/// Names an extension may not take: the CloudEvents core attributes, and `partitionkey`, which
+/// comes from the `partition_key` column.
+const RESERVED_NAMES: &[&str] = &[
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "data_base64",
+    "partitionkey",
+];
+
+/// Why an event was refused. Each variant names the column at fault so the SQL layer can map it
+/// to a SQLSTATE and the user can fix the row.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
+    #[error("source {0:?} is not a URI-reference (RFC 3986)")]
+    InvalidSource(String),
+    #[error("dataschema {0:?} is not an absolute URI")]
+    InvalidDataschema(String),
+    #[error("extensions must be a JSON object of attribute name to value, got {0}")]
+    ExtensionsNotObject(&'static str),
+    #[error(
+        "extension name {0:?} is invalid: use 1 to 20 lowercase letters a-z or digits 0-9 (CloudEvents naming rule)"
+    )]
+    InvalidExtensionName(String),
+    #[error("extension name {0:?} collides with a CloudEvents core attribute")]
+    ReservedExtensionName(String),
+    #[error("extension {0:?} must be a string, an integer or a boolean")]
+    InvalidExtensionValue(String),
+    #[error("time {0:?} is not an RFC 3339 timestamp")]
+    InvalidTime(String),
+    #[error("the event cannot be built as a CloudEvent: {0}")]
+    Build(String),
+}
+
+impl EventError {
+    /// The outbox column (or function argument) at fault.
+    pub fn column(&self) -> &'static str {
+        match self {
+            EventError::Empty(column) => column,
+            EventError::InvalidSource(_) => "source",
+            EventError::InvalidDataschema(_) => "dataschema",
+            EventError::ExtensionsNotObject(_)
+            | EventError::InvalidExtensionName(_)
+            | EventError::ReservedExtensionName(_)
+            | EventError::InvalidExtensionValue(_) => "extensions",
+            EventError::InvalidTime(_) => "time",
+            EventError::Build(_) => "event",
+        }
+    }
+}
+
+/// One row of `broadcaster_outbox`, as the worker reads it. Field names follow the CloudEvents
+/// attribute names; `stream` is a routing hint for the backend, not part of the event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OutboxEvent {
+    pub id: String,
+    pub ty: String,
+    pub source: String,
+    pub subject: Option<String>,
+    /// RFC 3339 timestamp.
+    pub time: String,
+    pub datacontenttype: String,
+    pub dataschema: Option<String>,
+    pub data: Option<Value>,
+    pub partition_key: Option<String>,
+    pub extensions: Map<String, Value>,
+    pub stream: Option<String>,
+}
+
+impl OutboxEvent {
+    /// The event in CloudEvents 1.0 form. This and the `PublisherBackend` trait are the whole
+    /// contract a backend needs.
+    pub fn to_cloud_event(&self) -> Result<Event, EventError> {
+        validate_type(&self.ty)?;
+        validate_source(&self.source)?;
+        if let Some(schema) = &self.dataschema {
+            validate_dataschema(schema)?;
+        }
+        validate_extensions(&self.extensions)?;
+
+        let mut builder = EventBuilderV10::new()
+            .id(self.id.as_str())
+            .source(self.source.as_str())
+            .ty(self.ty.as_str())
+            .time(self.time.as_str());
+        if let Some(subject) = &self.subject {
+            builder = builder.subject(subject.as_str());
+        }
+        if let Some(key) = &self.partition_key {
+            builder = builder.extension("partitionkey", key.as_str());
+        }
+        for (name, value) in &self.extensions {
+            builder = builder.extension(name, extension_value(name, value)?);
+        }
+        if let Some(data) = &self.data {
+            let data = to_data(&self.datacontenttype, data);
+            builder = match &self.dataschema {
+                Some(schema) => {
+                    builder.data_with_schema(self.datacontenttype.as_str(), schema.as_str(), data)
+                }
+                None => builder.data(self.datacontenttype.as_str(), data),
+            };
+        }
+        let mut event = builder.build().map_err(|e| match e {
+            cloudevents::event::EventBuilderError::ParseTimeError { .. } => {
+                EventError::InvalidTime(self.time.clone())
+            }
+            other => EventError::Build(other.to_string()),
+        })?;
+        if self.data.is_none() {
+            // The builder only takes a schema together with data; a schema without data is
+            // still a valid (if unusual) CloudEvent.
+            if let Some(schema) = &self.dataschema {
+                let url = schema
+                    .as_str()
+                    .into_url()
+                    .map_err(|_| EventError::InvalidDataschema(schema.clone()))?;
+                event.set_dataschema(Some(url));
+            }
+        }
+        Ok(event)
+    }
+}
+
+/// JSON content types carry the jsonb value as JSON; any other content type with a JSON string
+/// carries the string itself (`text/plain`, XML, ...).
+fn to_data(datacontenttype: &str, data: &Value) -> Data {
+    match data {
+        Value::String(s) if !is_json_content_type(datacontenttype) => Data::String(s.clone()),
+        other => Data::Json(other.clone()),
+    }
+}
+
+/// `application/json`, `text/json`, and any `+json` suffix, parameters ignored.
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn extension_value(name: &str, value: &Value) -> Result<ExtensionValue, EventError> {
+    match value {
+        Value::String(s) => Ok(ExtensionValue::String(s.clone())),
+        Value::Bool(b) => Ok(ExtensionValue::Boolean(*b)),
+        Value::Number(n) => n
+            .as_i64()
+            .map(ExtensionValue::Integer)
+            .ok_or_else(|| EventError::InvalidExtensionValue(name.to_owned())),
+        _ => Err(EventError::InvalidExtensionValue(name.to_owned())),
+    }
+}
+
+pub fn validate_type(ty: &str) -> Result<(), EventError> {
+    if ty.is_empty() {
+        return Err(EventError::Empty("type"));
+    }
+    Ok(())
+}
+
+pub fn validate_source(source: &str) -> Result<(), EventError> {
+    if source.is_empty() {
+        return Err(EventError::Empty("source"));
+    }
+    if !is_uri_reference(source) {
+        return Err(EventError::InvalidSource(source.to_owned()));
+    }
+    Ok(())
+}
+
+/// CloudEvents requires `dataschema` to be an absolute URI; the SDK parses it as a URL.
+pub fn validate_dataschema(schema: &str) -> Result<(), EventError> {
+    if !is_uri_reference(schema) || schema.into_url().is_err() {
+        return Err(EventError::InvalidDataschema(schema.to_owned()));
+    }
+    Ok(())
+}
+
+pub fn validate_extensions(extensions: &Map<String, Value>) -> Result<(), EventError> {
+    for (name, value) in extensions {
+        validate_extension_name(name)?;
+        extension_value(name, value)?;
+    }
+    Ok(())
+}
+
+/// Checks a jsonb `extensions` value that has not been narrowed to an object yet.
+pub fn validate_extensions_value(extensions: &Value) -> Result<(), EventError> {
+    match extensions {
+        Value::Object(map) => validate_extensions(map),
+        Value::Null => Err(EventError::ExtensionsNotObject("null")),
+        Value::Array(_) => Err(EventError::ExtensionsNotObject("an array")),
+        Value::String(_) => Err(EventError::ExtensionsNotObject("a string")),
+        Value::Number(_) => Err(EventError::ExtensionsNotObject("a number")),
+        Value::Bool(_) => Err(EventError::ExtensionsNotObject("a boolean")),
+    }
+}
+
+pub fn validate_extension_name(name: &str) -> Result<(), EventError> {
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_EXTENSION_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !well_formed {
+        return Err(EventError::InvalidExtensionName(name.to_owned()));
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(EventError::ReservedExtensionName(name.to_owned()));
+    }
+    Ok(())
+}
+
+pub fn validate_stream(stream: &str) -> Result<(), EventError> {
+    if stream.is_empty() {
+        return Err(EventError::Empty("stream"));
+    }
+    Ok(())
+}
+
+pub fn validate_datacontenttype(content_type: &str) -> Result<(), EventError> {
+    if content_type.trim().is_empty() {
+        return Err(EventError::Empty("datacontenttype"));
+    }
+    Ok(())
+}
+
+/// RFC 3986 `URI-reference`: only the characters the grammar allows, `%` followed by two hex
+/// digits, and a well-formed scheme when the reference has one.
+pub fn is_uri_reference(s: &str) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let allowed = b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=".contains(&b);
+        if !allowed {
+            return false;
+        }
+        i += 1;
+    }
+    // A colon before any '/', '?' or '#' ends a scheme, which must be ALPHA *( ALPHA / DIGIT /
+    // "+" / "-" / "." ). A relative reference can't have such a colon in its first segment.
+    let head_end = s.find(['/', '?', '#']).unwrap_or(s.len());
+    if let Some(colon) = s[..head_end].find(':') {
+        let scheme = &s[..colon];
+        let mut chars = scheme.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+        if !first_ok
+            || !chars.all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The default `source`: a URI naming the database, `postgresql:///<database>`, with the name
+/// percent-encoded so any database name gives a valid URI.
+pub fn default_source_for(database: &str) -> String {
+    let mut out = String::from("postgresql:///");
+    for b in database.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::AttributesReader;
+    use serde_json::json;
+
+    fn sample() -> OutboxEvent {
+        OutboxEvent {
+            id: "0b5b3d9e-58a4-4c44-9a83-6a4a8fd0c7a1".into(),
+            ty: "order.created".into(),
+            source: "/shop/orders".into(),
+            subject: Some("order-42".into()),
+            time: "2026-11-27T07:00:00.123456Z".into(),
+            datacontenttype: "application/json".into(),
+            dataschema: Some("https://example.com/schemas/order.json".into()),
+            data: Some(json!({"id": 42, "total": "9.99"})),
+            partition_key: Some("customer-7".into()),
+            extensions: json!({"traceparent": "00-abc-01", "tenant": 3, "urgent": true})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            stream: None,
+        }
+    }
+
+    #[test]
+    fn builds_a_cloud_event_with_every_attribute() {
+        let event = sample().to_cloud_event().expect("valid event");
+        assert_eq!(event.id(), "0b5b3d9e-58a4-4c44-9a83-6a4a8fd0c7a1");
+        assert_eq!(event.ty(), "order.created");
+        assert_eq!(event.source().as_str(), "/shop/orders");
+        assert_eq!(event.subject(), Some("order-42"));
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            event.dataschema().map(|u| u.as_str()),
+            Some("https://example.com/schemas/order.json")
+        );
+        assert_eq!(
+            event.time().map(|t| t.to_rfc3339()),
+            Some("2026-11-27T07:00:00.123456+00:00".to_string())
+        );
+        assert_eq!(
+            event.extension("partitionkey"),
+            Some(&ExtensionValue::String("customer-7".into()))
+        );
+        assert_eq!(event.extension("tenant"), Some(&ExtensionValue::Integer(3)));
+        assert_eq!(
+            event.extension("urgent"),
+            Some(&ExtensionValue::Boolean(true))
+        );
+        assert_eq!(
+            event.data(),
+            Some(&Data::Json(json!({"id": 42, "total": "9.99"})))
+        );
+    }
+
+    #[test]
+    fn structured_json_parses_back_as_the_same_event() {
+        let event = sample().to_cloud_event().expect("valid event");
+        let text = serde_json::to_string(&event).expect("serializes");
+        let back: Event = serde_json::from_str(&text).expect("parses with the SDK");
+        assert_eq!(back, event);
+        let raw: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(raw["specversion"], "1.0");
+    }
+
+    #[test]
+    fn text_content_type_carries_the_string_itself() {
+        let mut e = sample();
+        e.datacontenttype = "text/plain".into();
+        e.data = Some(json!("hello"));
+        let event = e.to_cloud_event().expect("valid event");
+        assert_eq!(event.data(), Some(&Data::String("hello".into())));
+    }
+
+    #[test]
+    fn event_without_data_has_no_content_type() {
+        let mut e = sample();
+        e.data = None;
+        let event = e.to_cloud_event().expect("valid event");
+        assert_eq!(event.data(), None);
+        assert_eq!(event.datacontenttype(), None);
+        assert!(event.dataschema().is_some());
+    }
+
+    #[test]
+    fn refuses_bad_attributes() {
+        let mut e = sample();
+        e.ty = String::new();
+        assert_eq!(e.to_cloud_event(), Err(EventError::Empty("type")));
+
+        let mut e = sample();
+        e.source = "not a uri".into();
+        assert!(matches!(
+            e.to_cloud_event(),
+            Err(EventError::InvalidSource(_))
+        ));
+
+        let mut e = sample();
+        e.dataschema = Some("/relative/schema".into());
+        assert!(matches!(
+            e.to_cloud_event(),
+            Err(EventError::InvalidDataschema(_))
+        ));
+
+        let mut e = sample();
+        e.time = "yesterday".into();
+        assert!(matches!(
+            e.to_cloud_event(),
+            Err(EventError::InvalidTime(_))
+        ));
+    }
+
+    #[test]
+    fn uri_references() {
+        for ok in [
+            "/orders",
+            "https://example.com/a?b=c#d",
+            "urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66",
+            "orders",
+            "postgresql:///shop",
+            "a%20b",
+            "mailto:ops@example.com",
+        ] {
+            assert!(is_uri_reference(ok), "{ok} should be accepted");
+        }
+        for bad in ["", "a b", "%zz", "1http://x", "é", "a\nb", "<tag>", "x%2"] {
+            assert!(!is_uri_reference(bad), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn extension_names_follow_the_cloudevents_rule() {
+        assert!(validate_extension_name("traceparent").is_ok());
+        assert!(validate_extension_name("abc123").is_ok());
+        for bad in [
+            "",
+            "Upper",
+            "with-dash",
+            "with_underscore",
+            "abcdefghijklmnopqrstu",
+        ] {
+            assert!(
+                matches!(
+                    validate_extension_name(bad),
+                    Err(EventError::InvalidExtensionName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        for reserved in ["id", "source", "type", "time", "data", "partitionkey"] {
+            assert!(matches!(
+                validate_extension_name(reserved),
+                Err(EventError::ReservedExtensionName(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn extension_values_are_strings_integers_or_booleans() {
+        assert!(validate_extensions_value(&json!({"a": "x", "b": 1, "c": false})).is_ok());
+        assert!(matches!(
+            validate_extensions_value(&json!({"a": 1.5})),
+            Err(EventError::InvalidExtensionValue(_))
+        ));
+        assert!(matches!(
+            validate_extensions_value(&json!({"a": {"nested": 1}})),
+            Err(EventError::InvalidExtensionValue(_))
+        ));
+        assert!(matches!(
+            validate_extensions_value(&json!([1])),
+            Err(EventError::ExtensionsNotObject(_))
+        ));
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_content_type("application/json"));
+        assert!(is_json_content_type("application/json; charset=utf-8"));
+        assert!(is_json_content_type("application/vnd.order+json"));
+        assert!(!is_json_content_type("text/plain"));
+    }
+
+    #[test]
+    fn default_source_names_the_database() {
+        assert_eq!(default_source_for("shop"), "postgresql:///shop");
+        let odd = default_source_for("my db/ü");
+        assert_eq!(odd, "postgresql:///my%20db%2F%C3%BC");
+        assert!(is_uri_reference(&odd));
+    }
+}

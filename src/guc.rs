@@ -1,0 +1,228 @@
+//! The `broadcaster.*` settings: one private static each, registered in `_PG_init`, read
+//! through one typed accessor each.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+use crate::backend::{BackendConfig, MessageMode};
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MessageModeSetting {
+    #[name = c"binary"]
+    Binary,
+    #[name = c"structured"]
+    Structured,
+}
+
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"redis"));
+static REDIS_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+static STREAM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(0);
+static MESSAGE_MODE: GucSetting<MessageModeSetting> =
+    GucSetting::<MessageModeSetting>::new(MessageModeSetting::Binary);
+static FILE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static DEFAULT_SOURCE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+static RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+static HEALTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
+/// Settings that shape the worker's registration; Postgres accepts them only while the library
+/// is being preloaded.
+pub fn register_postmaster() {
+    GucRegistry::define_string_guc(
+        c"broadcaster.database",
+        c"Database whose outbox the relay worker serves.",
+        c"The worker waits until the database and the extension exist.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::empty(),
+    );
+}
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"broadcaster.backend",
+        c"Where events are published: redis or file.",
+        c"",
+        &BACKEND,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.redis_url",
+        c"Redis URL, redis://[user:password@]host[:port][/db].",
+        c"May hold a password: visible to superusers only and never logged.",
+        &REDIS_URL,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.stream",
+        c"Redis stream for events whose stream column is NULL.",
+        c"Empty means broadcaster:<database>.",
+        &STREAM,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.redis_maxlen",
+        c"Approximate MAXLEN for XADD; 0 leaves streams untrimmed.",
+        c"",
+        &REDIS_MAXLEN,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_enum_guc(
+        c"broadcaster.message_mode",
+        c"Stream entry layout: binary (one field per attribute) or structured (one JSON field).",
+        c"",
+        &MESSAGE_MODE,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.file_path",
+        c"File the file backend appends CloudEvents JSON lines to.",
+        c"",
+        &FILE_PATH,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.default_source",
+        c"CloudEvents source for events written without one.",
+        c"Empty means postgresql:///<database>.",
+        &DEFAULT_SOURCE,
+        GucContext::Userset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.batch_size",
+        c"Most events the worker claims and publishes in one round trip.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.poll_interval",
+        c"Safety-net wake-up of an idle worker; commits wake it at once.",
+        c"",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.network_timeout",
+        c"Bound on every broker connect, read and write.",
+        c"",
+        &NETWORK_TIMEOUT_MS,
+        10,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.retry_max_delay",
+        c"Cap of the exponential backoff while the broker is unavailable.",
+        c"",
+        &RETRY_MAX_DELAY_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.max_attempts",
+        c"Attempts before an event the broker rejects is marked dead.",
+        c"Broker outages never count as attempts.",
+        &MAX_ATTEMPTS,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.health_timeout",
+        c"broadcaster_health() is false when the last successful publish or check is older.",
+        c"",
+        &HEALTH_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn millis(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(u64::try_from(setting.get()).unwrap_or(0))
+}
+
+pub fn database() -> Option<String> {
+    string(&DATABASE)
+}
+
+pub fn backend_name() -> String {
+    string(&BACKEND).unwrap_or_else(|| "redis".into())
+}
+
+/// Explicit default source, if one is set.
+pub fn default_source() -> Option<String> {
+    string(&DEFAULT_SOURCE)
+}
+
+pub fn batch_size() -> usize {
+    usize::try_from(BATCH_SIZE.get()).unwrap_or(1).max(1)
+}
+
+pub fn poll_interval() -> Duration {
+    millis(&POLL_INTERVAL_MS)
+}
+
+pub fn retry_max_delay() -> Duration {
+    millis(&RETRY_MAX_DELAY_MS)
+}
+
+pub fn max_attempts() -> i32 {
+    MAX_ATTEMPTS.get()
+}
+
+pub fn health_timeout() -> Duration {
+    millis(&HEALTH_TIMEOUT_MS)
+}
+
+/// The backend's configuration as the settings stand now, for the worker serving `database`.
+pub fn backend_config(database: &str) -> BackendConfig {
+    BackendConfig {
+        redis_url: string(&REDIS_URL).unwrap_or_default(),
+        stream: string(&STREAM).unwrap_or_else(|| format!("broadcaster:{database}")),
+        maxlen: u64::try_from(REDIS_MAXLEN.get()).unwrap_or(0),
+        mode: match MESSAGE_MODE.get() {
+            MessageModeSetting::Binary => MessageMode::Binary,
+            MessageModeSetting::Structured => MessageMode::Structured,
+        },
+        timeout: millis(&NETWORK_TIMEOUT_MS),
+        file_path: string(&FILE_PATH).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,54 @@
+//! broadcaster: a transactional outbox inside PostgreSQL. Events written in a transaction are
+//! relayed, once it commits, by a background worker to Redis Streams as CloudEvents.
+//!
+//! The data's path: `broadcaster_publish` / plain INSERT (`api`, `sql/outbox.sql`) → outbox
+//! table → relay worker (`worker`) → backend (`backend`) → broker. `event` and `backend` are
+//! plain Rust; `api`, `guc`, `shared` and `worker` are the pgrx side.
+
+use pgrx::prelude::*;
+
+mod api;
+pub mod backend;
+pub mod event;
+mod guc;
+mod shared;
+mod worker;
+
+pub use backend::{BackendConfig, BackendError, MessageMode, PublisherBackend};
+pub use event::{EventError, OutboxEvent};
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!(
+    "../sql/outbox.sql",
+    name = "outbox",
+    requires = [
+        api::broadcaster_check_event,
+        api::broadcaster_default_source,
+        api::broadcaster_wake_on_commit
+    ]
+);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+    // Shared memory and the worker exist only when preloaded; a plain LOAD (or the first call
+    // of a function) gets the SQL surface and the settings, and health reports false.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    guc::register_postmaster();
+    shared::init();
+    worker::register();
+}
+
+/// Hooks for `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        Vec::new()
+    }
+}

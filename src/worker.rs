@@ -1,0 +1,429 @@
+//! The relay worker: a background worker that claims committed outbox rows in publish order,
+//! hands them to the configured backend in one batch, and deletes what was delivered, all in
+//! one transaction per batch. Woken by committing producers; a slow poll is only a safety net.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+
+use crate::backend::{self, BackendError, PublisherBackend};
+use crate::event::OutboxEvent;
+use crate::{guc, shared};
+
+/// How soon the postmaster restarts a worker that exited with an error.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// First retry delay after a broker outage; doubles up to `broadcaster.retry_max_delay`.
+const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
+/// At most one log line per this interval for a repeating failure.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Committed, pending rows whose turn has come, oldest first. A row waits while an earlier row
+/// of its partition key is being retried or is dead, so a key's events never overtake each
+/// other. SKIP LOCKED: a second worker (or a manual relay) never claims the same row.
+const CLAIM: &str = r#"
+SELECT o.seq, o.id::text, o.type, o.source, o.subject,
+       to_char(o."time" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+       o.datacontenttype, o.dataschema, o.data::text, o.partition_key, o.extensions::text,
+       o.stream, o.attempts
+  FROM broadcaster_outbox o
+ WHERE o.state = 'pending'
+   AND o.next_attempt_at <= now()
+   AND NOT EXISTS (
+         SELECT 1 FROM broadcaster_outbox b
+          WHERE b.partition_key = o.partition_key
+            AND b.seq < o.seq
+            AND (b.attempts > 0 OR b.state = 'dead'))
+ ORDER BY o.seq
+ LIMIT $1
+   FOR UPDATE OF o SKIP LOCKED"#;
+
+const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE seq = ANY($1)";
+
+const FAIL: &str = "
+UPDATE broadcaster_outbox
+   SET attempts = attempts + 1,
+       last_error = $2,
+       next_attempt_at = now() + make_interval(secs => $3),
+       state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
+ WHERE seq = $1";
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("broadcaster relay")
+        .set_type("broadcaster relay")
+        .set_library("broadcaster")
+        .set_function("broadcaster_relay_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(RESTART_DELAY))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn broadcaster_relay_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Some(database) = guc::database() else {
+        log!("broadcaster: broadcaster.database is empty; the relay worker is idle");
+        while BackgroundWorker::wait_latch(None) {}
+        return;
+    };
+    // A missing database ends this process with FATAL; the postmaster retries after
+    // RESTART_DELAY, so the worker waits for the database without spinning.
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    shared::worker_started(unsafe { pg_sys::MyDatabaseId });
+    log!("broadcaster: relay worker serving database \"{database}\"");
+
+    let mut relay = Relay::new(database);
+    relay.run();
+
+    shared::worker_stopped();
+    log!("broadcaster: relay worker stopped");
+}
+
+/// What one pass of the loop found.
+enum Tick {
+    /// The outbox had nothing ready.
+    Idle,
+    /// A batch went out; there may be more.
+    Published { full: bool },
+    /// The extension isn't installed in the database yet.
+    NotInstalled,
+    /// The broker is unavailable or the backend misconfigured: back off.
+    Outage(BackendError),
+}
+
+struct Relay {
+    database: String,
+    backend: Option<Box<dyn PublisherBackend>>,
+    installed: bool,
+    /// Consecutive outages, for the backoff.
+    outages: u32,
+    retry_at: Option<Instant>,
+    last_contact: Option<Instant>,
+    last_log: Option<Instant>,
+    suppressed_logs: u32,
+    jitter_state: u64,
+}
+
+impl Relay {
+    fn new(database: String) -> Self {
+        Relay {
+            database,
+            backend: None,
+            installed: false,
+            outages: 0,
+            retry_at: None,
+            last_contact: None,
+            last_log: None,
+            suppressed_logs: 0,
+            jitter_state: u64::from(unsafe { pg_sys::MyProcPid }.unsigned_abs()) | 1,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut more = false;
+        while BackgroundWorker::wait_latch(Some(self.sleep_time(more))) {
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                // Rebuilt from the new settings on the next pass.
+                self.backend = None;
+                self.retry_at = None;
+            }
+            if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                more = false;
+                continue;
+            }
+            more = match self.tick() {
+                Tick::Published { full } => {
+                    self.outages = 0;
+                    self.retry_at = None;
+                    full
+                }
+                Tick::Idle | Tick::NotInstalled => false,
+                Tick::Outage(e) => {
+                    self.back_off(&e);
+                    false
+                }
+            };
+        }
+    }
+
+    /// Zero when a full batch suggests more rows are waiting; otherwise until the backoff ends
+    /// or the safety-net poll, whichever is first. Commits wake the worker earlier.
+    fn sleep_time(&self, more: bool) -> Duration {
+        if more {
+            return Duration::ZERO;
+        }
+        let poll = guc::poll_interval();
+        match self.retry_at {
+            Some(t) => t.saturating_duration_since(Instant::now()).min(poll),
+            None => poll,
+        }
+    }
+
+    fn tick(&mut self) -> Tick {
+        if !self.installed {
+            self.installed = BackgroundWorker::transaction(extension_installed);
+            if !self.installed {
+                self.log_rate_limited(&format!(
+                    "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{}\"",
+                    self.database
+                ));
+                return Tick::NotInstalled;
+            }
+            self.last_log = None;
+        }
+        let backend = match self.backend.take() {
+            Some(b) => b,
+            None => {
+                match backend::build(&guc::backend_name(), &guc::backend_config(&self.database)) {
+                    Ok(b) => b,
+                    Err(e) => return Tick::Outage(e),
+                }
+            }
+        };
+        let mut backend = backend;
+        let tick = BackgroundWorker::transaction(AssertUnwindSafe(|| relay_batch(&mut *backend)));
+        self.backend = Some(backend);
+        if matches!(tick, Tick::Idle) {
+            self.check_health_when_idle()
+        } else {
+            if matches!(tick, Tick::Published { .. }) {
+                self.last_contact = Some(Instant::now());
+            }
+            tick
+        }
+    }
+
+    /// Keeps `broadcaster_health()` truthful while there is nothing to publish: one cheap broker
+    /// check per poll interval.
+    fn check_health_when_idle(&mut self) -> Tick {
+        let due = self
+            .last_contact
+            .is_none_or(|t| t.elapsed() >= guc::poll_interval());
+        if !due {
+            return Tick::Idle;
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return Tick::Idle;
+        };
+        match backend.health_check() {
+            Ok(()) => {
+                self.last_contact = Some(Instant::now());
+                shared::record_success(0);
+                if self.outages > 0 {
+                    log!("broadcaster: {} backend reachable again", backend.name());
+                    self.outages = 0;
+                }
+                Tick::Idle
+            }
+            Err(e) => Tick::Outage(e),
+        }
+    }
+
+    fn back_off(&mut self, error: &BackendError) {
+        shared::record_failure(0);
+        self.outages = self.outages.saturating_add(1);
+        let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
+        let exp = RETRY_BASE_DELAY
+            .saturating_mul(1u32 << self.outages.min(16))
+            .min(cap);
+        // Full jitter in [exp/2, exp]: many clusters retrying one Redis don't stampede.
+        let half = exp / 2;
+        let jitter = Duration::from_micros(self.next_random() % (half.as_micros() as u64 + 1));
+        let delay = half + jitter;
+        self.retry_at = Some(Instant::now() + delay);
+        if matches!(error, BackendError::Config(_)) {
+            self.backend = None;
+        }
+        self.log_rate_limited(&format!(
+            "broadcaster: {error}; events stay pending, retrying in {} ms",
+            delay.as_millis()
+        ));
+    }
+
+    fn log_rate_limited(&mut self, message: &str) {
+        if self.last_log.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            self.suppressed_logs += 1;
+            return;
+        }
+        if self.suppressed_logs > 0 {
+            warning!(
+                "{message} ({} similar messages suppressed)",
+                self.suppressed_logs
+            );
+        } else {
+            warning!("{message}");
+        }
+        self.suppressed_logs = 0;
+        self.last_log = Some(Instant::now());
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64: enough to spread retries, no dependency.
+        let mut x = self.jitter_state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter_state = x;
+        x
+    }
+}
+
+fn extension_installed() -> bool {
+    // The worker's queries name the outbox unqualified: follow the extension's schema.
+    let schema = Spi::get_one::<String>(
+        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+         WHERE e.extname = 'broadcaster'",
+    )
+    .ok()
+    .flatten();
+    match schema {
+        Some(schema) => Spi::run_with_args(
+            "SELECT set_config('search_path', quote_ident($1), false)",
+            &[schema.into()],
+        )
+        .is_ok(),
+        None => false,
+    }
+}
+
+/// A claimed row: its place in the outbox and the event it carries.
+struct Claimed {
+    seq: i64,
+    attempts: i32,
+    event: Result<OutboxEvent, String>,
+}
+
+/// One batch, inside one transaction: claim, publish, retire. An outage leaves every row as it
+/// was (the transaction commits no change and releases the row locks).
+fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
+    let claimed = claim(guc::batch_size());
+    if claimed.is_empty() {
+        return Tick::Idle;
+    }
+    let full = claimed.len() >= guc::batch_size();
+
+    let mut events = Vec::with_capacity(claimed.len());
+    let mut sent = Vec::with_capacity(claimed.len());
+    let mut failed: Vec<(&Claimed, String)> = Vec::new();
+    for row in &claimed {
+        match &row.event {
+            Ok(event) => {
+                events.push(event.clone());
+                sent.push(row);
+            }
+            Err(e) => failed.push((row, e.clone())),
+        }
+    }
+
+    let outcome = if events.is_empty() {
+        Vec::new()
+    } else {
+        match backend.publish_batch(&events) {
+            Ok(outcome) => outcome,
+            Err(e) => return Tick::Outage(e),
+        }
+    };
+
+    let mut published = Vec::with_capacity(sent.len());
+    let mut outage = None;
+    for (row, result) in sent.into_iter().zip(outcome) {
+        match result {
+            Ok(()) => published.push(row.seq),
+            // Not this event's fault: it stays pending, untouched.
+            Err(e) if e.is_unavailable() => outage = Some(e),
+            Err(e) => failed.push((row, e.to_string())),
+        }
+    }
+    retire(&published, &failed);
+    shared::record_success(published.len());
+    if !failed.is_empty() {
+        shared::record_failure(failed.len());
+    }
+    match outage {
+        Some(e) => Tick::Outage(e),
+        None => Tick::Published { full },
+    }
+}
+
+fn claim(limit: usize) -> Vec<Claimed> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    Spi::connect_mut(|client| {
+        let rows = client.update(CLAIM, None, &[limit.into()])?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq = row.get::<i64>(1)?.unwrap_or_default();
+            let attempts = row.get::<i32>(13)?.unwrap_or_default();
+            let data = row.get::<String>(9)?;
+            let extensions = row.get::<String>(11)?;
+            let event = (|| -> Result<OutboxEvent, String> {
+                Ok(OutboxEvent {
+                    id: row.get::<String>(2).ok().flatten().unwrap_or_default(),
+                    ty: row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                    source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
+                    subject: row.get::<String>(5).ok().flatten(),
+                    time: row.get::<String>(6).ok().flatten().unwrap_or_default(),
+                    datacontenttype: row.get::<String>(7).ok().flatten().unwrap_or_default(),
+                    dataschema: row.get::<String>(8).ok().flatten(),
+                    data: data
+                        .as_deref()
+                        .map(serde_json::from_str)
+                        .transpose()
+                        .map_err(|e| format!("data is not JSON: {e}"))?,
+                    partition_key: row.get::<String>(10).ok().flatten(),
+                    extensions: match extensions.as_deref() {
+                        Some(text) => serde_json::from_str(text)
+                            .map_err(|_| "extensions must be a JSON object".to_string())?,
+                        None => Default::default(),
+                    },
+                    stream: row.get::<String>(12).ok().flatten(),
+                })
+            })();
+            claimed.push(Claimed {
+                seq,
+                attempts,
+                event,
+            });
+        }
+        Ok::<_, pgrx::spi::Error>(claimed)
+    })
+    .unwrap_or_else(|e| {
+        // SPI-level failures (not SQL errors, which end the process) are not expected; report
+        // and claim nothing this pass.
+        warning!("broadcaster: claiming events failed: {e}");
+        Vec::new()
+    })
+}
+
+fn retire(published: &[i64], failed: &[(&Claimed, String)]) {
+    let max_attempts = guc::max_attempts();
+    let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
+    let result = Spi::connect_mut(|client| {
+        if !published.is_empty() {
+            client.update(RETIRE, None, &[published.to_vec().into()])?;
+        }
+        for (row, error) in failed {
+            // The event's own backoff: 1 s, 2 s, 4 s ... up to the cap.
+            let delay = Duration::from_secs(1u64 << row.attempts.clamp(0, 20)).min(cap);
+            client.update(
+                FAIL,
+                None,
+                &[
+                    row.seq.into(),
+                    error.as_str().into(),
+                    delay.as_secs_f64().into(),
+                    max_attempts.into(),
+                ],
+            )?;
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        warning!("broadcaster: recording delivery results failed: {e}");
+    }
+}
