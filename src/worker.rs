@@ -100,6 +100,7 @@ struct Relay {
     database: String,
     backend: Option<Box<dyn PublisherBackend>>,
     installed: bool,
+    said_waiting: bool,
     /// Consecutive outages, for the backoff.
     outages: u32,
     retry_at: Option<Instant>,
@@ -115,6 +116,7 @@ impl Relay {
             database,
             backend: None,
             installed: false,
+            said_waiting: false,
             outages: 0,
             retry_at: None,
             last_contact: None,
@@ -169,13 +171,15 @@ impl Relay {
         if !self.installed {
             self.installed = BackgroundWorker::transaction(extension_installed);
             if !self.installed {
-                self.log_rate_limited(&format!(
-                    "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{}\"",
-                    self.database
-                ));
+                if !self.said_waiting {
+                    log!(
+                        "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{}\"",
+                        self.database
+                    );
+                    self.said_waiting = true;
+                }
                 return Tick::NotInstalled;
             }
-            self.last_log = None;
         }
         let backend = match self.backend.take() {
             Some(b) => b,

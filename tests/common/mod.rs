@@ -1,0 +1,420 @@
+//! End-to-end harness: a throwaway PostgreSQL cluster with broadcaster preloaded (the library
+//! `cargo pgrx install` put in the system's pkglibdir) and its own redis-server, each on a free
+//! loopback port, torn down on drop. Run as root, the cluster runs as `BROADCASTER_TEST_RUNAS`
+//! (default `postgres`): PostgreSQL refuses to run as root.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use postgres::Client as PgClient;
+use redis::streams::StreamRangeReply;
+
+/// How long any wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `probe` until it returns Some, or panics with `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/setup.sh)");
+        let redis = Redis {
+            port,
+            child: Some(child),
+        };
+        wait_for("redis-server to answer PING", DEADLINE, || {
+            let mut c = redis.try_connection()?;
+            redis::cmd("PING").query::<String>(&mut c).ok()
+        });
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn try_connection(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url())
+            .ok()?
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        wait_for("a Redis connection", DEADLINE, || self.try_connection())
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every entry of `stream`, oldest first.
+    pub fn entries(&self, stream: &str) -> Vec<Entry> {
+        let mut c = self.connection();
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .expect("XRANGE");
+        reply
+            .ids
+            .into_iter()
+            .map(|e| Entry {
+                fields: e
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        redis::from_redis_value_ref::<String>(v)
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect(),
+                id: e.id,
+            })
+            .collect()
+    }
+
+    pub fn len(&self, stream: &str) -> usize {
+        let mut c = self.connection();
+        redis::cmd("XLEN").arg(stream).query(&mut c).unwrap_or(0)
+    }
+
+    /// Waits until `stream` holds at least `n` entries and returns them all.
+    pub fn wait_entries(&self, stream: &str, n: usize) -> Vec<Entry> {
+        wait_for(&format!("{n} entries in {stream}"), DEADLINE, || {
+            (self.len(stream) >= n).then_some(())
+        });
+        self.entries(stream)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One stream entry: its Redis id and its fields as text.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub fields: HashMap<String, String>,
+}
+
+impl Entry {
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.fields.get(field).map(String::as_str)
+    }
+
+    /// `ce_id` in binary mode, or the `id` inside `cloudevent` in structured mode.
+    pub fn event_id(&self) -> String {
+        if let Some(id) = self.get("ce_id") {
+            return id.to_string();
+        }
+        let body = self.get("cloudevent").expect("ce_id or cloudevent field");
+        let v: serde_json::Value = serde_json::from_str(body).expect("cloudevent is JSON");
+        v["id"].as_str().expect("id").to_string()
+    }
+}
+
+static CLUSTER_SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Cluster {
+    pub port: u16,
+    dir: PathBuf,
+    bindir: PathBuf,
+    runas: Option<String>,
+}
+
+impl Cluster {
+    /// A new cluster with broadcaster preloaded, serving database `postgres` and publishing to
+    /// `redis_url`; `settings` are added to postgresql.conf. The extension is not created.
+    pub fn start(redis_url: &str, settings: &[(&str, &str)]) -> Cluster {
+        let runas = std::env::var("BROADCASTER_TEST_RUNAS").ok().or_else(|| {
+            // PostgreSQL refuses to run as root.
+            (nix_uid() == 0).then(|| "postgres".to_string())
+        });
+        let port = free_port();
+        let dir = PathBuf::from(format!(
+            "/tmp/bc-e2e-{}-{}",
+            std::process::id(),
+            CLUSTER_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        if let Some(user) = &runas {
+            run(Command::new("chown").arg(user).arg(&dir));
+        }
+        let cluster = Cluster {
+            port,
+            dir,
+            bindir: pg_bindir(),
+            runas,
+        };
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data().to_string_lossy(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+        );
+        let mut conf = format!(
+            "port = {port}\n\
+             listen_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'broadcaster'\n\
+             fsync = off\n\
+             shared_buffers = '32MB'\n\
+             max_connections = 40\n\
+             log_line_prefix = '%m [%p] %b '\n\
+             broadcaster.redis_url = '{redis_url}'\n",
+            cluster.dir.display()
+        );
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{value}'\n"));
+        }
+        let conf_path = cluster.data().join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        existing.push_str(&conf);
+        // Written as the cluster's owner would: the file keeps its owner.
+        std::fs::write(&conf_path, existing).expect("write postgresql.conf");
+        cluster.start_server();
+        cluster
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) {
+        let program = self.bindir.join(tool);
+        let mut cmd = match &self.runas {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        cmd.args(args).current_dir("/tmp");
+        run(&mut cmd);
+    }
+
+    pub fn start_server(&self) {
+        let data = self.data();
+        let log = self.log_path();
+        self.pg(
+            "pg_ctl",
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+            ],
+        );
+    }
+
+    /// `pg_ctl stop` in `mode` (smart, fast, immediate).
+    pub fn stop_server(&self, mode: &str) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "stop",
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "-D",
+                &self.data().to_string_lossy(),
+            ],
+        );
+    }
+
+    pub fn connect(&self) -> PgClient {
+        self.connect_to("postgres")
+    }
+
+    pub fn connect_to(&self, database: &str) -> PgClient {
+        let params = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=5",
+            self.port
+        );
+        wait_for("a PostgreSQL connection", DEADLINE, || {
+            PgClient::connect(&params, postgres::NoTls).ok()
+        })
+    }
+
+    /// Sets `name` with ALTER SYSTEM and reloads the configuration.
+    pub fn set_and_reload(&self, name: &str, value: &str) {
+        let mut c = self.connect();
+        c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+            .expect("alter system");
+        c.batch_execute("SELECT pg_reload_conf()").expect("reload");
+    }
+
+    /// Process id of the relay worker, once it runs.
+    pub fn worker_pid(&self) -> i32 {
+        let mut c = self.connect();
+        wait_for("the relay worker", DEADLINE, || {
+            c.query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'broadcaster relay'",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, i32>(0))
+        })
+    }
+
+    pub fn wait_healthy(&self, want: bool, deadline: Duration) {
+        let mut c = self.connect();
+        wait_for(&format!("broadcaster_health() = {want}"), deadline, || {
+            let healthy: bool = c.query_one("SELECT broadcaster_health()", &[]).ok()?.get(0);
+            (healthy == want).then_some(())
+        });
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- server log {} ----\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+        let program = self.bindir.join("pg_ctl");
+        let data = self.data();
+        let mut cmd = match &self.runas {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        let _ = cmd
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(&data)
+            .current_dir("/tmp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {pg_config}: {e}"));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn nix_uid() -> u32 {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// A cluster and its Redis, with the extension created in `postgres`.
+pub struct Setup {
+    pub redis: Redis,
+    pub cluster: Cluster,
+}
+
+impl Setup {
+    pub fn new(settings: &[(&str, &str)]) -> Setup {
+        let redis = Redis::start();
+        let cluster = Cluster::start(&redis.url(), settings);
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION broadcaster")
+            .expect("CREATE EXTENSION");
+        Setup { redis, cluster }
+    }
+}
+
+pub const DEFAULT_STREAM: &str = "broadcaster:postgres";
