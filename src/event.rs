@@ -367,6 +367,18 @@ mod tests {
     }
 
     #[test]
+    fn numbers_keep_every_digit() {
+        let text = r#"{"total":99.90,"big":123456789012345678901234567890.5}"#;
+        let mut e = sample();
+        e.data = Some(serde_json::from_str(text).expect("json"));
+        let event = e.to_cloud_event().expect("valid event");
+        let Some(Data::Json(data)) = event.data() else {
+            panic!("json data expected")
+        };
+        assert_eq!(serde_json::to_string(data).expect("serializes"), text);
+    }
+
+    #[test]
     fn text_content_type_carries_the_string_itself() {
         let mut e = sample();
         e.datacontenttype = "text/plain".into();

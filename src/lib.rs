@@ -52,3 +52,8 @@ pub mod pg_test {
         Vec::new()
     }
 }
+
+/// The README's Rust examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
