@@ -4,6 +4,11 @@
 -- The row validation and default-source functions stay callable by everyone: every INSERT
 -- runs them, and they read nothing.
 REVOKE ALL ON broadcaster_outbox FROM PUBLIC;
+REVOKE ALL ON broadcaster_dead_events FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_health() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_wake_on_commit() FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_requeue_all() FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_discard(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_discard_all() FROM PUBLIC;

@@ -27,6 +27,11 @@ CREATE TABLE broadcaster_outbox (
     )
 );
 
+-- Rows being retried or dead: the relay checks it for every row it claims, so that a key's
+-- later events wait for them. Empty while nothing fails.
+CREATE INDEX broadcaster_outbox_held ON broadcaster_outbox (partition_key, seq)
+    WHERE attempts > 0 OR state = 'dead';
+
 COMMENT ON TABLE broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';
 
@@ -34,7 +39,8 @@ CREATE TRIGGER broadcaster_wake_on_commit
     AFTER INSERT OR UPDATE ON broadcaster_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_wake_on_commit();
 
--- Writes one event in the caller's transaction and returns its id.
+-- Writes one event in the caller's transaction and returns its id. Runs with the caller's
+-- rights: INSERT on broadcaster_outbox (the id is made here, so no SELECT is needed).
 CREATE FUNCTION broadcaster_publish(
     type          text,
     data          jsonb DEFAULT NULL,
@@ -47,10 +53,12 @@ CREATE FUNCTION broadcaster_publish(
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    event_id uuid;
+    event_id uuid := gen_random_uuid();
 BEGIN
-    INSERT INTO @extschema@.broadcaster_outbox (type, data, source, subject, partition_key, extensions, stream)
+    INSERT INTO @extschema@.broadcaster_outbox
+        (id, type, data, source, subject, partition_key, extensions, stream)
     VALUES (
+        event_id,
         broadcaster_publish.type,
         broadcaster_publish.data,
         coalesce(broadcaster_publish.source, @extschema@.broadcaster_default_source()),
@@ -58,8 +66,75 @@ BEGIN
         broadcaster_publish.partition_key,
         coalesce(broadcaster_publish.extensions, '{}'),
         broadcaster_publish.stream
-    )
-    RETURNING id INTO event_id;
+    );
     RETURN event_id;
+END
+$$;
+
+-- Dead events: retried broadcaster.max_attempts times and refused each time.
+CREATE VIEW broadcaster_dead_events AS
+    SELECT id, type, source, subject, time, partition_key, stream, attempts, last_error
+      FROM @extschema@.broadcaster_outbox
+     WHERE state = 'dead';
+
+-- Sends dead events again, with a fresh attempt count; returns how many were requeued.
+CREATE FUNCTION broadcaster_requeue(ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'broadcaster_requeue: ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'To requeue every dead event, call broadcaster_requeue_all().';
+    END IF;
+    UPDATE @extschema@.broadcaster_outbox
+       SET state = 'pending', attempts = 0, next_attempt_at = '-infinity'
+     WHERE state = 'dead' AND id = ANY (ids);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION broadcaster_requeue_all() RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE @extschema@.broadcaster_outbox
+       SET state = 'pending', attempts = 0, next_attempt_at = '-infinity'
+     WHERE state = 'dead';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Deletes dead events for good; returns how many were discarded.
+CREATE FUNCTION broadcaster_discard(ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'broadcaster_discard: ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'To discard every dead event, call broadcaster_discard_all().';
+    END IF;
+    DELETE FROM @extschema@.broadcaster_outbox WHERE state = 'dead' AND id = ANY (ids);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION broadcaster_discard_all() RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM @extschema@.broadcaster_outbox WHERE state = 'dead';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
 END
 $$;

@@ -259,6 +259,41 @@ mod tests {
     }
 
     #[pg_test]
+    fn requeue_and_discard_touch_only_dead_events() {
+        Spi::run(
+            "INSERT INTO broadcaster_outbox (id, type, state, attempts, last_error) VALUES \
+             ('00000000-0000-0000-0000-000000000001', 'a', 'dead', 10, 'WRONGTYPE'), \
+             ('00000000-0000-0000-0000-000000000002', 'b', 'dead', 10, 'WRONGTYPE'), \
+             ('00000000-0000-0000-0000-000000000003', 'c', 'pending', 0, NULL)",
+        )
+        .expect("rows");
+        let listed =
+            Spi::get_one::<i64>("SELECT count(*) FROM broadcaster_dead_events").expect("view");
+        assert_eq!(listed, Some(2));
+        let requeued = Spi::get_one::<i64>(
+            "SELECT broadcaster_requeue(ARRAY['00000000-0000-0000-0000-000000000001', \
+             '00000000-0000-0000-0000-000000000003']::uuid[])",
+        )
+        .expect("requeue");
+        assert_eq!(requeued, Some(1), "the pending row is not dead");
+        let reset = Spi::get_one::<bool>(
+            "SELECT state = 'pending' AND attempts = 0 FROM broadcaster_outbox \
+             WHERE id = '00000000-0000-0000-0000-000000000001'",
+        )
+        .expect("row");
+        assert_eq!(reset, Some(true));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT broadcaster_discard_all()").expect("discard"),
+            Some(1)
+        );
+        assert_eq!(count(), 2);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT broadcaster_requeue_all()").expect("requeue"),
+            Some(0)
+        );
+    }
+
+    #[pg_test]
     fn health_is_false_without_a_worker() {
         // The test cluster does not preload the library, so no worker runs.
         assert_eq!(
@@ -271,7 +306,8 @@ mod tests {
     fn nothing_is_granted_to_public() {
         let public_grants = Spi::get_one::<i64>(
             "SELECT count(*) FROM information_schema.role_routine_grants \
-             WHERE grantee = 'PUBLIC' AND routine_name IN ('broadcaster_publish', 'broadcaster_health')",
+             WHERE grantee = 'PUBLIC' AND routine_name IN ('broadcaster_publish', 'broadcaster_health', \
+             'broadcaster_requeue', 'broadcaster_requeue_all', 'broadcaster_discard', 'broadcaster_discard_all')",
         )
         .expect("query");
         assert_eq!(public_grants, Some(0));

@@ -25,6 +25,16 @@ static STREAM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(
 static REDIS_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(0);
 static MESSAGE_MODE: GucSetting<MessageModeSetting> =
     GucSetting::<MessageModeSetting>::new(MessageModeSetting::Binary);
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnDeadEvent {
+    /// Later events of the dead event's partition key wait until it is requeued or discarded.
+    #[name = c"hold"]
+    Hold,
+    /// Later events of the key flow on; the dead event is out of order if requeued.
+    #[name = c"skip"]
+    Skip,
+}
+
 static FILE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static DEFAULT_SOURCE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -32,6 +42,8 @@ static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 static RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+static MAX_EVENT_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+static ON_DEAD_EVENT: GucSetting<OnDeadEvent> = GucSetting::<OnDeadEvent>::new(OnDeadEvent::Hold);
 static HEALTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Settings that shape the worker's registration; Postgres accepts them only while the library
@@ -157,6 +169,24 @@ pub fn register() {
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
+        c"broadcaster.max_event_size",
+        c"Largest encoded event the broker is sent; larger ones are rejected (and end dead).",
+        c"",
+        &MAX_EVENT_SIZE,
+        1024,
+        512 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_enum_guc(
+        c"broadcaster.on_dead_event",
+        c"hold: a dead event holds back later events of its partition key; skip: they flow on.",
+        c"",
+        &ON_DEAD_EVENT,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
         c"broadcaster.health_timeout",
         c"broadcaster_health() is false when the last successful publish or check is older.",
         c"",
@@ -208,6 +238,11 @@ pub fn max_attempts() -> i32 {
     MAX_ATTEMPTS.get()
 }
 
+/// Whether a dead event holds back the later events of its partition key.
+pub fn dead_event_holds_key() -> bool {
+    ON_DEAD_EVENT.get() == OnDeadEvent::Hold
+}
+
 pub fn health_timeout() -> Duration {
     millis(&HEALTH_TIMEOUT_MS)
 }
@@ -224,5 +259,7 @@ pub fn backend_config(database: &str) -> BackendConfig {
         },
         timeout: millis(&NETWORK_TIMEOUT_MS),
         file_path: string(&FILE_PATH).unwrap_or_default(),
+        max_event_size: usize::try_from(MAX_EVENT_SIZE.get()).unwrap_or(usize::MAX),
+        producer_id: format!("broadcaster:{database}"),
     }
 }

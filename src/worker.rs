@@ -22,8 +22,10 @@ const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Committed, pending rows whose turn has come, oldest first. A row waits while an earlier row
-/// of its partition key is being retried or is dead, so a key's events never overtake each
-/// other. SKIP LOCKED: a second worker (or a manual relay) never claims the same row.
+/// of its partition key is being retried (or is dead, when `$2`: broadcaster.on_dead_event =
+/// hold), so a key's events never overtake each other. SKIP LOCKED: a second relay never
+/// claims the same row. The held-back check reads a partial index that is empty while
+/// nothing fails.
 const CLAIM: &str = r#"
 SELECT o.seq, o.id::text, o.type, o.source, o.subject,
        to_char(o."time" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
@@ -36,7 +38,7 @@ SELECT o.seq, o.id::text, o.type, o.source, o.subject,
          SELECT 1 FROM broadcaster_outbox b
           WHERE b.partition_key = o.partition_key
             AND b.seq < o.seq
-            AND (b.attempts > 0 OR b.state = 'dead'))
+            AND ((b.state = 'pending' AND b.attempts > 0) OR (b.state = 'dead' AND $2)))
  ORDER BY o.seq
  LIMIT $1
    FOR UPDATE OF o SKIP LOCKED"#;
@@ -339,6 +341,8 @@ fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
     for (row, result) in sent.into_iter().zip(outcome) {
         match result {
             Ok(()) => published.push(row.seq),
+            // Behind a failed event of its key: stays pending, untouched.
+            Err(BackendError::Held) => {}
             // Not this event's fault: it stays pending, untouched.
             Err(e) if e.is_unavailable() => outage = Some(e),
             Err(e) => failed.push((row, e.to_string())),
@@ -358,7 +362,8 @@ fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
 fn claim(limit: usize) -> Vec<Claimed> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     Spi::connect_mut(|client| {
-        let rows = client.update(CLAIM, None, &[limit.into()])?;
+        let hold = guc::dead_event_holds_key();
+        let rows = client.update(CLAIM, None, &[limit.into(), hold.into()])?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let seq = row.get::<i64>(1)?.unwrap_or_default();

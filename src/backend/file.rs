@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 
-use super::{BackendConfig, BackendError, BatchOutcome, PublisherBackend};
+use super::{BackendConfig, BackendError, BatchOutcome, HeldKeys, PublisherBackend};
 use crate::event::OutboxEvent;
 
 pub struct FileBackend {
@@ -55,13 +55,21 @@ impl PublisherBackend for FileBackend {
         let io_error = |e: std::io::Error| BackendError::Unavailable(format!("{}: {e}", self.path));
         let mut out = BufWriter::new(self.open()?);
         let mut outcome = Vec::with_capacity(events.len());
+        let mut held = HeldKeys::default();
         for event in events {
+            if held.holds(event) {
+                outcome.push(Err(BackendError::Held));
+                continue;
+            }
             match Self::line(event) {
                 Ok(line) => {
                     out.write_all(&line).map_err(io_error)?;
                     outcome.push(Ok(()));
                 }
-                Err(e) => outcome.push(Err(e)),
+                Err(e) => {
+                    held.fail(event);
+                    outcome.push(Err(e));
+                }
             }
         }
         // Durable before the worker deletes the rows.

@@ -4,6 +4,7 @@
 //! Adding a backend: one file in this folder implementing the trait, and one line in
 //! [`REGISTRY`].
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::event::{EventError, OutboxEvent};
@@ -63,6 +64,10 @@ pub struct BackendConfig {
     pub timeout: Duration,
     /// Target of the `file` backend.
     pub file_path: String,
+    /// Largest encoded event a backend sends; larger ones are rejected. 0: no limit.
+    pub max_event_size: usize,
+    /// Names this relay to brokers that de-duplicate per producer (Redis `XADD IDMP`).
+    pub producer_id: String,
 }
 
 impl std::fmt::Debug for BackendConfig {
@@ -74,6 +79,8 @@ impl std::fmt::Debug for BackendConfig {
             .field("mode", &self.mode)
             .field("timeout", &self.timeout)
             .field("file_path", &self.file_path)
+            .field("max_event_size", &self.max_event_size)
+            .field("producer_id", &self.producer_id)
             .finish()
     }
 }
@@ -87,6 +94,10 @@ pub enum BackendError {
     /// The broker refused this one event. It counts as a failed attempt for that event.
     #[error("broker rejected the event: {0}")]
     Rejected(String),
+    /// Not attempted: an earlier event of the same partition key failed in this batch. The
+    /// event stays pending, untouched, behind that one.
+    #[error("held behind an earlier event of its partition key")]
+    Held,
     /// The row does not make a valid CloudEvent.
     #[error(transparent)]
     Event(#[from] EventError),
@@ -106,6 +117,23 @@ impl BackendError {
 /// Per-event outcomes of a batch, in the order the events were given.
 pub type BatchOutcome = Vec<Result<(), BackendError>>;
 
+/// The partition keys that failed earlier in a batch: their later events must be held.
+#[derive(Default)]
+pub struct HeldKeys<'a>(HashSet<&'a str>);
+
+impl<'a> HeldKeys<'a> {
+    pub fn holds(&self, event: &OutboxEvent) -> bool {
+        event
+            .partition_key
+            .as_deref()
+            .is_some_and(|k| self.0.contains(k))
+    }
+
+    pub fn fail(&mut self, event: &'a OutboxEvent) {
+        self.0.extend(event.partition_key.as_deref());
+    }
+}
+
 /// A destination for committed events.
 pub trait PublisherBackend {
     /// Short name for logs and `broadcaster_health`'s reports.
@@ -115,14 +143,25 @@ pub trait PublisherBackend {
     fn publish(&mut self, event: &OutboxEvent) -> Result<(), BackendError>;
 
     /// Delivers events in order. `Err` means nothing can be said about the batch (the broker is
-    /// unavailable) and it will be retried whole; `Ok` carries one outcome per event. The default
-    /// publishes one at a time; backends override it to batch (e.g. one pipelined round trip).
+    /// unavailable) and it will be retried whole; `Ok` carries one outcome per event. Once an
+    /// event fails, the later events of its partition key must not be sent: answer them
+    /// [`BackendError::Held`], so a key's order survives a rejection. The default publishes one
+    /// at a time; backends override it to batch (e.g. one round trip).
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
         let mut outcome = Vec::with_capacity(events.len());
+        let mut held = HeldKeys::default();
         for event in events {
+            if held.holds(event) {
+                outcome.push(Err(BackendError::Held));
+                continue;
+            }
             match self.publish(event) {
                 Err(e) if e.is_unavailable() => return Err(e),
-                other => outcome.push(other),
+                Err(e) => {
+                    held.fail(event);
+                    outcome.push(Err(e));
+                }
+                Ok(()) => outcome.push(Ok(())),
             }
         }
         Ok(outcome)
@@ -178,6 +217,26 @@ mod tests {
         fn health_check(&mut self) -> Result<(), BackendError> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn default_batch_holds_a_failed_key() {
+        let keyed = |k: &str| OutboxEvent {
+            partition_key: Some(k.into()),
+            ..Default::default()
+        };
+        let events = vec![keyed("a"), keyed("b"), keyed("a"), keyed("b")];
+        let mut rejecting = Flaky {
+            calls: 0,
+            fail_at: 1,
+            unavailable: false,
+        };
+        let outcome = rejecting.publish_batch(&events).expect("batch ran");
+        assert!(matches!(outcome[0], Err(BackendError::Rejected(_))));
+        assert!(outcome[1].is_ok());
+        assert!(matches!(outcome[2], Err(BackendError::Held)));
+        assert!(outcome[3].is_ok());
+        assert_eq!(rejecting.calls, 3, "the held event is never sent");
     }
 
     #[test]

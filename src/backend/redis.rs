@@ -9,7 +9,7 @@ use cloudevents::message::{
 };
 use redis::{Client, Connection, RedisError};
 
-use super::{BackendConfig, BackendError, BatchOutcome, MessageMode, PublisherBackend};
+use super::{BackendConfig, BackendError, BatchOutcome, HeldKeys, MessageMode, PublisherBackend};
 use crate::event::OutboxEvent;
 
 /// Content type of a structured-mode entry.
@@ -21,6 +21,8 @@ pub type Fields = Vec<(String, Vec<u8>)>;
 pub struct RedisStreamBackend {
     client: Client,
     connection: Option<Connection>,
+    /// The server de-duplicates `XADD ... IDMP` (Redis 8.6 and later); learnt on connect.
+    idempotent_xadd: bool,
     config: BackendConfig,
 }
 
@@ -41,6 +43,7 @@ impl RedisStreamBackend {
         Ok(Box::new(RedisStreamBackend {
             client,
             connection: None,
+            idempotent_xadd: false,
             config: config.clone(),
         }))
     }
@@ -51,12 +54,15 @@ impl RedisStreamBackend {
             let connection = self
                 .client
                 .get_connection_with_timeout(self.config.timeout)
-                .and_then(|c| {
+                .and_then(|mut c| {
                     c.set_read_timeout(timeout)?;
                     c.set_write_timeout(timeout)?;
-                    Ok(c)
+                    let info: String = redis::cmd("INFO").arg("server").query(&mut c)?;
+                    Ok((c, info))
                 })
                 .map_err(classify)?;
+            let (connection, info) = connection;
+            self.idempotent_xadd = server_version(&info).is_some_and(|v| v >= (8, 6));
             self.connection = Some(connection);
         }
         self.connection
@@ -76,21 +82,86 @@ impl RedisStreamBackend {
         result
     }
 
-    fn xadd(&self, event: &OutboxEvent) -> Result<redis::Cmd, BackendError> {
+    /// The entry's fields, refused when larger than `broadcaster.max_event_size`.
+    fn entry(&self, event: &OutboxEvent) -> Result<Fields, BackendError> {
         let fields = encode(event, self.config.mode)?;
-        let stream = event.stream.as_deref().unwrap_or(&self.config.stream);
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream);
-        if self.config.maxlen > 0 {
-            cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
+        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let max = self.config.max_event_size;
+        if max > 0 && size > max {
+            return Err(BackendError::Rejected(format!(
+                "event is {size} bytes, above broadcaster.max_event_size ({max} bytes)"
+            )));
         }
-        cmd.arg("*");
-        for (name, value) in fields {
-            cmd.arg(name).arg(value);
+        Ok(fields)
+    }
+
+    /// One `EVALSHA` of [`BATCH_SCRIPT`] for `events`; `entries[i]` is None for an event not
+    /// to send (it is answered nil, like a held one).
+    fn invocation<'a>(
+        &self,
+        events: &[OutboxEvent],
+        entries: &[Option<Fields>],
+    ) -> redis::ScriptInvocation<'a> {
+        let mut inv = BATCH_SCRIPT.prepare_invoke();
+        inv.arg(self.config.maxlen);
+        inv.arg(if self.idempotent_xadd {
+            self.config.producer_id.as_str()
+        } else {
+            ""
+        });
+        for (event, fields) in events.iter().zip(entries) {
+            let Some(fields) = fields else { continue };
+            inv.key(event.stream.as_deref().unwrap_or(&self.config.stream));
+            inv.arg(event.partition_key.as_deref().unwrap_or(""));
+            inv.arg(event.id.as_str());
+            inv.arg(fields.len());
+            for (name, value) in fields {
+                inv.arg(name.as_str()).arg(value.as_slice());
+            }
         }
-        Ok(cmd)
+        inv
     }
 }
+
+/// Adds a batch of entries in order, in one round trip. After an entry of a partition key fails,
+/// the key's later entries in the batch are not added (nil): they stay pending behind it, so a
+/// key's order survives a rejection. KEYS[i]: stream of entry i. ARGV: MAXLEN (0: none), IDMP
+/// producer id ("": none), then per entry: partition key ("": none), event id, field count n,
+/// n field/value pairs. Replies, per entry: the entry id, `{error message}`, or nil (held).
+static BATCH_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local maxlen, producer = ARGV[1], ARGV[2]
+local held, replies, a = {}, {}, 3
+for i = 1, #KEYS do
+  local key, id, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local first = a + 3
+  a = first + 2 * n
+  if key ~= '' and held[key] then
+    replies[i] = false
+  else
+    local cmd = {'XADD', KEYS[i]}
+    if producer ~= '' then
+      cmd[#cmd + 1] = 'IDMP'; cmd[#cmd + 1] = producer; cmd[#cmd + 1] = id
+    end
+    if maxlen ~= '0' then
+      cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = maxlen
+    end
+    cmd[#cmd + 1] = '*'
+    for j = first, a - 1 do cmd[#cmd + 1] = ARGV[j] end
+    local reply = redis.pcall(unpack(cmd))
+    if type(reply) == 'table' and reply.err then
+      if key ~= '' then held[key] = true end
+      -- As data, not as an error reply: clients fail a whole reply holding an error.
+      reply = {reply.err}
+    end
+    replies[i] = reply
+  end
+end
+return replies
+"#,
+    )
+});
 
 impl PublisherBackend for RedisStreamBackend {
     fn name(&self) -> &'static str {
@@ -98,42 +169,72 @@ impl PublisherBackend for RedisStreamBackend {
     }
 
     fn publish(&mut self, event: &OutboxEvent) -> Result<(), BackendError> {
-        let cmd = self.xadd(event)?;
-        self.with_connection(|c| cmd.query::<redis::Value>(c).map(drop))
+        self.publish_batch(std::slice::from_ref(event))?
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
+        // Connect first: how entries are written depends on the server's version.
+        self.connection()?;
         let mut outcome: BatchOutcome = Vec::with_capacity(events.len());
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        // Events that can't be encoded are answered here and never sent.
-        let mut sent = Vec::with_capacity(events.len());
-        for (i, event) in events.iter().enumerate() {
-            match self.xadd(event) {
-                Ok(cmd) => {
-                    pipe.add_command(cmd);
-                    sent.push(i);
+        let mut entries = Vec::with_capacity(events.len());
+        // An event that can't be encoded is answered here, and holds its key's later events.
+        let mut held = HeldKeys::default();
+        for event in events {
+            if held.holds(event) {
+                outcome.push(Err(BackendError::Held));
+                entries.push(None);
+                continue;
+            }
+            match self.entry(event) {
+                Ok(fields) => {
                     outcome.push(Ok(()));
+                    entries.push(Some(fields));
                 }
-                Err(e) => outcome.push(Err(e)),
+                Err(e) => {
+                    held.fail(event);
+                    outcome.push(Err(e));
+                    entries.push(None);
+                }
             }
         }
+        let sent: Vec<usize> = (0..events.len())
+            .filter(|&i| entries[i].is_some())
+            .collect();
         if sent.is_empty() {
             return Ok(outcome);
         }
-        let replies: Vec<redis::RedisResult<redis::Value>> =
-            self.with_connection(|c| pipe.query(c))?;
+        let invocation = self.invocation(events, &entries);
+        // Raw value: a typed reply would turn one entry's error into the whole batch's.
+        let replies = match self.with_connection(|c| invocation.invoke::<redis::Value>(c))? {
+            redis::Value::Array(replies) => replies,
+            other => {
+                self.connection = None;
+                return Err(BackendError::Unavailable(format!(
+                    "unexpected reply to the batch: {other:?}"
+                )));
+            }
+        };
         if replies.len() != sent.len() {
             self.connection = None;
             return Err(BackendError::Unavailable(format!(
-                "expected {} replies from the pipeline, got {}",
+                "expected {} replies from the batch, got {}",
                 sent.len(),
                 replies.len()
             )));
         }
         for (i, reply) in sent.into_iter().zip(replies) {
-            if let Err(e) = reply {
-                outcome[i] = Err(classify(e));
+            match reply {
+                redis::Value::Array(error) => {
+                    let message = error
+                        .first()
+                        .and_then(|m| redis::from_redis_value_ref::<String>(m).ok())
+                        .unwrap_or_else(|| "unknown error".into());
+                    outcome[i] = Err(classify_message(message));
+                }
+                redis::Value::Nil => outcome[i] = Err(BackendError::Held),
+                _ => {}
             }
         }
         Ok(outcome)
@@ -144,21 +245,43 @@ impl PublisherBackend for RedisStreamBackend {
     }
 }
 
+/// An error a script reported for one entry, as `CODE message`.
+fn classify_message(message: String) -> BackendError {
+    let code = message.split_whitespace().next().unwrap_or_default();
+    if OUTAGE_CODES.contains(&code) {
+        BackendError::Unavailable(message)
+    } else {
+        BackendError::Rejected(message)
+    }
+}
+
+/// `(major, minor)` from the `redis_version:` line of `INFO server`.
+fn server_version(info: &str) -> Option<(u32, u32)> {
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// Error codes that say the server can't take writes now, whatever the entry.
+const OUTAGE_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+];
+
 /// Outages (the broker can't be reached, is loading, read-only, out of memory, refuses our
 /// credentials) are not the event's fault; anything else the server answers is a rejection.
 fn classify(e: RedisError) -> BackendError {
-    const OUTAGE_CODES: &[&str] = &[
-        "LOADING",
-        "BUSY",
-        "TRYAGAIN",
-        "CLUSTERDOWN",
-        "MASTERDOWN",
-        "READONLY",
-        "OOM",
-        "NOAUTH",
-        "WRONGPASS",
-        "NOPERM",
-    ];
     let outage = e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -302,6 +425,102 @@ mod tests {
         let body = field(&fields, "cloudevent").expect("cloudevent field");
         let parsed: cloudevents::Event = serde_json::from_str(body).expect("SDK parses it");
         assert_eq!(parsed, event().to_cloud_event().expect("valid"));
+    }
+
+    fn backend(config: BackendConfig) -> RedisStreamBackend {
+        RedisStreamBackend {
+            client: Client::open("redis://127.0.0.1:1").expect("valid url"),
+            connection: None,
+            idempotent_xadd: false,
+            config,
+        }
+    }
+
+    fn args(inv: &redis::ScriptInvocation<'_>) -> Vec<String> {
+        let mut con = Recorder(Vec::new());
+        let _ = inv.invoke::<redis::Value>(&mut con);
+        con.0
+    }
+
+    /// Captures the command a script invocation sends instead of sending it.
+    struct Recorder(Vec<String>);
+
+    impl redis::ConnectionLike for Recorder {
+        fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+            // RESP: each argument is a `$len` line followed by its value.
+            let text = String::from_utf8_lossy(cmd);
+            let mut lines = text.split("\r\n");
+            self.0.clear();
+            while let Some(line) = lines.next() {
+                if line.starts_with('$') {
+                    self.0.extend(lines.next().map(str::to_string));
+                }
+            }
+            Ok(redis::Value::Array(Vec::new()))
+        }
+        fn req_packed_commands(
+            &mut self,
+            _: &[u8],
+            _: usize,
+            _: usize,
+        ) -> redis::RedisResult<Vec<redis::Value>> {
+            Ok(Vec::new())
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+        fn check_connection(&mut self) -> bool {
+            true
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn batch_names_streams_trims_and_uses_idmp_when_the_server_has_it() {
+        let mut b = backend(BackendConfig {
+            stream: "events".into(),
+            maxlen: 1000,
+            producer_id: "broadcaster:shop".into(),
+            ..Default::default()
+        });
+        let mut routed = event();
+        routed.stream = Some("audit".into());
+        let events = [event(), routed.clone()];
+        let entries: Vec<Option<Fields>> = events.iter().map(|e| b.entry(e).ok()).collect();
+        let plain = args(&b.invocation(&events, &entries));
+        // EVALSHA sha numkeys keys... maxlen producer, then the first entry.
+        assert_eq!(plain[0], "EVALSHA");
+        assert_eq!(plain[2..8], ["2", "events", "audit", "1000", "", "c-1"]);
+        b.idempotent_xadd = true;
+        let idmp = args(&b.invocation(&events, &entries));
+        assert_eq!(idmp[6], "broadcaster:shop");
+        assert_eq!(idmp[8], routed.id.as_str());
+    }
+
+    #[test]
+    fn oversized_events_are_rejected_before_sending() {
+        let b = backend(BackendConfig {
+            stream: "events".into(),
+            max_event_size: 64,
+            ..Default::default()
+        });
+        let mut big = event();
+        big.data = Some(json!({"blob": "x".repeat(100)}));
+        let err = b.entry(&big).expect_err("too big");
+        assert!(matches!(err, BackendError::Rejected(_)));
+        assert!(err.to_string().contains("max_event_size"), "{err}");
+    }
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(
+            server_version("# Server\r\nredis_version:7.0.15\r\n"),
+            Some((7, 0))
+        );
+        assert_eq!(server_version("redis_version:8.6.1\n"), Some((8, 6)));
+        assert_eq!(server_version("nothing"), None);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Op
 
 pub struct Redis {
     pub port: u16,
+    /// Where a persistent server keeps its append-only file.
+    dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -49,16 +51,42 @@ impl Redis {
         Self::start_on(free_port())
     }
 
+    /// A server that keeps nothing on disk: a restart empties it.
     pub fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        Self::spawn(port, None)
+    }
+
+    /// A server that fsyncs every write to an append-only file in `dir` before answering, so
+    /// what it acknowledged survives a SIGKILL and a restart with the same `dir`.
+    pub fn start_persistent(port: u16, dir: &std::path::Path) -> Redis {
+        std::fs::create_dir_all(dir).expect("redis dir");
+        Self::spawn(port, Some(dir.to_path_buf()))
+    }
+
+    /// Restarts a killed server on the same port (and, if persistent, the same data).
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Self::spawn(self.port, self.dir.clone());
+    }
+
+    fn spawn(port: u16, dir: Option<PathBuf>) -> Redis {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--protected-mode", "no"]);
+        match &dir {
+            Some(d) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(d),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/setup.sh)");
         let redis = Redis {
             port,
+            dir,
             child: Some(child),
         };
         wait_for("redis-server to answer PING", DEADLINE, || {
@@ -294,17 +322,7 @@ impl Cluster {
     }
 
     pub fn connect(&self) -> PgClient {
-        self.connect_to("postgres")
-    }
-
-    pub fn connect_to(&self, database: &str) -> PgClient {
-        let params = format!(
-            "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=5",
-            self.port
-        );
-        wait_for("a PostgreSQL connection", DEADLINE, || {
-            PgClient::connect(&params, postgres::NoTls).ok()
-        })
+        wait_for("a PostgreSQL connection", DEADLINE, || self.try_connect())
     }
 
     /// Sets `name` with ALTER SYSTEM and reloads the configuration.
@@ -315,17 +333,26 @@ impl Cluster {
         c.batch_execute("SELECT pg_reload_conf()").expect("reload");
     }
 
-    /// Process id of the relay worker, once it runs.
+    fn try_connect(&self) -> Option<PgClient> {
+        let params = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+            self.port
+        );
+        PgClient::connect(&params, postgres::NoTls).ok()
+    }
+
+    /// Process id of the relay worker, once it runs. Reconnects as needed: the cluster may be
+    /// restarting.
     pub fn worker_pid(&self) -> i32 {
-        let mut c = self.connect();
         wait_for("the relay worker", DEADLINE, || {
-            c.query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'broadcaster relay'",
-                &[],
-            )
-            .ok()
-            .flatten()
-            .map(|row| row.get::<_, i32>(0))
+            self.try_connect()?
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'broadcaster relay'",
+                    &[],
+                )
+                .ok()
+                .flatten()
+                .map(|row| row.get::<_, i32>(0))
         })
     }
 

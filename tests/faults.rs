@@ -1,0 +1,639 @@
+//! The fault suite: each scenario produces events from concurrent producers while something
+//! breaks (Redis, the worker, Postgres itself), then reads the whole stream and compares ids.
+//! Every scenario prints `produced / delivered / duplicates / lost` and asserts that nothing
+//! committed is lost and nothing delivered was never committed.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Entry, PgClient, Redis, Setup, DEFAULT_STREAM};
+
+/// What producers did, by event id.
+#[derive(Default)]
+struct Produced {
+    /// COMMIT returned success.
+    committed: Vec<String>,
+    /// The connection died during COMMIT: the transaction may or may not have committed.
+    ambiguous: Vec<String>,
+    /// Rolled back, or failed before COMMIT: must never arrive.
+    rolled_back: Vec<String>,
+}
+
+impl Produced {
+    fn merge(mut self, other: Produced) -> Produced {
+        self.committed.extend(other.committed);
+        self.ambiguous.extend(other.ambiguous);
+        self.rolled_back.extend(other.rolled_back);
+        self
+    }
+}
+
+struct Producers {
+    stop: Arc<AtomicBool>,
+    bounded: bool,
+    handles: Vec<JoinHandle<Produced>>,
+}
+
+#[derive(Clone, Copy)]
+struct Load {
+    producers: usize,
+    per_tx: usize,
+    /// Stop after this many transactions per producer (None: until stopped).
+    transactions: Option<usize>,
+    /// Roll back every other transaction.
+    roll_back_half: bool,
+    pause: Duration,
+}
+
+impl Producers {
+    /// Producer `p` writes partition key `p-<p>` with a counter in `data.n`, reconnecting
+    /// through restarts.
+    fn start(port: u16, load: Load) -> Producers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..load.producers)
+            .map(|p| {
+                let stop = stop.clone();
+                std::thread::spawn(move || produce(port, p, load, &stop))
+            })
+            .collect();
+        Producers {
+            stop,
+            bounded: load.transactions.is_some(),
+            handles,
+        }
+    }
+
+    /// Stops unbounded producers (bounded ones run to their count) and collects their work.
+    fn finish(self) -> Produced {
+        if !self.bounded {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        self.handles
+            .into_iter()
+            .map(|h| h.join().expect("producer thread"))
+            .fold(Produced::default(), Produced::merge)
+    }
+}
+
+fn connect(port: u16) -> Option<PgClient> {
+    let params =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+    PgClient::connect(&params, postgres::NoTls).ok()
+}
+
+fn produce(port: u16, p: usize, load: Load, stop: &AtomicBool) -> Produced {
+    let mut out = Produced::default();
+    let mut client: Option<PgClient> = None;
+    let key = format!("p-{p}");
+    let mut n: i64 = 0;
+    let mut tx_count = 0;
+    while !stop.load(Ordering::Relaxed) && load.transactions.is_none_or(|t| tx_count < t) {
+        let Some(c) = client.as_mut() else {
+            client = connect(port);
+            if client.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        };
+        let roll_back = load.roll_back_half && tx_count % 2 == 1;
+        let mut ids = Vec::with_capacity(load.per_tx);
+        let mut result = c.batch_execute("BEGIN");
+        for _ in 0..load.per_tx {
+            if result.is_err() {
+                break;
+            }
+            match c.query_one(
+                "SELECT broadcaster_publish('fault.test', jsonb_build_object('n', $1::bigint), \
+                 partition_key => $2)::text",
+                &[&n, &key],
+            ) {
+                Ok(row) => {
+                    ids.push(row.get::<_, String>(0));
+                    n += 1;
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        if result.is_err() {
+            // Nothing was committed.
+            out.rolled_back.extend(ids);
+            client = None;
+            continue;
+        }
+        if roll_back {
+            if c.batch_execute("ROLLBACK").is_err() {
+                client = None;
+            }
+            out.rolled_back.extend(ids);
+        } else {
+            match c.batch_execute("COMMIT") {
+                Ok(()) => out.committed.extend(ids),
+                Err(_) => {
+                    out.ambiguous.extend(ids);
+                    client = None;
+                }
+            }
+        }
+        tx_count += 1;
+        if !load.pause.is_zero() {
+            std::thread::sleep(load.pause);
+        }
+    }
+    out
+}
+
+/// Waits until every committed event is in the stream and the outbox is empty, then checks
+/// and prints the tally.
+fn settle_and_check(
+    name: &str,
+    cluster: &Cluster,
+    redis: &Redis,
+    produced: &Produced,
+) -> Vec<Entry> {
+    let committed: HashSet<&String> = produced.committed.iter().collect();
+    let mut c = cluster.connect();
+    let entries = common::wait_for(
+        &format!("{name}: every committed event delivered"),
+        Duration::from_secs(180),
+        || {
+            let entries = redis.entries(DEFAULT_STREAM);
+            let delivered: HashSet<String> = entries.iter().map(Entry::event_id).collect();
+            let all_in = committed.iter().all(|id| delivered.contains(*id));
+            let outbox_empty = c
+                .query_one("SELECT count(*) = 0 FROM broadcaster_outbox", &[])
+                .ok()
+                .is_some_and(|r| r.get::<_, bool>(0));
+            (all_in && outbox_empty).then_some(entries)
+        },
+    );
+    let delivered: Vec<String> = entries.iter().map(Entry::event_id).collect();
+    let unique: HashSet<&String> = delivered.iter().collect();
+    let duplicates = delivered.len() - unique.len();
+    let lost = committed.iter().filter(|id| !unique.contains(*id)).count();
+    let may_arrive: HashSet<&String> = produced
+        .committed
+        .iter()
+        .chain(&produced.ambiguous)
+        .collect();
+    let never_committed: Vec<&&String> = unique
+        .iter()
+        .filter(|id| !may_arrive.contains(**id))
+        .collect();
+    let rolled_back: HashSet<&String> = produced.rolled_back.iter().collect();
+    println!(
+        "| {name} | {} | {} | {} | {duplicates} | {lost} |",
+        produced.committed.len() + produced.ambiguous.len() + produced.rolled_back.len(),
+        produced.committed.len(),
+        delivered.len(),
+    );
+    assert_eq!(lost, 0, "{name}: committed events lost");
+    assert!(
+        never_committed.is_empty(),
+        "{name}: {} delivered events were never committed",
+        never_committed.len()
+    );
+    assert!(
+        unique.iter().all(|id| !rolled_back.contains(*id)),
+        "{name}: a rolled-back event arrived"
+    );
+    check_key_order(name, &entries);
+    entries
+}
+
+/// Within each partition key, first deliveries arrive in the order the key's transactions
+/// committed (a crash may replay a batch later, with the same ids).
+fn check_key_order(name: &str, entries: &[Entry]) {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for e in entries {
+        if !seen.insert(e.event_id()) {
+            continue;
+        }
+        let (Some(key), Some(data)) = (e.get("ce_partitionkey"), e.get("data")) else {
+            continue;
+        };
+        let n = serde_json::from_str::<serde_json::Value>(data).expect("json")["n"]
+            .as_i64()
+            .expect("n");
+        if let Some(prev) = last.insert(key.to_string(), n) {
+            assert!(
+                n > prev,
+                "{name}: key {key}: event {n} arrived after {prev}"
+            );
+        }
+    }
+}
+
+fn redis_dir(tag: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/bc-redis-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+const FAST_RETRY: &[(&str, &str)] = &[
+    ("broadcaster.poll_interval", "200ms"),
+    ("broadcaster.retry_max_delay", "1s"),
+    ("broadcaster.network_timeout", "1s"),
+];
+
+#[test]
+fn redis_down_for_30_seconds_while_producers_commit() {
+    let dir = redis_dir("outage");
+    let mut redis = Redis::start_persistent(common::free_port(), &dir);
+    let cluster = Cluster::start(&redis.url(), FAST_RETRY);
+    cluster
+        .connect()
+        .batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let load = Load {
+        producers: 4,
+        per_tx: 10,
+        transactions: None,
+        roll_back_half: false,
+        pause: Duration::from_millis(20),
+    };
+    let producers = Producers::start(cluster.port, load);
+    std::thread::sleep(Duration::from_secs(3));
+    redis.kill();
+    let down_at = Instant::now();
+    cluster.wait_healthy(false, Duration::from_secs(10));
+    let mut c = cluster.connect();
+    while down_at.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(1));
+        let burnt: i64 = c
+            .query_one(
+                "SELECT count(*) FROM broadcaster_outbox WHERE attempts > 0 OR state <> 'pending'",
+                &[],
+            )
+            .expect("count")
+            .get(0);
+        assert_eq!(burnt, 0, "an outage must not count attempts against events");
+    }
+    let backlog: i64 = c
+        .query_one("SELECT count(*) FROM broadcaster_outbox", &[])
+        .expect("count")
+        .get(0);
+    assert!(backlog > 0, "producers kept committing during the outage");
+    redis.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let produced = producers.finish();
+    settle_and_check("Redis killed for 30 s", &cluster, &redis, &produced);
+    cluster.wait_healthy(true, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn redis_restarted_mid_batch() {
+    let dir = redis_dir("restart");
+    let mut redis = Redis::start_persistent(common::free_port(), &dir);
+    let cluster = Cluster::start(&redis.url(), FAST_RETRY);
+    cluster
+        .connect()
+        .batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let load = Load {
+        producers: 4,
+        per_tx: 50,
+        transactions: None,
+        roll_back_half: false,
+        pause: Duration::ZERO,
+    };
+    let producers = Producers::start(cluster.port, load);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        redis.restart();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = producers.finish();
+    settle_and_check(
+        "Redis restarted mid-batch (3x)",
+        &cluster,
+        &redis,
+        &produced,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn worker_sigkilled_mid_batch() {
+    let s = Setup::new(FAST_RETRY);
+    let load = Load {
+        producers: 4,
+        per_tx: 50,
+        transactions: None,
+        roll_back_half: false,
+        pause: Duration::ZERO,
+    };
+    let producers = Producers::start(s.cluster.port, load);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = s.cluster.worker_pid();
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        // The postmaster treats it as a crash: every backend restarts, producers reconnect.
+        common::wait_for("a new relay worker", common::DEADLINE, || {
+            let new = s.cluster.worker_pid();
+            (new != pid).then_some(())
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = producers.finish();
+    settle_and_check(
+        "worker SIGKILLed mid-batch (3x)",
+        &s.cluster,
+        &s.redis,
+        &produced,
+    );
+    assert!(!s.cluster.log().contains("PANIC"));
+}
+
+#[test]
+fn postgres_stopped_immediately_mid_traffic() {
+    let s = Setup::new(FAST_RETRY);
+    let load = Load {
+        producers: 4,
+        per_tx: 50,
+        transactions: None,
+        roll_back_half: false,
+        pause: Duration::ZERO,
+    };
+    let producers = Producers::start(s.cluster.port, load);
+    for mode in ["immediate", "fast", "immediate"] {
+        std::thread::sleep(Duration::from_millis(1500));
+        s.cluster.stop_server(mode);
+        s.cluster.start_server();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = producers.finish();
+    settle_and_check(
+        "Postgres stopped (immediate, fast, immediate)",
+        &s.cluster,
+        &s.redis,
+        &produced,
+    );
+}
+
+#[test]
+fn half_the_transactions_roll_back() {
+    let s = Setup::new(FAST_RETRY);
+    let load = Load {
+        producers: 4,
+        per_tx: 20,
+        transactions: Some(50),
+        roll_back_half: true,
+        pause: Duration::ZERO,
+    };
+    let produced = Producers::start(s.cluster.port, load).finish();
+    assert_eq!(produced.rolled_back.len(), produced.committed.len());
+    let entries = settle_and_check(
+        "half the transactions roll back",
+        &s.cluster,
+        &s.redis,
+        &produced,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        s.redis.len(DEFAULT_STREAM),
+        entries.len(),
+        "nothing else arrives later"
+    );
+    assert_eq!(entries.len(), produced.committed.len());
+}
+
+#[test]
+fn eight_producers_five_thousand_events_each() {
+    // One relay worker per database: a second one could reorder a partition key, so the design
+    // does not run one. SKIP LOCKED still guarantees no row is claimed twice.
+    let s = Setup::new(&[]);
+    let load = Load {
+        producers: 8,
+        per_tx: 50,
+        transactions: Some(100),
+        roll_back_half: false,
+        pause: Duration::ZERO,
+    };
+    let produced = Producers::start(s.cluster.port, load).finish();
+    assert_eq!(produced.committed.len(), 40_000);
+    let entries = settle_and_check(
+        "8 producers x 5,000 events",
+        &s.cluster,
+        &s.redis,
+        &produced,
+    );
+    assert_eq!(entries.len(), 40_000, "no duplicates without a fault");
+}
+
+fn publish(c: &mut PgClient, key: &str, n: i64, stream: Option<&str>) -> String {
+    c.query_one(
+        "SELECT broadcaster_publish('step', jsonb_build_object('n', $1::bigint), partition_key => $2, stream => $3)::text",
+        &[&n, &key, &stream],
+    )
+    .expect("publish")
+    .get(0)
+}
+
+fn ids_in(redis: &Redis, stream: &str) -> Vec<String> {
+    redis.entries(stream).iter().map(Entry::event_id).collect()
+}
+
+#[test]
+fn poison_event_is_dead_lettered_and_holds_only_its_key() {
+    let s = Setup::new(&[
+        ("broadcaster.max_attempts", "2"),
+        ("broadcaster.poll_interval", "200ms"),
+    ]);
+    // A stream key that holds a string: Redis answers WRONGTYPE for this event alone.
+    let mut r = s.redis.connection();
+    redis::cmd("SET")
+        .arg("poisoned")
+        .arg("not a stream")
+        .query::<()>(&mut r)
+        .expect("SET");
+    let mut c = s.cluster.connect();
+    let k1 = publish(&mut c, "k", 1, None);
+    let poison = publish(&mut c, "k", 2, Some("poisoned"));
+    let k3 = publish(&mut c, "k", 3, None);
+    let others: Vec<String> = (0..20).map(|n| publish(&mut c, "other", n, None)).collect();
+
+    let dead = common::wait_for("the poison event to be dead", common::DEADLINE, || {
+        c.query_opt(
+            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
+            &[&poison],
+        )
+        .ok()
+        .flatten()
+        .map(|row| (row.get::<_, i32>(0), row.get::<_, String>(1)))
+    });
+    assert_eq!(dead.0, 2);
+    assert!(dead.1.contains("WRONGTYPE"), "last_error: {}", dead.1);
+    // Other keys flowed; the poison's key is held behind it.
+    let delivered = s.redis.wait_entries(DEFAULT_STREAM, 21);
+    let ids: Vec<String> = delivered.iter().map(Entry::event_id).collect();
+    assert!(ids.contains(&k1));
+    assert!(others.iter().all(|id| ids.contains(id)));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !ids_in(&s.redis, DEFAULT_STREAM).contains(&k3),
+        "k3 waits behind the dead event"
+    );
+
+    // Remove the cause, requeue: the poison event goes out, then the key moves on.
+    redis::cmd("DEL")
+        .arg("poisoned")
+        .query::<()>(&mut r)
+        .expect("DEL");
+    let requeued: i64 = c
+        .query_one(
+            "SELECT broadcaster_requeue(ARRAY[$1::text::uuid])",
+            &[&poison],
+        )
+        .expect("requeue")
+        .get(0);
+    assert_eq!(requeued, 1);
+    assert_eq!(s.redis.wait_entries("poisoned", 1)[0].event_id(), poison);
+    common::wait_for("k3 after the requeued event", common::DEADLINE, || {
+        ids_in(&s.redis, DEFAULT_STREAM).contains(&k3).then_some(())
+    });
+    println!(
+        "| poison event mid-key | {} | {} | {} | 0 | 0 |",
+        23,
+        23,
+        s.redis.len(DEFAULT_STREAM) + s.redis.len("poisoned")
+    );
+}
+
+#[test]
+fn skip_mode_lets_a_key_flow_past_its_dead_event_and_discard_drops_it() {
+    let s = Setup::new(&[
+        ("broadcaster.max_attempts", "1"),
+        ("broadcaster.on_dead_event", "skip"),
+        ("broadcaster.poll_interval", "200ms"),
+    ]);
+    let mut r = s.redis.connection();
+    redis::cmd("SET")
+        .arg("poisoned")
+        .arg("x")
+        .query::<()>(&mut r)
+        .expect("SET");
+    let mut c = s.cluster.connect();
+    let poison = publish(&mut c, "k", 1, Some("poisoned"));
+    let after = publish(&mut c, "k", 2, None);
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), after);
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM broadcaster_dead_events", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(dead, 1);
+    let discarded: i64 = c
+        .query_one(
+            "SELECT broadcaster_discard(ARRAY[$1::text::uuid])",
+            &[&poison],
+        )
+        .expect("discard")
+        .get(0);
+    assert_eq!(discarded, 1);
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM broadcaster_outbox", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn oversized_event_goes_dead_without_reaching_redis() {
+    let s = Setup::new(&[
+        ("broadcaster.max_attempts", "1"),
+        ("broadcaster.max_event_size", "2kB"),
+    ]);
+    let mut c = s.cluster.connect();
+    let big: String = c
+        .query_one("SELECT broadcaster_publish('big', jsonb_build_object('blob', repeat('x', 5000)))::text", &[])
+        .expect("publish")
+        .get(0);
+    let small = publish(&mut c, "other", 1, None);
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), small);
+    let error: String = common::wait_for("the big event to be dead", common::DEADLINE, || {
+        c.query_opt(
+            "SELECT last_error FROM broadcaster_dead_events WHERE id::text = $1",
+            &[&big],
+        )
+        .ok()
+        .flatten()
+        .map(|row| row.get(0))
+    });
+    assert!(error.contains("max_event_size"), "{error}");
+}
+
+#[test]
+fn redis_password_stays_secret() {
+    // Nothing listens on this port, so the worker logs connection failures for this URL.
+    let port = common::free_port();
+    let url = format!("redis://:hunter2-secret@127.0.0.1:{port}");
+    let cluster = Cluster::start(&url, FAST_RETRY);
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster; CREATE ROLE app LOGIN; \
+                     GRANT INSERT ON broadcaster_outbox TO app; \
+                     GRANT EXECUTE ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) TO app")
+        .expect("setup");
+    let shown: String = c
+        .query_one("SHOW broadcaster.redis_url", &[])
+        .expect("superuser sees it")
+        .get(0);
+    assert_eq!(shown, url);
+
+    let mut app = PgClient::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=postgres",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("app connects");
+    let err = app
+        .query_one("SHOW broadcaster.redis_url", &[])
+        .expect_err("hidden from non-superusers");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    let via_settings: Option<String> = app
+        .query_one("SELECT current_setting('broadcaster.redis_url', true)", &[])
+        .map(|r| r.get(0))
+        .unwrap_or(None);
+    assert_ne!(via_settings.as_deref(), Some(url.as_str()));
+    // The granted role can publish but not read or requeue.
+    app.query_one("SELECT broadcaster_publish('from.app')", &[])
+        .expect("app publishes");
+    let denied = app
+        .query_one("SELECT count(*) FROM broadcaster_outbox", &[])
+        .expect_err("no SELECT");
+    assert_eq!(
+        denied.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    let denied = app
+        .query_one("SELECT broadcaster_requeue_all()", &[])
+        .expect_err("no requeue");
+    assert_eq!(
+        denied.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+
+    common::wait_for("the worker to log the outage", common::DEADLINE, || {
+        cluster.log().contains("broker unavailable").then_some(())
+    });
+    let log = cluster.log();
+    assert!(
+        !log.contains("hunter2"),
+        "the password reached the server log"
+    );
+}
