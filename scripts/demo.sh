@@ -9,51 +9,24 @@ KEEP=0
 [ "${1:-}" = "--keep" ] && KEEP=1
 
 scripts/setup.sh
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-BIN=$("$PG_CONFIG" --bindir)
-
-free_port() {
-  local p
-  for p in $(seq "$1" $(($1 + 200))); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "no free port near $1" >&2; exit 1
-}
-PG_PORT=$(free_port 55432)
-REDIS_PORT=$(free_port 56379)
-DIR=$(mktemp -d /tmp/broadcaster-demo.XXXXXX)
-RUN=()
-if [ "$(id -u)" = 0 ]; then RUN=(runuser -u postgres --); chown postgres "$DIR"; fi
+. scripts/lib.sh
 
 cleanup() {
   if [ "$KEEP" = 1 ]; then
     echo "kept: psql -h 127.0.0.1 -p $PG_PORT -U postgres; redis-cli -p $REDIS_PORT; data in $DIR"
     return
   fi
-  "${RUN[@]}" "$BIN/pg_ctl" stop -m fast -D "$DIR/data" >/dev/null 2>&1 || true
-  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-  rm -rf "$DIR"
+  stop_services
 }
 trap cleanup EXIT
 
 echo "== building and installing the extension (release)"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >"$DIR/install.log" 2>&1 \
-  || { cat "$DIR/install.log"; exit 1; }
+log=$(mktemp)
+cargo pgrx install --release --pg-config "$PG_CONFIG" >"$log" 2>&1 || { cat "$log"; exit 1; }
+rm -f "$log"
 
-echo "== starting redis-server on 127.0.0.1:$REDIS_PORT and PostgreSQL on 127.0.0.1:$PG_PORT"
-redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-  --logfile "$DIR/redis.log" >/dev/null
-"${RUN[@]}" "$BIN/initdb" -D "$DIR/data" -U postgres -A trust --no-sync >/dev/null
-cat >>"$DIR/data/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'broadcaster'
-broadcaster.redis_url = 'redis://127.0.0.1:$REDIS_PORT'
-CONF
-"${RUN[@]}" "$BIN/pg_ctl" start -w -D "$DIR/data" -l "$DIR/postgres.log" >/dev/null
-
-psql() { "$BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -X -q "$@"; }
+start_services demo
+echo "== started redis-server on 127.0.0.1:$REDIS_PORT and PostgreSQL on 127.0.0.1:$PG_PORT"
 
 echo "== SQL"
 psql -e <<'SQL'
