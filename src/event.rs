@@ -44,6 +44,8 @@ pub enum EventError {
     ReservedExtensionName(String),
     #[error("extension {0:?} must be a string, an integer or a boolean")]
     InvalidExtensionValue(String),
+    #[error("data is not JSON: {0}")]
+    InvalidData(String),
     #[error("time {0:?} is not an RFC 3339 timestamp")]
     InvalidTime(String),
     #[error("the event cannot be built as a CloudEvent: {0}")]
@@ -62,6 +64,7 @@ impl EventError {
             | EventError::ReservedExtensionName(_)
             | EventError::InvalidExtensionValue(_) => "extensions",
             EventError::InvalidTime(_) => "time",
+            EventError::InvalidData(_) => "data",
             EventError::Build(_) => "event",
         }
     }
@@ -79,7 +82,9 @@ pub struct OutboxEvent {
     pub time: String,
     pub datacontenttype: String,
     pub dataschema: Option<String>,
-    pub data: Option<Value>,
+    /// The event data as JSON text (the `data` jsonb column as Postgres prints it). Kept as text
+    /// so a backend that sends bytes never parses it; [`OutboxEvent::to_cloud_event`] parses it.
+    pub data: Option<String>,
     pub partition_key: Option<String>,
     pub extensions: Map<String, Value>,
     pub stream: Option<String>,
@@ -89,11 +94,24 @@ impl OutboxEvent {
     /// The event in CloudEvents 1.0 form. This and the `PublisherBackend` trait are the whole
     /// contract a backend needs.
     pub fn to_cloud_event(&self) -> Result<Event, EventError> {
+        let mut event = self.attributes()?;
+        if let Some(text) = &self.data {
+            let value: Value =
+                serde_json::from_str(text).map_err(|e| EventError::InvalidData(e.to_string()))?;
+            let data = match value {
+                Value::String(s) if !is_json_content_type(&self.datacontenttype) => Data::String(s),
+                other => Data::Json(other),
+            };
+            event.set_data(self.datacontenttype.as_str(), data);
+        }
+        Ok(event)
+    }
+
+    /// The event without its data: every context attribute but `datacontenttype`. With
+    /// [`OutboxEvent::data_bytes`], what a binary-mode binding sends.
+    pub fn attributes(&self) -> Result<Event, EventError> {
         validate_type(&self.ty)?;
         validate_source(&self.source)?;
-        if let Some(schema) = &self.dataschema {
-            validate_dataschema(schema)?;
-        }
         validate_extensions(&self.extensions)?;
 
         let mut builder = EventBuilderV10::new()
@@ -110,42 +128,37 @@ impl OutboxEvent {
         for (name, value) in &self.extensions {
             builder = builder.extension(name, extension_value(name, value)?);
         }
-        if let Some(data) = &self.data {
-            let data = to_data(&self.datacontenttype, data);
-            builder = match &self.dataschema {
-                Some(schema) => {
-                    builder.data_with_schema(self.datacontenttype.as_str(), schema.as_str(), data)
-                }
-                None => builder.data(self.datacontenttype.as_str(), data),
-            };
-        }
         let mut event = builder.build().map_err(|e| match e {
             cloudevents::event::EventBuilderError::ParseTimeError { .. } => {
                 EventError::InvalidTime(self.time.clone())
             }
             other => EventError::Build(other.to_string()),
         })?;
-        if self.data.is_none() {
-            // The builder only takes a schema together with data; a schema without data is
-            // still a valid (if unusual) CloudEvent.
-            if let Some(schema) = &self.dataschema {
-                let url = schema
-                    .as_str()
-                    .into_url()
-                    .map_err(|_| EventError::InvalidDataschema(schema.clone()))?;
-                event.set_dataschema(Some(url));
-            }
+        if let Some(schema) = &self.dataschema {
+            // Parsed once, by the SDK's own URL type: the validation is the conversion.
+            let url = schema
+                .as_str()
+                .into_url()
+                .ok()
+                .filter(|_| is_uri_reference(schema))
+                .ok_or_else(|| EventError::InvalidDataschema(schema.clone()))?;
+            event.set_dataschema(Some(url));
         }
         Ok(event)
     }
-}
 
-/// JSON content types carry the jsonb value as JSON; any other content type with a JSON string
-/// carries the string itself (`text/plain`, XML, ...).
-fn to_data(datacontenttype: &str, data: &Value) -> Data {
-    match data {
-        Value::String(s) if !is_json_content_type(datacontenttype) => Data::String(s.clone()),
-        other => Data::Json(other.clone()),
+    /// The data as the bytes a message carries: the JSON text for JSON content types; for any
+    /// other content type a JSON string is sent as the bare string (`text/plain`, XML, ...).
+    pub fn data_bytes(&self) -> Result<Option<Vec<u8>>, EventError> {
+        let Some(text) = &self.data else {
+            return Ok(None);
+        };
+        if text.starts_with('"') && !is_json_content_type(&self.datacontenttype) {
+            let s: String =
+                serde_json::from_str(text).map_err(|e| EventError::InvalidData(e.to_string()))?;
+            return Ok(Some(s.into_bytes()));
+        }
+        Ok(Some(text.as_bytes().to_vec()))
     }
 }
 
@@ -315,7 +328,7 @@ mod tests {
             time: "2026-11-27T07:00:00.123456Z".into(),
             datacontenttype: "application/json".into(),
             dataschema: Some("https://example.com/schemas/order.json".into()),
-            data: Some(json!({"id": 42, "total": "9.99"})),
+            data: Some(r#"{"id": 42, "total": "9.99"}"#.into()),
             partition_key: Some("customer-7".into()),
             extensions: json!({"traceparent": "00-abc-01", "tenant": 3, "urgent": true})
                 .as_object()
@@ -370,7 +383,7 @@ mod tests {
     fn numbers_keep_every_digit() {
         let text = r#"{"total":99.90,"big":123456789012345678901234567890.5}"#;
         let mut e = sample();
-        e.data = Some(serde_json::from_str(text).expect("json"));
+        e.data = Some(text.into());
         let event = e.to_cloud_event().expect("valid event");
         let Some(Data::Json(data)) = event.data() else {
             panic!("json data expected")
@@ -382,9 +395,12 @@ mod tests {
     fn text_content_type_carries_the_string_itself() {
         let mut e = sample();
         e.datacontenttype = "text/plain".into();
-        e.data = Some(json!("hello"));
+        e.data = Some(r#""hello""#.into());
         let event = e.to_cloud_event().expect("valid event");
         assert_eq!(event.data(), Some(&Data::String("hello".into())));
+        assert_eq!(e.data_bytes(), Ok(Some(b"hello".to_vec())));
+        e.datacontenttype = "application/json".into();
+        assert_eq!(e.data_bytes(), Ok(Some(br#""hello""#.to_vec())));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
 
 use crate::backend::{self, BackendError, PublisherBackend};
 use crate::event::OutboxEvent;
@@ -21,29 +23,42 @@ const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Committed, pending rows whose turn has come, oldest first. A row waits while an earlier row
-/// of its partition key is being retried (or is dead, when `$2`: broadcaster.on_dead_event =
-/// hold), so a key's events never overtake each other. SKIP LOCKED: a second relay never
-/// claims the same row. The held-back check reads a partial index that is empty while
-/// nothing fails.
-const CLAIM: &str = r#"
-SELECT o.seq, o.id::text, o.type, o.source, o.subject,
-       to_char(o."time" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-       o.datacontenttype, o.dataschema, o.data::text, o.partition_key, o.extensions::text,
-       o.stream, o.attempts
-  FROM broadcaster_outbox o
- WHERE o.state = 'pending'
-   AND o.next_attempt_at <= now()
-   AND NOT EXISTS (
+/// Committed, pending rows whose turn has come, oldest first; SKIP LOCKED, so a second relay
+/// never claims the same row. `time` prints in ISO style and UTC (see `prepare_session`).
+macro_rules! claim_sql {
+    ($held_back:literal) => {
+        concat!(
+            r#"SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::text,
+                      o.datacontenttype, o.dataschema, o.data::text, o.partition_key,
+                      o.extensions::text, o.stream, o.attempts
+                 FROM broadcaster_outbox o
+                WHERE o.state = 'pending' AND o.next_attempt_at <= now()"#,
+            $held_back,
+            " ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+        )
+    };
+}
+
+/// While nothing is being retried or dead, no row is held back.
+const CLAIM: &str = claim_sql!("");
+
+/// Otherwise a row waits while an earlier row of its partition key is being retried (or is
+/// dead, when `$2`: broadcaster.on_dead_event = hold), so a key's events never overtake each
+/// other.
+const CLAIM_HELD_BACK: &str = claim_sql!(
+    " AND NOT EXISTS (
          SELECT 1 FROM broadcaster_outbox b
           WHERE b.partition_key = o.partition_key
             AND b.seq < o.seq
-            AND ((b.state = 'pending' AND b.attempts > 0) OR (b.state = 'dead' AND $2)))
- ORDER BY o.seq
- LIMIT $1
-   FOR UPDATE OF o SKIP LOCKED"#;
+            AND ((b.state = 'pending' AND b.attempts > 0) OR (b.state = 'dead' AND $2)))"
+);
 
-const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE seq = ANY($1)";
+/// Reads the partial index `broadcaster_outbox_held`, empty while nothing fails.
+const ANY_HELD: &str =
+    "SELECT EXISTS (SELECT 1 FROM broadcaster_outbox WHERE attempts > 0 OR state = 'dead')";
+
+/// By tuple id: the rows are locked by this transaction, so they can't have moved.
+const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])";
 
 const FAIL: &str = "
 UPDATE broadcaster_outbox
@@ -101,7 +116,8 @@ enum Tick {
 struct Relay {
     database: String,
     backend: Option<Box<dyn PublisherBackend>>,
-    installed: bool,
+    /// The relay's statements, prepared once the extension is installed.
+    statements: Option<Statements>,
     said_waiting: bool,
     /// Consecutive outages, for the backoff.
     outages: u32,
@@ -117,7 +133,7 @@ impl Relay {
         Relay {
             database,
             backend: None,
-            installed: false,
+            statements: None,
             said_waiting: false,
             outages: 0,
             retry_at: None,
@@ -170,9 +186,9 @@ impl Relay {
     }
 
     fn tick(&mut self) -> Tick {
-        if !self.installed {
-            self.installed = BackgroundWorker::transaction(extension_installed);
-            if !self.installed {
+        if self.statements.is_none() {
+            self.statements = BackgroundWorker::transaction(prepare_session);
+            let Some(_) = &self.statements else {
                 if !self.said_waiting {
                     log!(
                         "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{}\"",
@@ -181,7 +197,7 @@ impl Relay {
                     self.said_waiting = true;
                 }
                 return Tick::NotInstalled;
-            }
+            };
         }
         let backend = match self.backend.take() {
             Some(b) => b,
@@ -193,7 +209,12 @@ impl Relay {
             }
         };
         let mut backend = backend;
-        let tick = BackgroundWorker::transaction(AssertUnwindSafe(|| relay_batch(&mut *backend)));
+        let Some(statements) = &self.statements else {
+            return Tick::NotInstalled;
+        };
+        let tick = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            relay_batch(statements, &mut *backend)
+        }));
         self.backend = Some(backend);
         if matches!(tick, Tick::Idle) {
             self.check_health_when_idle()
@@ -280,53 +301,98 @@ impl Relay {
     }
 }
 
-fn extension_installed() -> bool {
-    // The worker's queries name the outbox unqualified: follow the extension's schema.
+/// The relay's statements, planned once per worker process.
+struct Statements {
+    any_held: OwnedPreparedStatement,
+    claim: OwnedPreparedStatement,
+    claim_held_back: OwnedPreparedStatement,
+    retire: OwnedPreparedStatement,
+    fail: OwnedPreparedStatement,
+}
+
+/// Finds the extension's schema, readies the session and prepares the relay's statements;
+/// None while the extension is not installed.
+fn prepare_session() -> Option<Statements> {
     let schema = Spi::get_one::<String>(
         "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
          WHERE e.extname = 'broadcaster'",
     )
     .ok()
-    .flatten();
-    match schema {
-        Some(schema) => Spi::run_with_args(
-            "SELECT set_config('search_path', quote_ident($1), false)",
-            &[schema.into()],
-        )
-        .is_ok(),
-        None => false,
-    }
+    .flatten()?;
+    // The queries name the outbox unqualified. `time` is read in a fixed format. And a lost
+    // commit of this session only un-deletes rows Redis already has, which are then sent again
+    // with the same ids: at-least-once holds without waiting for the WAL flush of each batch.
+    Spi::run_with_args(
+        "SELECT set_config('search_path', quote_ident($1), false), \
+                set_config('TimeZone', 'UTC', false), \
+                set_config('DateStyle', 'ISO, YMD', false), \
+                set_config('synchronous_commit', 'off', false)",
+        &[schema.into()],
+    )
+    .ok()?;
+    let oid = |o: pg_sys::BuiltinOid| PgOid::BuiltIn(o);
+    use pg_sys::BuiltinOid::{BOOLOID, FLOAT8OID, INT4OID, INT8OID, TEXTARRAYOID, TEXTOID};
+    Spi::connect(|client| {
+        Ok::<_, pgrx::spi::Error>(Statements {
+            any_held: client.prepare(ANY_HELD, &[])?.keep(),
+            claim: client.prepare_mut(CLAIM, &[oid(INT8OID)])?.keep(),
+            claim_held_back: client
+                .prepare_mut(CLAIM_HELD_BACK, &[oid(INT8OID), oid(BOOLOID)])?
+                .keep(),
+            retire: client.prepare_mut(RETIRE, &[oid(TEXTARRAYOID)])?.keep(),
+            fail: client
+                .prepare_mut(
+                    FAIL,
+                    &[oid(INT8OID), oid(TEXTOID), oid(FLOAT8OID), oid(INT4OID)],
+                )?
+                .keep(),
+        })
+    })
+    .ok()
 }
 
-/// A claimed row: its place in the outbox and the event it carries.
+/// `2026-11-27 07:00:00.123456+00` (timestamptz in ISO style, UTC) as RFC 3339.
+fn rfc3339(pg: String) -> String {
+    let mut t = pg.replacen(' ', "T", 1);
+    if t.ends_with("+00") {
+        t.push_str(":00");
+    }
+    t
+}
+
+/// Claimed rows: their place in the outbox, and the events they carry (or why a row does not
+/// read as one).
+#[derive(Default)]
 struct Claimed {
-    seq: i64,
-    attempts: i32,
-    event: Result<OutboxEvent, String>,
+    seqs: Vec<i64>,
+    ctids: Vec<String>,
+    attempts: Vec<i32>,
+    events: Vec<Result<OutboxEvent, String>>,
 }
 
 /// One batch, inside one transaction: claim, publish, retire. An outage leaves every row as it
 /// was (the transaction commits no change and releases the row locks).
-fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
-    let claimed = claim(guc::batch_size());
-    if claimed.is_empty() {
+fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> Tick {
+    let batch_size = guc::batch_size();
+    let claimed = claim(statements, batch_size);
+    if claimed.seqs.is_empty() {
         return Tick::Idle;
     }
-    let full = claimed.len() >= guc::batch_size();
+    let full = claimed.seqs.len() >= batch_size;
 
-    let mut events = Vec::with_capacity(claimed.len());
-    let mut sent = Vec::with_capacity(claimed.len());
-    let mut failed: Vec<(&Claimed, String)> = Vec::new();
-    for row in &claimed {
-        match &row.event {
+    // Rows that don't read as events fail without being sent; the rest go in one batch.
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut sent: Vec<usize> = Vec::with_capacity(claimed.events.len());
+    let mut events: Vec<OutboxEvent> = Vec::with_capacity(claimed.events.len());
+    for (i, event) in claimed.events.into_iter().enumerate() {
+        match event {
             Ok(event) => {
-                events.push(event.clone());
-                sent.push(row);
+                sent.push(i);
+                events.push(event);
             }
-            Err(e) => failed.push((row, e.clone())),
+            Err(e) => failed.push((i, e)),
         }
     }
-
     let outcome = if events.is_empty() {
         Vec::new()
     } else {
@@ -338,17 +404,21 @@ fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
 
     let mut published = Vec::with_capacity(sent.len());
     let mut outage = None;
-    for (row, result) in sent.into_iter().zip(outcome) {
+    for (i, result) in sent.into_iter().zip(outcome) {
         match result {
-            Ok(()) => published.push(row.seq),
+            Ok(()) => published.push(claimed.ctids[i].clone()),
             // Behind a failed event of its key: stays pending, untouched.
             Err(BackendError::Held) => {}
             // Not this event's fault: it stays pending, untouched.
             Err(e) if e.is_unavailable() => outage = Some(e),
-            Err(e) => failed.push((row, e.to_string())),
+            Err(e) => failed.push((i, e.to_string())),
         }
     }
-    retire(&published, &failed);
+    let failed: Vec<(i64, i32, String)> = failed
+        .into_iter()
+        .map(|(i, e)| (claimed.seqs[i], claimed.attempts[i], e))
+        .collect();
+    retire(statements, &published, &failed);
     shared::record_success(published.len());
     if !failed.is_empty() {
         shared::record_failure(failed.len());
@@ -359,45 +429,52 @@ fn relay_batch(backend: &mut dyn PublisherBackend) -> Tick {
     }
 }
 
-fn claim(limit: usize) -> Vec<Claimed> {
+fn claim(statements: &Statements, limit: usize) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     Spi::connect_mut(|client| {
-        let hold = guc::dead_event_holds_key();
-        let rows = client.update(CLAIM, None, &[limit.into(), hold.into()])?;
-        let mut claimed = Vec::with_capacity(rows.len());
+        let any_held = client
+            .select(&statements.any_held, None, &[])?
+            .first()
+            .get::<bool>(1)?;
+        let rows = if any_held == Some(true) {
+            let hold = guc::dead_event_holds_key();
+            client.update(&statements.claim_held_back, None, &[limit.into(), hold.into()])?
+        } else {
+            client.update(&statements.claim, None, &[limit.into()])?
+        };
+        let mut claimed = Claimed {
+            seqs: Vec::with_capacity(rows.len()),
+            ctids: Vec::with_capacity(rows.len()),
+            attempts: Vec::with_capacity(rows.len()),
+            events: Vec::with_capacity(rows.len()),
+        };
         for row in rows {
-            let seq = row.get::<i64>(1)?.unwrap_or_default();
-            let attempts = row.get::<i32>(13)?.unwrap_or_default();
-            let data = row.get::<String>(9)?;
-            let extensions = row.get::<String>(11)?;
-            let event = (|| -> Result<OutboxEvent, String> {
-                Ok(OutboxEvent {
-                    id: row.get::<String>(2).ok().flatten().unwrap_or_default(),
-                    ty: row.get::<String>(3).ok().flatten().unwrap_or_default(),
-                    source: row.get::<String>(4).ok().flatten().unwrap_or_default(),
-                    subject: row.get::<String>(5).ok().flatten(),
-                    time: row.get::<String>(6).ok().flatten().unwrap_or_default(),
-                    datacontenttype: row.get::<String>(7).ok().flatten().unwrap_or_default(),
-                    dataschema: row.get::<String>(8).ok().flatten(),
-                    data: data
-                        .as_deref()
-                        .map(serde_json::from_str)
-                        .transpose()
-                        .map_err(|e| format!("data is not JSON: {e}"))?,
-                    partition_key: row.get::<String>(10).ok().flatten(),
-                    extensions: match extensions.as_deref() {
-                        Some(text) => serde_json::from_str(text)
-                            .map_err(|_| "extensions must be a JSON object".to_string())?,
-                        None => Default::default(),
-                    },
-                    stream: row.get::<String>(12).ok().flatten(),
-                })
-            })();
-            claimed.push(Claimed {
-                seq,
-                attempts,
-                event,
-            });
+            let text = |i: usize| row.get::<String>(i).ok().flatten();
+            claimed.seqs.push(row.get::<i64>(1)?.unwrap_or_default());
+            claimed.ctids.push(text(2).unwrap_or_default());
+            claimed
+                .attempts
+                .push(row.get::<i32>(14)?.unwrap_or_default());
+            let extensions = match text(12) {
+                Some(json) => serde_json::from_str(&json)
+                    .map_err(|_| "extensions must be a JSON object".to_string()),
+                None => Ok(Default::default()),
+            };
+            claimed
+                .events
+                .push(extensions.map(|extensions| OutboxEvent {
+                    id: text(3).unwrap_or_default(),
+                    ty: text(4).unwrap_or_default(),
+                    source: text(5).unwrap_or_default(),
+                    subject: text(6),
+                    time: text(7).map(rfc3339).unwrap_or_default(),
+                    datacontenttype: text(8).unwrap_or_default(),
+                    dataschema: text(9),
+                    data: text(10),
+                    partition_key: text(11),
+                    extensions,
+                    stream: text(13),
+                }));
         }
         Ok::<_, pgrx::spi::Error>(claimed)
     })
@@ -405,25 +482,27 @@ fn claim(limit: usize) -> Vec<Claimed> {
         // SPI-level failures (not SQL errors, which end the process) are not expected; report
         // and claim nothing this pass.
         warning!("broadcaster: claiming events failed: {e}");
-        Vec::new()
+        Claimed::default()
     })
 }
 
-fn retire(published: &[i64], failed: &[(&Claimed, String)]) {
+/// Deletes what was published (by tuple id); counts an attempt against each failed row (seq,
+/// attempts so far, error), scheduling its retry or marking it dead.
+fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, String)]) {
     let max_attempts = guc::max_attempts();
     let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
     let result = Spi::connect_mut(|client| {
         if !published.is_empty() {
-            client.update(RETIRE, None, &[published.to_vec().into()])?;
+            client.update(&statements.retire, None, &[published.to_vec().into()])?;
         }
-        for (row, error) in failed {
+        for (seq, attempts, error) in failed {
             // The event's own backoff: 1 s, 2 s, 4 s ... up to the cap.
-            let delay = Duration::from_secs(1u64 << row.attempts.clamp(0, 20)).min(cap);
+            let delay = Duration::from_secs(1u64 << (*attempts).clamp(0, 20)).min(cap);
             client.update(
-                FAIL,
+                &statements.fail,
                 None,
                 &[
-                    row.seq.into(),
+                    (*seq).into(),
                     error.as_str().into(),
                     delay.as_secs_f64().into(),
                     max_attempts.into(),
@@ -434,5 +513,20 @@ fn retire(published: &[i64], failed: &[(&Claimed, String)]) {
     });
     if let Err(e) = result {
         warning!("broadcaster: recording delivery results failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn iso_timestamps_become_rfc3339() {
+        assert_eq!(
+            super::rfc3339("2026-11-27 07:00:00.123456+00".into()),
+            "2026-11-27T07:00:00.123456+00:00"
+        );
+        assert_eq!(
+            super::rfc3339("2026-11-27 07:00:00+00".into()),
+            "2026-11-27T07:00:00+00:00"
+        );
     }
 }

@@ -86,7 +86,6 @@ impl PublisherBackend for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn appends_one_cloudevents_json_line_per_event() {
@@ -104,7 +103,7 @@ mod tests {
             source: "/s".into(),
             time: "2026-01-01T00:00:00Z".into(),
             datacontenttype: "application/json".into(),
-            data: Some(json!({"k": id})),
+            data: Some(format!(r#"{{"k": "{id}"}}"#)),
             ..Default::default()
         };
         let bad = OutboxEvent {

@@ -132,6 +132,7 @@ static BATCH_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::n
     redis::Script::new(
         r#"
 local maxlen, producer = ARGV[1], ARGV[2]
+local trim, idmp = maxlen ~= '0', producer ~= ''
 local held, replies, a = {}, {}, 3
 for i = 1, #KEYS do
   local key, id, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -140,16 +141,16 @@ for i = 1, #KEYS do
   if key ~= '' and held[key] then
     replies[i] = false
   else
-    local cmd = {'XADD', KEYS[i]}
-    if producer ~= '' then
-      cmd[#cmd + 1] = 'IDMP'; cmd[#cmd + 1] = producer; cmd[#cmd + 1] = id
+    local reply
+    if idmp and trim then
+      reply = redis.pcall('XADD', KEYS[i], 'IDMP', producer, id, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, a - 1))
+    elseif idmp then
+      reply = redis.pcall('XADD', KEYS[i], 'IDMP', producer, id, '*', unpack(ARGV, first, a - 1))
+    elseif trim then
+      reply = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, a - 1))
+    else
+      reply = redis.pcall('XADD', KEYS[i], '*', unpack(ARGV, first, a - 1))
     end
-    if maxlen ~= '0' then
-      cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = maxlen
-    end
-    cmd[#cmd + 1] = '*'
-    for j = first, a - 1 do cmd[#cmd + 1] = ARGV[j] end
-    local reply = redis.pcall(unpack(cmd))
     if type(reply) == 'table' and reply.err then
       if key ~= '' then held[key] = true end
       -- As data, not as an error reply: clients fail a whole reply holding an error.
@@ -297,12 +298,31 @@ fn classify(e: RedisError) -> BackendError {
 
 /// The fields of the stream entry for `event`.
 pub fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, BackendError> {
-    let cloud_event = event.to_cloud_event()?;
-    let result = match mode {
-        MessageMode::Binary => cloud_event.deserialize_binary(EntryWriter::default()),
-        MessageMode::Structured => cloud_event.deserialize_structured(EntryWriter::default()),
+    let serialize_error = |e: cloudevents::message::Error| {
+        BackendError::Rejected(format!("cannot serialize the CloudEvent: {e}"))
     };
-    result.map_err(|e| BackendError::Rejected(format!("cannot serialize the CloudEvent: {e}")))
+    match mode {
+        // The attributes through the SDK's binary serializer; the data's bytes as they are,
+        // without parsing them.
+        MessageMode::Binary => {
+            let mut fields = event
+                .attributes()?
+                .deserialize_binary(EntryWriter::default())
+                .map_err(serialize_error)?;
+            if let Some(data) = event.data_bytes()? {
+                fields.push((
+                    "content-type".into(),
+                    event.datacontenttype.clone().into_bytes(),
+                ));
+                fields.push(("data".into(), data));
+            }
+            Ok(fields)
+        }
+        MessageMode::Structured => event
+            .to_cloud_event()?
+            .deserialize_structured(EntryWriter::default())
+            .map_err(serialize_error),
+    }
 }
 
 /// Receives the event from the SDK's message deserializers and lays it out as entry fields.
@@ -377,7 +397,7 @@ mod tests {
             time: "2026-11-27T07:00:00Z".into(),
             datacontenttype: "application/json".into(),
             dataschema: None,
-            data: Some(json!({"n": 1})),
+            data: Some(r#"{"n": 1}"#.into()),
             partition_key: Some("c-1".into()),
             extensions: json!({"tenant": "acme"})
                 .as_object()
@@ -409,7 +429,7 @@ mod tests {
         assert_eq!(field(&fields, "ce_partitionkey"), Some("c-1"));
         assert_eq!(field(&fields, "ce_tenant"), Some("acme"));
         assert_eq!(field(&fields, "content-type"), Some("application/json"));
-        assert_eq!(field(&fields, "data"), Some(r#"{"n":1}"#));
+        assert_eq!(field(&fields, "data"), Some(r#"{"n": 1}"#));
         assert_eq!(field(&fields, "ce_dataschema"), None);
         assert_eq!(field(&fields, "ce_datacontenttype"), None);
     }
@@ -507,7 +527,7 @@ mod tests {
             ..Default::default()
         });
         let mut big = event();
-        big.data = Some(json!({"blob": "x".repeat(100)}));
+        big.data = Some(format!(r#"{{"blob": "{}"}}"#, "x".repeat(100)));
         let err = b.entry(&big).expect_err("too big");
         assert!(matches!(err, BackendError::Rejected(_)));
         assert!(err.to_string().contains("max_event_size"), "{err}");
