@@ -7,7 +7,6 @@ REVOKE ALL ON broadcaster_outbox FROM PUBLIC;
 REVOKE ALL ON broadcaster_dead_events FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_health() FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_wake_on_commit() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue_all() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_discard(uuid[]) FROM PUBLIC;

@@ -21,9 +21,10 @@ CREATE TABLE broadcaster_outbox (
     next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
     last_error      text,
     CONSTRAINT broadcaster_outbox_state CHECK (state IN ('pending', 'dead')),
-    -- Raises SQLSTATE 22023 naming the column at fault, for raw INSERTs and the function alike.
+    -- Raises SQLSTATE 22023 naming the column at fault, for raw INSERTs and the function alike,
+    -- and wakes the relay when the transaction commits.
     CONSTRAINT broadcaster_outbox_valid_event CHECK (
-        broadcaster_check_event(type, source, datacontenttype, dataschema, extensions, stream)
+        broadcaster_accept_event(type, source, datacontenttype, dataschema, extensions, stream)
     )
 );
 
@@ -34,10 +35,6 @@ CREATE INDEX broadcaster_outbox_held ON broadcaster_outbox (partition_key, seq)
 
 COMMENT ON TABLE broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';
-
-CREATE TRIGGER broadcaster_wake_on_commit
-    AFTER INSERT OR UPDATE ON broadcaster_outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_wake_on_commit();
 
 -- Writes one event in the caller's transaction and returns its id. Runs with the caller's
 -- rights: INSERT on broadcaster_outbox (the id is made here, so no SELECT is needed).

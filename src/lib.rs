@@ -23,9 +23,8 @@ extension_sql_file!(
     "../sql/outbox.sql",
     name = "outbox",
     requires = [
-        api::broadcaster_check_event,
-        api::broadcaster_default_source,
-        api::broadcaster_wake_on_commit
+        api::broadcaster_accept_event,
+        api::broadcaster_default_source
     ]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);

@@ -438,7 +438,11 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
             .get::<bool>(1)?;
         let rows = if any_held == Some(true) {
             let hold = guc::dead_event_holds_key();
-            client.update(&statements.claim_held_back, None, &[limit.into(), hold.into()])?
+            client.update(
+                &statements.claim_held_back,
+                None,
+                &[limit.into(), hold.into()],
+            )?
         } else {
             client.update(&statements.claim, None, &[limit.into()])?
         };

@@ -387,3 +387,20 @@ fn file_backend_appends_cloudevents_json_lines() {
     assert_eq!(redis.len(DEFAULT_STREAM), 0);
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn commits_wake_the_worker_without_waiting_for_the_poll() {
+    // With an hour between polls, only the commit-time wake-up can move these events.
+    let s = Setup::new(&[("broadcaster.poll_interval", "1h")]);
+    let mut c = s.cluster.connect();
+    let published = publish(&mut c, "woken.by.publish");
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), published);
+    let inserted: String = c
+        .query_one(
+            "INSERT INTO broadcaster_outbox (type) VALUES ('woken.by.insert') RETURNING id::text",
+            &[],
+        )
+        .expect("insert")
+        .get(0);
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 2)[1].event_id(), inserted);
+}
