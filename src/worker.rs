@@ -24,38 +24,25 @@ const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Committed, pending rows whose turn has come, oldest first; SKIP LOCKED, so a second relay
-/// never claims the same row. `time` prints in ISO style and UTC (see `prepare_session`).
-macro_rules! claim_sql {
-    ($held_back:literal) => {
-        concat!(
-            r#"SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::text,
-                      o.datacontenttype, o.dataschema, o.data::text, o.partition_key,
-                      o.extensions::text, o.stream, o.attempts
-                 FROM broadcaster_outbox o
-                WHERE o.state = 'pending' AND o.next_attempt_at <= now()"#,
-            $held_back,
-            " ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
-        )
-    };
-}
-
-/// While nothing is being retried or dead, no row is held back.
-const CLAIM: &str = claim_sql!("");
-
-/// Otherwise a row waits while an earlier row of its partition key is being retried (or is
-/// dead, when `$2`: broadcaster.on_dead_event = hold), so a key's events never overtake each
-/// other.
-const CLAIM_HELD_BACK: &str = claim_sql!(
-    " AND NOT EXISTS (
-         SELECT 1 FROM broadcaster_outbox b
-          WHERE b.partition_key = o.partition_key
-            AND b.seq < o.seq
-            AND ((b.state = 'pending' AND b.attempts > 0) OR (b.state = 'dead' AND $2)))"
-);
-
-/// Reads the partial index `broadcaster_outbox_held`, empty while nothing fails.
-const ANY_HELD: &str =
-    "SELECT EXISTS (SELECT 1 FROM broadcaster_outbox WHERE attempts > 0 OR state = 'dead')";
+/// never claims the same row. A row waits while an earlier row of its partition key is being
+/// retried (or is dead, when `$2`: broadcaster.on_dead_event = hold), so a key's events never
+/// overtake each other. That check runs only when some row is retried or dead: the first arm
+/// is evaluated once per query (an InitPlan on the partial index `broadcaster_outbox_held`,
+/// empty while nothing fails). `time` prints in ISO style and UTC (see `prepare_session`).
+const CLAIM: &str = r#"
+SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::text,
+       o.datacontenttype, o.dataschema, o.data::text, o.partition_key,
+       o.extensions::text, o.stream, o.attempts
+  FROM broadcaster_outbox o
+ WHERE o.state = 'pending' AND o.next_attempt_at <= now()
+   AND (NOT (SELECT EXISTS (SELECT 1 FROM broadcaster_outbox h
+                             WHERE h.attempts > 0 OR h.state = 'dead'))
+        OR NOT EXISTS (SELECT 1 FROM broadcaster_outbox b
+                        WHERE b.partition_key = o.partition_key
+                          AND b.seq < o.seq
+                          AND ((b.state = 'pending' AND b.attempts > 0)
+                               OR (b.state = 'dead' AND $2))))
+ ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED"#;
 
 /// By tuple id: the rows are locked by this transaction, so they can't have moved.
 const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])";
@@ -303,9 +290,7 @@ impl Relay {
 
 /// The relay's statements, planned once per worker process.
 struct Statements {
-    any_held: OwnedPreparedStatement,
     claim: OwnedPreparedStatement,
-    claim_held_back: OwnedPreparedStatement,
     retire: OwnedPreparedStatement,
     fail: OwnedPreparedStatement,
 }
@@ -334,10 +319,8 @@ fn prepare_session() -> Option<Statements> {
     use pg_sys::BuiltinOid::{BOOLOID, FLOAT8OID, INT4OID, INT8OID, TEXTARRAYOID, TEXTOID};
     Spi::connect(|client| {
         Ok::<_, pgrx::spi::Error>(Statements {
-            any_held: client.prepare(ANY_HELD, &[])?.keep(),
-            claim: client.prepare_mut(CLAIM, &[oid(INT8OID)])?.keep(),
-            claim_held_back: client
-                .prepare_mut(CLAIM_HELD_BACK, &[oid(INT8OID), oid(BOOLOID)])?
+            claim: client
+                .prepare_mut(CLAIM, &[oid(INT8OID), oid(BOOLOID)])?
                 .keep(),
             retire: client.prepare_mut(RETIRE, &[oid(TEXTARRAYOID)])?.keep(),
             fail: client
@@ -432,20 +415,8 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
 fn claim(statements: &Statements, limit: usize) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     Spi::connect_mut(|client| {
-        let any_held = client
-            .select(&statements.any_held, None, &[])?
-            .first()
-            .get::<bool>(1)?;
-        let rows = if any_held == Some(true) {
-            let hold = guc::dead_event_holds_key();
-            client.update(
-                &statements.claim_held_back,
-                None,
-                &[limit.into(), hold.into()],
-            )?
-        } else {
-            client.update(&statements.claim, None, &[limit.into()])?
-        };
+        let hold = guc::dead_event_holds_key();
+        let rows = client.update(&statements.claim, None, &[limit.into(), hold.into()])?;
         let mut claimed = Claimed {
             seqs: Vec::with_capacity(rows.len()),
             ctids: Vec::with_capacity(rows.len()),

@@ -394,7 +394,10 @@ fn commits_wake_the_worker_without_waiting_for_the_poll() {
     let s = Setup::new(&[("broadcaster.poll_interval", "1h")]);
     let mut c = s.cluster.connect();
     let published = publish(&mut c, "woken.by.publish");
-    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), published);
+    assert_eq!(
+        s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(),
+        published
+    );
     let inserted: String = c
         .query_one(
             "INSERT INTO broadcaster_outbox (type) VALUES ('woken.by.insert') RETURNING id::text",
@@ -402,5 +405,8 @@ fn commits_wake_the_worker_without_waiting_for_the_poll() {
         )
         .expect("insert")
         .get(0);
-    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 2)[1].event_id(), inserted);
+    assert_eq!(
+        s.redis.wait_entries(DEFAULT_STREAM, 2)[1].event_id(),
+        inserted
+    );
 }
