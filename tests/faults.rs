@@ -51,6 +51,27 @@ struct Load {
     pause: Duration,
 }
 
+impl Load {
+    /// `producers` connections committing `per_tx` events per transaction until stopped.
+    fn unbounded(producers: usize, per_tx: usize, pause: Duration) -> Load {
+        Load {
+            producers,
+            per_tx,
+            transactions: None,
+            roll_back_half: false,
+            pause,
+        }
+    }
+
+    /// The same, `transactions` times each.
+    fn bounded(producers: usize, per_tx: usize, transactions: usize) -> Load {
+        Load {
+            transactions: Some(transactions),
+            ..Load::unbounded(producers, per_tx, Duration::ZERO)
+        }
+    }
+}
+
 impl Producers {
     /// Producer `p` writes partition key `p-<p>` with a counter in `data.n`, reconnecting
     /// through restarts.
@@ -245,19 +266,8 @@ const FAST_RETRY: &[(&str, &str)] = &[
 #[test]
 fn redis_down_for_30_seconds_while_producers_commit() {
     let dir = redis_dir("outage");
-    let mut redis = Redis::start_persistent(common::free_port(), &dir);
-    let cluster = Cluster::start(&redis.url(), FAST_RETRY);
-    cluster
-        .connect()
-        .batch_execute("CREATE EXTENSION broadcaster")
-        .expect("extension");
-    let load = Load {
-        producers: 4,
-        per_tx: 10,
-        transactions: None,
-        roll_back_half: false,
-        pause: Duration::from_millis(20),
-    };
+    let Setup { mut redis, cluster } = Setup::persistent(&dir, FAST_RETRY);
+    let load = Load::unbounded(4, 10, Duration::from_millis(20));
     let producers = Producers::start(cluster.port, load);
     std::thread::sleep(Duration::from_secs(3));
     redis.kill();
@@ -291,19 +301,8 @@ fn redis_down_for_30_seconds_while_producers_commit() {
 #[test]
 fn redis_restarted_mid_batch() {
     let dir = redis_dir("restart");
-    let mut redis = Redis::start_persistent(common::free_port(), &dir);
-    let cluster = Cluster::start(&redis.url(), FAST_RETRY);
-    cluster
-        .connect()
-        .batch_execute("CREATE EXTENSION broadcaster")
-        .expect("extension");
-    let load = Load {
-        producers: 4,
-        per_tx: 50,
-        transactions: None,
-        roll_back_half: false,
-        pause: Duration::ZERO,
-    };
+    let Setup { mut redis, cluster } = Setup::persistent(&dir, FAST_RETRY);
+    let load = Load::unbounded(4, 50, Duration::ZERO);
     let producers = Producers::start(cluster.port, load);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -323,13 +322,7 @@ fn redis_restarted_mid_batch() {
 #[test]
 fn worker_sigkilled_mid_batch() {
     let s = Setup::new(FAST_RETRY);
-    let load = Load {
-        producers: 4,
-        per_tx: 50,
-        transactions: None,
-        roll_back_half: false,
-        pause: Duration::ZERO,
-    };
+    let load = Load::unbounded(4, 50, Duration::ZERO);
     let producers = Producers::start(s.cluster.port, load);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -359,13 +352,7 @@ fn worker_sigkilled_mid_batch() {
 #[test]
 fn postgres_stopped_immediately_mid_traffic() {
     let s = Setup::new(FAST_RETRY);
-    let load = Load {
-        producers: 4,
-        per_tx: 50,
-        transactions: None,
-        roll_back_half: false,
-        pause: Duration::ZERO,
-    };
+    let load = Load::unbounded(4, 50, Duration::ZERO);
     let producers = Producers::start(s.cluster.port, load);
     for mode in ["immediate", "fast", "immediate"] {
         std::thread::sleep(Duration::from_millis(1500));
@@ -386,11 +373,8 @@ fn postgres_stopped_immediately_mid_traffic() {
 fn half_the_transactions_roll_back() {
     let s = Setup::new(FAST_RETRY);
     let load = Load {
-        producers: 4,
-        per_tx: 20,
-        transactions: Some(50),
         roll_back_half: true,
-        pause: Duration::ZERO,
+        ..Load::bounded(4, 20, 50)
     };
     let produced = Producers::start(s.cluster.port, load).finish();
     assert_eq!(produced.rolled_back.len(), produced.committed.len());
@@ -414,13 +398,7 @@ fn eight_producers_five_thousand_events_each() {
     // One relay worker per database: a second one could reorder a partition key, so the design
     // does not run one. SKIP LOCKED still guarantees no row is claimed twice.
     let s = Setup::new(&[]);
-    let load = Load {
-        producers: 8,
-        per_tx: 50,
-        transactions: Some(100),
-        roll_back_half: false,
-        pause: Duration::ZERO,
-    };
+    let load = Load::bounded(8, 50, 100);
     let produced = Producers::start(s.cluster.port, load).finish();
     assert_eq!(produced.committed.len(), 40_000);
     let entries = settle_and_check(

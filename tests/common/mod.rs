@@ -434,7 +434,15 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(settings: &[(&str, &str)]) -> Setup {
-        let redis = Redis::start();
+        Self::with_redis(Redis::start(), settings)
+    }
+
+    /// With a Redis that keeps what it acknowledged across kills (see [`Redis::start_persistent`]).
+    pub fn persistent(dir: &std::path::Path, settings: &[(&str, &str)]) -> Setup {
+        Self::with_redis(Redis::start_persistent(free_port(), dir), settings)
+    }
+
+    fn with_redis(redis: Redis, settings: &[(&str, &str)]) -> Setup {
         let cluster = Cluster::start(&redis.url(), settings);
         cluster
             .connect()
