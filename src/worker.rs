@@ -6,7 +6,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
@@ -16,8 +17,10 @@ use crate::backend::{self, BackendError, PublisherBackend};
 use crate::event::OutboxEvent;
 use crate::{guc, shared};
 
-/// How soon the postmaster restarts a worker that exited with an error.
+/// How soon a worker that exited with an error is started again.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
+/// How often the launcher looks for the database and at the relay.
+const LAUNCHER_CHECK: Duration = Duration::from_secs(1);
 /// First retry delay after a broker outage; doubles up to `broadcaster.retry_max_delay`.
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 /// At most one log line per this interval for a repeating failure.
@@ -55,11 +58,14 @@ UPDATE broadcaster_outbox
        state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
  WHERE seq = $1";
 
+/// Registers the launcher: a worker connected to no database that waits for
+/// `broadcaster.database` to exist, then starts the relay for it, and starts it again whenever it
+/// stops. A missing database costs one log line, not a crash loop.
 pub fn register() {
-    BackgroundWorkerBuilder::new("broadcaster relay")
-        .set_type("broadcaster relay")
+    BackgroundWorkerBuilder::new("broadcaster launcher")
+        .set_type("broadcaster launcher")
         .set_library("broadcaster")
-        .set_function("broadcaster_relay_main")
+        .set_function("broadcaster_launcher_main")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(RESTART_DELAY))
@@ -68,16 +74,106 @@ pub fn register() {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn broadcaster_relay_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Some(database) = guc::database() else {
-        log!("broadcaster: broadcaster.database is empty; the relay worker is idle");
+        log!("broadcaster: broadcaster.database is empty; no relay runs");
         while BackgroundWorker::wait_latch(None) {}
         return;
     };
-    // A missing database ends this process with FATAL; the postmaster retries after
-    // RESTART_DELAY, so the worker waits for the database without spinning.
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // No database: the shared catalogs only, which is all it takes to find one by name.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let mut relay: Option<(DynamicBackgroundWorker, Instant)> = None;
+    let mut said_waiting = false;
+    let mut wait = Duration::ZERO;
+    while BackgroundWorker::wait_latch(Some(wait)) {
+        wait = LAUNCHER_CHECK;
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if let Some((worker, started)) = &relay {
+            let stopped = matches!(worker.pid(), Err(BackgroundWorkerStatus::Stopped));
+            // A relay that stopped soon after its start is not started again at once.
+            if !stopped || started.elapsed() < RESTART_DELAY {
+                continue;
+            }
+            relay = None;
+        }
+        let Some(oid) = BackgroundWorker::transaction(|| database_oid(&database)) else {
+            if !said_waiting {
+                log!("broadcaster: waiting for database \"{database}\" to exist");
+                said_waiting = true;
+            }
+            continue;
+        };
+        said_waiting = false;
+        match launch_relay(oid) {
+            Ok(worker) => relay = Some((worker, Instant::now())),
+            Err(_) => {
+                warning!("broadcaster: cannot start the relay worker; raise max_worker_processes")
+            }
+        }
+    }
+}
+
+/// Looks `name` up in pg_database with a plain heap scan, as Postgres's autovacuum launcher
+/// does: a process connected to no database can read shared catalogs, not their indexes.
+fn database_oid(name: &str) -> Option<pg_sys::Oid> {
+    let mut found = None;
+    unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
+            if datname.to_bytes() == name.as_bytes() {
+                found = Some((*form).oid);
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, lock);
+    }
+    found
+}
+
+fn launch_relay(
+    database: pg_sys::Oid,
+) -> Result<DynamicBackgroundWorker, pgrx::bgworkers::DynamicBackgroundWorkerLoadError> {
+    // Not restarted by the postmaster: the launcher restarts it while the database exists.
+    BackgroundWorkerBuilder::new("broadcaster relay")
+        .set_type("broadcaster relay")
+        .set_library("broadcaster")
+        .set_function("broadcaster_relay_main")
+        .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .load_dynamic()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let oid = pg_sys::Oid::from(u32::try_from(arg.value()).unwrap_or(0));
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(oid), None);
+    // A catalog lookup: only inside a transaction.
+    let database = BackgroundWorker::transaction(|| unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    });
     shared::worker_started(unsafe { pg_sys::MyDatabaseId });
     log!("broadcaster: relay worker serving database \"{database}\"");
 

@@ -410,3 +410,33 @@ fn commits_wake_the_worker_without_waiting_for_the_poll() {
         inserted
     );
 }
+
+#[test]
+fn worker_waits_for_its_database_without_a_crash_loop() {
+    let redis = Redis::start();
+    let cluster = Cluster::start(
+        &redis.url(),
+        &[
+            ("broadcaster.database", "shop"),
+            ("broadcaster.poll_interval", "200ms"),
+        ],
+    );
+    // Several launcher checks pass while the database does not exist.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster
+        .connect()
+        .batch_execute("CREATE DATABASE shop")
+        .expect("create database");
+    let mut shop = cluster.connect_to("shop");
+    shop.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("create extension");
+    let id = publish(&mut shop, "in.shop");
+    assert_eq!(redis.wait_entries("broadcaster:shop", 1)[0].event_id(), id);
+    let log = cluster.log();
+    assert_eq!(
+        log.matches("waiting for database \"shop\"").count(),
+        1,
+        "one line while waiting:\n{log}"
+    );
+    assert!(!log.contains("FATAL"), "no crash loop:\n{log}");
+}

@@ -334,11 +334,21 @@ impl Cluster {
     }
 
     fn try_connect(&self) -> Option<PgClient> {
+        self.try_connect_to("postgres")
+    }
+
+    fn try_connect_to(&self, database: &str) -> Option<PgClient> {
         let params = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
+            "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=5",
             self.port
         );
         PgClient::connect(&params, postgres::NoTls).ok()
+    }
+
+    pub fn connect_to(&self, database: &str) -> PgClient {
+        wait_for("a PostgreSQL connection", DEADLINE, || {
+            self.try_connect_to(database)
+        })
     }
 
     /// Process id of the relay worker, once it runs. Reconnects as needed: the cluster may be
