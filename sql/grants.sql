@@ -11,3 +11,6 @@ REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue_all() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_discard(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_discard_all() FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_relays() FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_status() FROM PUBLIC;
+REVOKE ALL ON broadcaster_status FROM PUBLIC;

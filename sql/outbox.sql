@@ -135,3 +135,49 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- One row per relay since the cluster started: shared memory, plus the outbox's own counts for
+-- the current database (NULL for the others, whose outboxes this session can't read).
+CREATE FUNCTION broadcaster_status(
+    OUT database           name,
+    OUT pid                integer,
+    OUT state              text,
+    OUT backend            text,
+    OUT healthy            boolean,
+    OUT last_success       timestamptz,
+    OUT last_error         text,
+    OUT last_error_at      timestamptz,
+    OUT pending            bigint,
+    OUT oldest_pending_age interval,
+    OUT dead               bigint,
+    OUT published          bigint,
+    OUT failed             bigint,
+    OUT published_per_second numeric
+) RETURNS SETOF record
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT d.datname,
+           r.pid,
+           CASE WHEN r.pid IS NULL THEN 'stopped' ELSE 'running' END,
+           current_setting('broadcaster.backend'),
+           r.healthy,
+           pg_epoch + r.last_success_us * interval '1 microsecond',
+           r.last_error,
+           pg_epoch + r.last_error_us * interval '1 microsecond',
+           o.pending,
+           o.oldest_pending_age,
+           o.dead,
+           r.published,
+           r.failed,
+           round(r.published / greatest(extract(epoch FROM now() - (pg_epoch + r.started_us * interval '1 microsecond')), 1), 1)
+      FROM @extschema@.broadcaster_relays() r
+      JOIN pg_database d ON d.oid = r.database
+     CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
+      LEFT JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+                   now() - min(time) FILTER (WHERE state = 'pending') AS oldest_pending_age,
+                   count(*) FILTER (WHERE state = 'dead') AS dead
+              FROM @extschema@.broadcaster_outbox) o ON d.datname = current_database()
+$$;
+
+CREATE VIEW broadcaster_status AS SELECT * FROM broadcaster_status();

@@ -95,7 +95,42 @@ fn current_database() -> String {
 #[pg_extern(volatile, parallel_safe)]
 fn broadcaster_health() -> bool {
     let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
-    shared::healthy(unsafe { pg_sys::MyDatabaseId }, timeout_us)
+    shared::relay_of(unsafe { pg_sys::MyDatabaseId }).is_some_and(|r| r.healthy(timeout_us))
+}
+
+/// The relays' shared-memory state, raw; `broadcaster_status` presents it.
+// pgrx reads the column names from `name!` in the signature, so it can't be a type alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe)]
+fn broadcaster_relays() -> TableIterator<
+    'static,
+    (
+        name!(database, pg_sys::Oid),
+        name!(pid, Option<i32>),
+        name!(healthy, bool),
+        name!(last_success_us, Option<i64>),
+        name!(last_error, Option<String>),
+        name!(last_error_us, Option<i64>),
+        name!(published, i64),
+        name!(failed, i64),
+        name!(started_us, Option<i64>),
+    ),
+> {
+    let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
+    let nonzero = |v: i64| (v != 0).then_some(v);
+    TableIterator::new(shared::relays().into_iter().map(move |r| {
+        (
+            pg_sys::Oid::from(r.database),
+            (r.pid != 0).then_some(r.pid),
+            r.healthy(timeout_us),
+            nonzero(r.last_ok),
+            r.last_error(),
+            nonzero(r.last_error_at),
+            i64::try_from(r.published).unwrap_or(i64::MAX),
+            i64::try_from(r.failed).unwrap_or(i64::MAX),
+            nonzero(r.started_at),
+        )
+    }))
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -299,7 +334,8 @@ mod tests {
         let public_grants = Spi::get_one::<i64>(
             "SELECT count(*) FROM information_schema.role_routine_grants \
              WHERE grantee = 'PUBLIC' AND routine_name IN ('broadcaster_publish', 'broadcaster_health', \
-             'broadcaster_requeue', 'broadcaster_requeue_all', 'broadcaster_discard', 'broadcaster_discard_all')",
+             'broadcaster_requeue', 'broadcaster_requeue_all', 'broadcaster_discard', 'broadcaster_discard_all', \
+             'broadcaster_status', 'broadcaster_relays')",
         )
         .expect("query");
         assert_eq!(public_grants, Some(0));

@@ -51,8 +51,8 @@ static HEALTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub fn register_postmaster() {
     GucRegistry::define_string_guc(
         c"broadcaster.database",
-        c"Database whose outbox the relay worker serves.",
-        c"The worker waits until the database and the extension exist.",
+        c"Databases whose outboxes are relayed: one name or a comma-separated list.",
+        c"Each gets its own relay worker, started once the database exists.",
         &DATABASE,
         GucContext::Postmaster,
         GucFlags::empty(),
@@ -209,8 +209,16 @@ fn millis(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(u64::try_from(setting.get()).unwrap_or(0))
 }
 
-pub fn database() -> Option<String> {
-    string(&DATABASE)
+/// The databases to serve: `broadcaster.database` is one name or a comma-separated list.
+pub fn databases() -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in string(&DATABASE).unwrap_or_default().split(',') {
+        let name = name.trim();
+        if !name.is_empty() && !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    names
 }
 
 pub fn backend_name() -> String {

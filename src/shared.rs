@@ -1,47 +1,101 @@
-//! What the relay worker and every backend share: the worker's health (read by
-//! `broadcaster_health()`), and its latch, which a committing producer sets so the worker
-//! relays at once instead of at the next poll.
+//! What the relay workers and every backend share: each relay's health and counters (read by
+//! `broadcaster_health()` and `broadcaster_status()`), and its latch, which a committing
+//! producer sets so the relay of its database works at once instead of at the next poll. One
+//! slot per served database.
 //!
 //! Shared memory exists only when the library is in `shared_preload_libraries`; without it
 //! every function here is a harmless no-op (and health is false).
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 use pgrx::{pg_guard, pg_shmem_init, pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock};
 
-/// The worker's view of itself, published for `broadcaster_health()`.
-#[derive(Copy, Clone, Default, Debug)]
+/// Most databases one cluster's relays serve.
+pub const MAX_RELAYS: usize = 16;
+const ERROR_TEXT: usize = 256;
+
+/// One relay's view of itself.
+#[derive(Copy, Clone, Debug)]
 pub struct RelayState {
-    /// Process id of the running worker; 0 when none runs.
+    /// Process id of the running relay; 0 when none runs.
     pub pid: i32,
-    /// Database the worker serves.
+    /// Database the slot belongs to; 0 for a free slot.
     pub database: u32,
-    /// Last successful publish or health check (Postgres timestamp, microseconds).
+    /// Last successful publish or broker check (Postgres timestamp, microseconds).
     pub last_ok: i64,
-    /// Last failed publish or health check.
+    /// Last failed publish or broker check, and what failed.
     pub last_error_at: i64,
-    /// Events published and events that failed an attempt, since the worker started.
+    last_error: [u8; ERROR_TEXT],
+    last_error_len: usize,
+    /// Events published, and failed attempts, since the relay started.
     pub published: u64,
     pub failed: u64,
+    /// When the relay started.
+    pub started_at: i64,
 }
 
-unsafe impl PGRXSharedMemory for RelayState {}
+impl Default for RelayState {
+    fn default() -> Self {
+        RelayState {
+            pid: 0,
+            database: 0,
+            last_ok: 0,
+            last_error_at: 0,
+            last_error: [0; ERROR_TEXT],
+            last_error_len: 0,
+            published: 0,
+            failed: 0,
+            started_at: 0,
+        }
+    }
+}
 
-static STATE: PgLwLock<RelayState> = unsafe { PgLwLock::new(c"broadcaster_relay_state") };
-/// The worker's PGPROC number, -1 when no worker runs. Atomic so the commit path takes no lock.
-static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"broadcaster_worker_procno") };
+impl RelayState {
+    pub fn last_error(&self) -> Option<String> {
+        (self.last_error_len > 0)
+            .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+    }
+
+    /// Running, and its last contact with the broker succeeded less than `timeout_us` ago.
+    pub fn healthy(&self, timeout_us: i64) -> bool {
+        self.pid != 0
+            && self.last_ok > 0
+            && self.last_ok >= self.last_error_at
+            && now() - self.last_ok <= timeout_us
+    }
+}
+
+#[derive(Copy, Clone, Default)]
+pub struct Relays([RelayState; MAX_RELAYS]);
+unsafe impl PGRXSharedMemory for Relays {}
+
+/// Where each database's relay can be woken: read on the commit path, so lock-free.
+#[derive(Default)]
+pub struct Latches([Latch; MAX_RELAYS]);
+#[derive(Default)]
+struct Latch {
+    database: AtomicU32,
+    /// PGPROC number of the relay; -1 when none runs.
+    procno: AtomicI32,
+}
+unsafe impl PGRXSharedMemory for Latches {}
+
+static STATE: PgLwLock<Relays> = unsafe { PgLwLock::new(c"broadcaster_relays") };
+static LATCHES: PgAtomic<Latches> = unsafe { PgAtomic::new(c"broadcaster_latches") };
 
 /// Set in the postmaster's `_PG_init` and inherited by every process it forks.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
-/// This backend's transaction wrote outbox rows: wake the worker when it commits.
+/// This relay process's slot.
+static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// This backend's transaction wrote outbox rows: wake the relay when it commits.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static XACT_CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init` while preloading.
 pub fn init() {
     pg_shmem_init!(STATE);
-    pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
+    pg_shmem_init!(LATCHES);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -54,50 +108,92 @@ pub fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-pub fn worker_started(database: pg_sys::Oid) {
+/// Takes the slot of `database` (or a free one) for this relay process. False when all slots
+/// serve other databases: the relay then works without health reports or commit wake-ups.
+pub fn relay_started(database: pg_sys::Oid) -> bool {
+    let db = database.to_u32();
     let (procno, pid) = unsafe { ((*pg_sys::MyProc).pgprocno, pg_sys::MyProcPid) };
-    *STATE.exclusive() = RelayState {
+    let mut relays = STATE.exclusive();
+    let slot = relays
+        .0
+        .iter()
+        .position(|s| s.database == db)
+        .or_else(|| relays.0.iter().position(|s| s.database == 0));
+    let Some(slot) = slot else {
+        return false;
+    };
+    relays.0[slot] = RelayState {
         pid,
-        database: database.to_u32(),
+        database: db,
+        started_at: now(),
         ..Default::default()
     };
-    WORKER_PROCNO.get().store(procno, Ordering::Release);
+    let latch = &LATCHES.get().0[slot];
+    latch.procno.store(procno, Ordering::Release);
+    latch.database.store(db, Ordering::Release);
+    MY_SLOT.store(slot, Ordering::Relaxed);
+    true
 }
 
-pub fn worker_stopped() {
-    WORKER_PROCNO.get().store(-1, Ordering::Release);
-    STATE.exclusive().pid = 0;
+fn with_my_slot(f: impl FnOnce(&mut RelayState)) {
+    let slot = MY_SLOT.load(Ordering::Relaxed);
+    if slot < MAX_RELAYS {
+        f(&mut STATE.exclusive().0[slot]);
+    }
+}
+
+pub fn relay_stopped() {
+    let slot = MY_SLOT.load(Ordering::Relaxed);
+    if slot < MAX_RELAYS {
+        LATCHES.get().0[slot].procno.store(-1, Ordering::Release);
+    }
+    with_my_slot(|s| s.pid = 0);
 }
 
 pub fn record_success(published: usize) {
-    let mut state = STATE.exclusive();
-    state.last_ok = now();
-    state.published += published as u64;
+    with_my_slot(|s| {
+        s.last_ok = now();
+        s.published += published as u64;
+    });
 }
 
-pub fn record_failure(failed: usize) {
-    let mut state = STATE.exclusive();
-    state.last_error_at = now();
-    state.failed += failed as u64;
+pub fn record_failure(failed: usize, error: &str) {
+    with_my_slot(|s| {
+        s.last_error_at = now();
+        s.failed += failed as u64;
+        // Truncated on a character boundary.
+        let mut end = error.len().min(ERROR_TEXT);
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.last_error[..end].copy_from_slice(&error.as_bytes()[..end]);
+        s.last_error_len = end;
+    });
 }
 
-pub fn state() -> Option<RelayState> {
-    available().then(|| *STATE.share())
+/// Every slot in use.
+pub fn relays() -> Vec<RelayState> {
+    if !available() {
+        return Vec::new();
+    }
+    STATE
+        .share()
+        .0
+        .iter()
+        .filter(|s| s.database != 0)
+        .copied()
+        .collect()
 }
 
-/// True when a worker serves `database` and its last contact with the broker succeeded, less
-/// than `timeout_us` ago. Reads shared memory only: never blocks, never raises.
-pub fn healthy(database: pg_sys::Oid, timeout_us: i64) -> bool {
-    let Some(s) = state() else { return false };
-    s.pid != 0
-        && s.database == database.to_u32()
-        && s.last_ok > 0
-        && s.last_ok >= s.last_error_at
-        && now() - s.last_ok <= timeout_us
+/// The relay serving `database`, if one ever ran since the cluster started.
+pub fn relay_of(database: pg_sys::Oid) -> Option<RelayState> {
+    relays()
+        .into_iter()
+        .find(|s| s.database == database.to_u32())
 }
 
-/// Arranges for the worker to be woken when the current transaction commits. Cheap enough for
-/// every INSERT statement: one flag, and a callback registered once per backend.
+/// Arranges for this database's relay to be woken when the current transaction commits. Cheap
+/// enough for every row: one flag, and a callback registered once per backend.
 pub fn wake_at_commit() {
     if !available() {
         return;
@@ -109,14 +205,14 @@ pub fn wake_at_commit() {
 }
 
 /// Runs after the commit record is written, where an ERROR would become a PANIC: it only reads
-/// an atomic and sets a latch, neither of which can fail.
+/// atomics and sets a latch, none of which can fail.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) => {
-            wake_worker();
+            wake_relay(unsafe { pg_sys::MyDatabaseId });
         }
-        // A prepared transaction commits elsewhere; the worker's poll picks it up.
+        // A prepared transaction commits elsewhere; the relay's poll picks it up.
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
         }
@@ -124,9 +220,17 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-fn wake_worker() {
-    let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
-    let Ok(index) = u32::try_from(procno) else {
+fn wake_relay(database: pg_sys::Oid) {
+    let db = database.to_u32();
+    let Some(latch) = LATCHES
+        .get()
+        .0
+        .iter()
+        .find(|l| l.database.load(Ordering::Acquire) == db)
+    else {
+        return;
+    };
+    let Ok(index) = u32::try_from(latch.procno.load(Ordering::Acquire)) else {
         return;
     };
     unsafe {

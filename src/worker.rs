@@ -76,42 +76,74 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let Some(database) = guc::database() else {
+    let databases = guc::databases();
+    if databases.is_empty() {
         log!("broadcaster: broadcaster.database is empty; no relay runs");
         while BackgroundWorker::wait_latch(None) {}
         return;
-    };
+    }
+    if databases.len() > shared::MAX_RELAYS {
+        warning!(
+            "broadcaster: {} databases listed; only the first {} are served",
+            databases.len(),
+            shared::MAX_RELAYS
+        );
+    }
     // No database: the shared catalogs only, which is all it takes to find one by name.
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let mut relay: Option<(DynamicBackgroundWorker, Instant)> = None;
-    let mut said_waiting = false;
+    let mut relays: Vec<Launched> = databases
+        .into_iter()
+        .take(shared::MAX_RELAYS)
+        .map(|name| Launched {
+            name,
+            relay: None,
+            said_waiting: false,
+        })
+        .collect();
     let mut wait = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(wait)) {
         wait = LAUNCHER_CHECK;
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        if let Some((worker, started)) = &relay {
+        for launched in &mut relays {
+            launched.check();
+        }
+    }
+}
+
+/// One served database, from the launcher's side.
+struct Launched {
+    name: String,
+    relay: Option<(DynamicBackgroundWorker, Instant)>,
+    said_waiting: bool,
+}
+
+impl Launched {
+    /// Starts the relay if the database exists and its relay is not running.
+    fn check(&mut self) {
+        if let Some((worker, started)) = &self.relay {
             let stopped = matches!(worker.pid(), Err(BackgroundWorkerStatus::Stopped));
             // A relay that stopped soon after its start is not started again at once.
             if !stopped || started.elapsed() < RESTART_DELAY {
-                continue;
+                return;
             }
-            relay = None;
+            self.relay = None;
         }
-        let Some(oid) = BackgroundWorker::transaction(|| database_oid(&database)) else {
-            if !said_waiting {
-                log!("broadcaster: waiting for database \"{database}\" to exist");
-                said_waiting = true;
+        let name = self.name.as_str();
+        let Some(oid) = BackgroundWorker::transaction(|| database_oid(name)) else {
+            if !self.said_waiting {
+                log!("broadcaster: waiting for database \"{name}\" to exist");
+                self.said_waiting = true;
             }
-            continue;
+            return;
         };
-        said_waiting = false;
+        self.said_waiting = false;
         match launch_relay(oid) {
-            Ok(worker) => relay = Some((worker, Instant::now())),
-            Err(_) => {
-                warning!("broadcaster: cannot start the relay worker; raise max_worker_processes")
-            }
+            Ok(worker) => self.relay = Some((worker, Instant::now())),
+            Err(_) => warning!(
+                "broadcaster: cannot start the relay for \"{name}\"; raise max_worker_processes"
+            ),
         }
     }
 }
@@ -174,13 +206,15 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
                 .into_owned()
         }
     });
-    shared::worker_started(unsafe { pg_sys::MyDatabaseId });
+    if !shared::relay_started(unsafe { pg_sys::MyDatabaseId }) {
+        warning!("broadcaster: no free relay slot; \"{database}\" is relayed without health reports or commit wake-ups");
+    }
     log!("broadcaster: relay worker serving database \"{database}\"");
 
     let mut relay = Relay::new(database);
     relay.run();
 
-    shared::worker_stopped();
+    shared::relay_stopped();
     log!("broadcaster: relay worker stopped");
 }
 
@@ -336,7 +370,7 @@ impl Relay {
     }
 
     fn back_off(&mut self, error: &BackendError) {
-        shared::record_failure(0);
+        shared::record_failure(0, &error.to_string());
         self.outages = self.outages.saturating_add(1);
         let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
         let exp = RETRY_BASE_DELAY
@@ -499,8 +533,8 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         .collect();
     retire(statements, &published, &failed);
     shared::record_success(published.len());
-    if !failed.is_empty() {
-        shared::record_failure(failed.len());
+    if let Some((_, _, error)) = failed.last() {
+        shared::record_failure(failed.len(), error);
     }
     match outage {
         Some(e) => Tick::Outage(e),
