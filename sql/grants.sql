@@ -14,3 +14,6 @@ REVOKE ALL ON FUNCTION broadcaster_discard_all() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_relays() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_status() FROM PUBLIC;
 REVOKE ALL ON broadcaster_status FROM PUBLIC;
+REVOKE ALL ON broadcaster_published FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_replay(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_replay(timestamptz, timestamptz, text) FROM PUBLIC;

@@ -68,6 +68,82 @@ BEGIN
 END
 $$;
 
+-- Published events, kept for broadcaster.retention (0: none are kept) so they can be replayed.
+-- The relay purges them in small batches.
+CREATE TABLE broadcaster_published (
+    seq             bigint      NOT NULL,
+    id              uuid        NOT NULL,
+    type            text        NOT NULL,
+    source          text        NOT NULL,
+    subject         text,
+    time            timestamptz NOT NULL,
+    datacontenttype text        NOT NULL,
+    dataschema      text,
+    data            jsonb,
+    partition_key   text,
+    extensions      jsonb       NOT NULL,
+    stream          text,
+    published_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX broadcaster_published_published_at ON broadcaster_published (published_at);
+CREATE INDEX broadcaster_published_id ON broadcaster_published (id);
+CREATE INDEX broadcaster_published_time ON broadcaster_published (time);
+
+-- Sends retained events again, as new deliveries with the same ids (ce_id), in their original
+-- order; returns how many.
+CREATE FUNCTION broadcaster_replay(ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'broadcaster_replay: ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO @extschema@.broadcaster_outbox
+           (id, type, source, subject, time, datacontenttype, dataschema, data,
+            partition_key, extensions, stream)
+    SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
+           partition_key, extensions, stream
+      FROM @extschema@.broadcaster_published
+     WHERE id = ANY (ids)
+     ORDER BY seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- The same for retained events whose time is in [since, until), optionally of one type.
+CREATE FUNCTION broadcaster_replay(since timestamptz, until timestamptz DEFAULT 'infinity',
+                                   event_type text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF since IS NULL OR until IS NULL THEN
+        RAISE EXCEPTION 'broadcaster_replay: since and until must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF since > until THEN
+        RAISE EXCEPTION 'broadcaster_replay: since (%) is after until (%)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO @extschema@.broadcaster_outbox
+           (id, type, source, subject, time, datacontenttype, dataschema, data,
+            partition_key, extensions, stream)
+    SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
+           partition_key, extensions, stream
+      FROM @extschema@.broadcaster_published p
+     WHERE p.time >= since AND p.time < until
+       AND (event_type IS NULL OR p.type = event_type)
+     ORDER BY seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 -- Dead events: retried broadcaster.max_attempts times and refused each time.
 CREATE VIEW broadcaster_dead_events AS
     SELECT id, type, source, subject, time, partition_key, stream, attempts, last_error

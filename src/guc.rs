@@ -44,6 +44,7 @@ static RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 static MAX_EVENT_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 static ON_DEAD_EVENT: GucSetting<OnDeadEvent> = GucSetting::<OnDeadEvent>::new(OnDeadEvent::Hold);
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 static HEALTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Settings that shape the worker's registration; Postgres accepts them only while the library
@@ -187,6 +188,16 @@ pub fn register() {
         GucFlags::empty(),
     );
     GucRegistry::define_int_guc(
+        c"broadcaster.retention",
+        c"How long published events are kept in broadcaster_published for replay; 0 keeps none.",
+        c"",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"broadcaster.health_timeout",
         c"broadcaster_health() is false when the last successful publish or check is older.",
         c"",
@@ -249,6 +260,10 @@ pub fn max_attempts() -> i32 {
 /// Whether a dead event holds back the later events of its partition key.
 pub fn dead_event_holds_key() -> bool {
     ON_DEAD_EVENT.get() == OnDeadEvent::Hold
+}
+
+pub fn retention() -> Duration {
+    Duration::from_secs(u64::try_from(RETENTION_S.get()).unwrap_or(0))
 }
 
 pub fn health_timeout() -> Duration {

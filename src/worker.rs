@@ -50,6 +50,30 @@ SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::t
 /// By tuple id: the rows are locked by this transaction, so they can't have moved.
 const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])";
 
+/// With `broadcaster.retention` set: the same, keeping a copy for replay.
+const RETIRE_AND_KEEP: &str = "
+WITH published AS (
+    DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])
+    RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
+              partition_key, extensions, stream)
+INSERT INTO broadcaster_published
+       (seq, id, type, source, subject, time, datacontenttype, dataschema, data,
+        partition_key, extensions, stream)
+SELECT * FROM published";
+
+/// Drops up to $2 published events older than the retention: small batches, never one huge
+/// DELETE.
+const PURGE: &str = "
+DELETE FROM broadcaster_published
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM broadcaster_published
+                          WHERE published_at < now() - make_interval(secs => $1)
+                          LIMIT $2))";
+
+/// Most rows one purge statement deletes.
+const PURGE_BATCH: i64 = 1000;
+/// How often an idle relay purges.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
 const FAIL: &str = "
 UPDATE broadcaster_outbox
    SET attempts = attempts + 1,
@@ -240,6 +264,7 @@ struct Relay {
     outages: u32,
     retry_at: Option<Instant>,
     last_contact: Option<Instant>,
+    last_purge: Option<Instant>,
     last_log: Option<Instant>,
     suppressed_logs: u32,
     jitter_state: u64,
@@ -255,6 +280,7 @@ impl Relay {
             outages: 0,
             retry_at: None,
             last_contact: None,
+            last_purge: None,
             last_log: None,
             suppressed_logs: 0,
             jitter_state: u64::from(unsafe { pg_sys::MyProcPid }.unsigned_abs()) | 1,
@@ -334,6 +360,10 @@ impl Relay {
         }));
         self.backend = Some(backend);
         if matches!(tick, Tick::Idle) {
+            if self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
+                BackgroundWorker::transaction(|| purge(statements));
+                self.last_purge = Some(Instant::now());
+            }
             self.check_health_when_idle()
         } else {
             if matches!(tick, Tick::Published { .. }) {
@@ -422,6 +452,8 @@ impl Relay {
 struct Statements {
     claim: OwnedPreparedStatement,
     retire: OwnedPreparedStatement,
+    retire_and_keep: OwnedPreparedStatement,
+    purge: OwnedPreparedStatement,
     fail: OwnedPreparedStatement,
 }
 
@@ -453,6 +485,12 @@ fn prepare_session() -> Option<Statements> {
                 .prepare_mut(CLAIM, &[oid(INT8OID), oid(BOOLOID)])?
                 .keep(),
             retire: client.prepare_mut(RETIRE, &[oid(TEXTARRAYOID)])?.keep(),
+            retire_and_keep: client
+                .prepare_mut(RETIRE_AND_KEEP, &[oid(TEXTARRAYOID)])?
+                .keep(),
+            purge: client
+                .prepare_mut(PURGE, &[oid(FLOAT8OID), oid(INT8OID)])?
+                .keep(),
             fail: client
                 .prepare_mut(
                     FAIL,
@@ -591,6 +629,32 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
     })
 }
 
+/// Drops published events past `broadcaster.retention`, a few small batches per idle pass.
+fn purge(statements: &Statements) {
+    let retention = guc::retention();
+    if retention.is_zero() {
+        return;
+    }
+    let result = Spi::connect_mut(|client| {
+        for _ in 0..10 {
+            let deleted = client
+                .update(
+                    &statements.purge,
+                    None,
+                    &[retention.as_secs_f64().into(), PURGE_BATCH.into()],
+                )?
+                .len();
+            if (deleted as i64) < PURGE_BATCH {
+                break;
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        warning!("broadcaster: purging published events failed: {e}");
+    }
+}
+
 /// Deletes what was published (by tuple id); counts an attempt against each failed row (seq,
 /// attempts so far, error), scheduling its retry or marking it dead.
 fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, String)]) {
@@ -598,7 +662,12 @@ fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, St
     let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
     let result = Spi::connect_mut(|client| {
         if !published.is_empty() {
-            client.update(&statements.retire, None, &[published.to_vec().into()])?;
+            let retire = if guc::retention().is_zero() {
+                &statements.retire
+            } else {
+                &statements.retire_and_keep
+            };
+            client.update(retire, None, &[published.to_vec().into()])?;
         }
         for (seq, attempts, error) in failed {
             // The event's own backoff: 1 s, 2 s, 4 s ... up to the cap.

@@ -157,3 +157,65 @@ fn status_reports_pending_dead_and_the_last_error() {
     let age: f64 = row.get::<_, Option<f64>>(1).unwrap_or(0.0);
     assert!(age >= 1.0, "oldest pending age {age}");
 }
+
+#[test]
+fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
+    let redis = Redis::start();
+    let cluster = Cluster::start(
+        &redis.url(),
+        &[("broadcaster.retention", "1h"), ("broadcaster.poll_interval", "200ms")],
+    );
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster").expect("extension");
+    let ids: Vec<String> = (0..3).map(|_| publish(&mut c, "kept")).collect();
+    let other = publish(&mut c, "other.type");
+    redis.wait_entries(common::DEFAULT_STREAM, 4);
+    let kept: i64 = common::wait_for("published events retained", common::DEADLINE, || {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM broadcaster_published", &[])
+            .ok()?
+            .get(0);
+        (n == 4).then_some(n)
+    });
+    assert_eq!(kept, 4);
+
+    // By id: new deliveries, same ce_id, original order.
+    let replayed: i64 = c
+        .query_one(
+            "SELECT broadcaster_replay(ARRAY[$1::text::uuid, $2::text::uuid])",
+            &[&ids[0], &ids[2]],
+        )
+        .expect("replay")
+        .get(0);
+    assert_eq!(replayed, 2);
+    let entries = redis.wait_entries(common::DEFAULT_STREAM, 6);
+    let again: Vec<String> = entries[4..].iter().map(|e| e.event_id()).collect();
+    assert_eq!(again, [ids[0].clone(), ids[2].clone()]);
+
+    // By time range and type.
+    let replayed: i64 = c
+        .query_one(
+            "SELECT broadcaster_replay(now() - interval '1 hour', event_type => 'other.type')",
+            &[],
+        )
+        .expect("replay")
+        .get(0);
+    assert_eq!(replayed, 1);
+    assert_eq!(redis.wait_entries(common::DEFAULT_STREAM, 7)[6].event_id(), other);
+
+    // Bad arguments are refused.
+    let err = c
+        .query_one("SELECT broadcaster_replay(now(), now() - interval '1 day')", &[])
+        .expect_err("since after until");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE));
+
+    // A short retention: the relay purges what is older.
+    cluster.set_and_reload("broadcaster.retention", "1s");
+    common::wait_for("retained events purged", common::DEADLINE, || {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM broadcaster_published", &[])
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    });
+}
