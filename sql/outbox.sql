@@ -23,8 +23,13 @@ CREATE TABLE broadcaster_outbox (
     CONSTRAINT broadcaster_outbox_state CHECK (state IN ('pending', 'dead')),
     -- Raises SQLSTATE 22023 naming the column at fault, for raw INSERTs and the function alike,
     -- and wakes the relay when the transaction commits.
+    -- CloudEvents times are RFC 3339: no infinities, years 1 to 9999.
+    CONSTRAINT broadcaster_outbox_time CHECK (
+        isfinite(time) AND time >= '0001-01-01 00:00:00+00' AND time < '10000-01-01 00:00:00+00'
+    ),
     CONSTRAINT broadcaster_outbox_valid_event CHECK (
-        broadcaster_accept_event(type, source, datacontenttype, dataschema, extensions, stream)
+        broadcaster_accept_event(type, source, datacontenttype, dataschema, extensions, stream,
+                                 partition_key)
     )
 );
 

@@ -37,6 +37,7 @@ fn broadcaster_accept_event(
     dataschema: Option<&str>,
     extensions: Option<JsonB>,
     stream: Option<&str>,
+    partition_key: Option<&str>,
 ) -> bool {
     let checks = || -> Result<(), EventError> {
         if let Some(ty) = event_type {
@@ -56,6 +57,9 @@ fn broadcaster_accept_event(
         }
         if let Some(stream) = stream {
             event::validate_stream(stream)?;
+        }
+        if let Some(key) = partition_key {
+            event::validate_partition_key(key)?;
         }
         Ok(())
     };
@@ -254,6 +258,19 @@ mod tests {
                 "22023",
             ),
             ("SELECT broadcaster_publish('t', stream => '')", "22023"),
+            (
+                "SELECT broadcaster_publish('t', partition_key => '')",
+                "22023",
+            ),
+            (
+                "INSERT INTO broadcaster_outbox (type, time) VALUES ('t', 'infinity')",
+                "23514",
+            ),
+            (
+                "SELECT broadcaster_publish('t', extensions => \
+                 (SELECT jsonb_object_agg('e' || g, g) FROM generate_series(1, 101) g))",
+                "22023",
+            ),
             (
                 "SELECT broadcaster_publish('t', data => 'not json')",
                 "22P02",

@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 
 /// Longest extension attribute name the CloudEvents spec recommends.
 pub const MAX_EXTENSION_NAME_LEN: usize = 20;
+/// Most extension attributes an event may carry.
+pub const MAX_EXTENSIONS: usize = 100;
 
 /// Names an extension may not take: the CloudEvents core attributes, and `partitionkey`, which
 /// comes from the `partition_key` column.
@@ -42,6 +44,8 @@ pub enum EventError {
     InvalidExtensionName(String),
     #[error("extension name {0:?} collides with a CloudEvents core attribute")]
     ReservedExtensionName(String),
+    #[error("an event may carry at most {MAX_EXTENSIONS} extension attributes, got {0}")]
+    TooManyExtensions(usize),
     #[error("extension {0:?} must be a string, an integer or a boolean")]
     InvalidExtensionValue(String),
     #[error("data is not JSON: {0}")]
@@ -62,7 +66,8 @@ impl EventError {
             EventError::ExtensionsNotObject(_)
             | EventError::InvalidExtensionName(_)
             | EventError::ReservedExtensionName(_)
-            | EventError::InvalidExtensionValue(_) => "extensions",
+            | EventError::InvalidExtensionValue(_)
+            | EventError::TooManyExtensions(_) => "extensions",
             EventError::InvalidTime(_) => "time",
             EventError::InvalidData(_) => "data",
             EventError::Build(_) => "event",
@@ -211,6 +216,9 @@ pub fn validate_dataschema(schema: &str) -> Result<(), EventError> {
 }
 
 pub fn validate_extensions(extensions: &Map<String, Value>) -> Result<(), EventError> {
+    if extensions.len() > MAX_EXTENSIONS {
+        return Err(EventError::TooManyExtensions(extensions.len()));
+    }
     for (name, value) in extensions {
         validate_extension_name(name)?;
         extension_value(name, value)?;
@@ -241,6 +249,14 @@ pub fn validate_extension_name(name: &str) -> Result<(), EventError> {
     }
     if RESERVED_NAMES.contains(&name) {
         return Err(EventError::ReservedExtensionName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// An empty key would be no key to the relay's ordering: refuse it, NULL means no key.
+pub fn validate_partition_key(key: &str) -> Result<(), EventError> {
+    if key.is_empty() {
+        return Err(EventError::Empty("partition_key"));
     }
     Ok(())
 }

@@ -122,6 +122,7 @@ pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
             name,
             relay: None,
             said_waiting: false,
+            said_no_slot: false,
         })
         .collect();
     let mut wait = Duration::ZERO;
@@ -141,6 +142,7 @@ struct Launched {
     name: String,
     relay: Option<(DynamicBackgroundWorker, Instant)>,
     said_waiting: bool,
+    said_no_slot: bool,
 }
 
 impl Launched {
@@ -163,11 +165,23 @@ impl Launched {
             return;
         };
         self.said_waiting = false;
+        // One left from an earlier launcher (restarted after an error) still runs: one relay per
+        // database, never two.
+        if shared::relay_of(oid).is_some_and(|r| r.pid != 0) {
+            return;
+        }
         match launch_relay(oid) {
-            Ok(worker) => self.relay = Some((worker, Instant::now())),
-            Err(_) => warning!(
-                "broadcaster: cannot start the relay for \"{name}\"; raise max_worker_processes"
-            ),
+            Ok(worker) => {
+                self.relay = Some((worker, Instant::now()));
+                self.said_no_slot = false;
+            }
+            Err(_) if !self.said_no_slot => {
+                warning!(
+                    "broadcaster: cannot start the relay for \"{name}\"; raise max_worker_processes"
+                );
+                self.said_no_slot = true;
+            }
+            Err(_) => {}
         }
     }
 }
@@ -230,6 +244,8 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
                 .into_owned()
         }
     });
+    // However this process ends (an ERROR included), its slot stops claiming a live relay.
+    unsafe { pg_sys::before_shmem_exit(Some(on_relay_exit), pg_sys::Datum::from(0usize)) };
     if !shared::relay_started(unsafe { pg_sys::MyDatabaseId }) {
         warning!("broadcaster: no free relay slot; \"{database}\" is relayed without health reports or commit wake-ups");
     }
@@ -240,6 +256,11 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
 
     shared::relay_stopped();
     log!("broadcaster: relay worker stopped");
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relay_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    shared::relay_stopped();
 }
 
 /// What one pass of the loop found.
@@ -549,7 +570,13 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
     } else {
         match backend.publish_batch(&events) {
             Ok(outcome) => outcome,
-            Err(e) => return Tick::Outage(e),
+            Err(e) if e.is_unavailable() => return Tick::Outage(e),
+            // Refused as a whole, but not for an outage: one event may be the cause. One at a
+            // time, the culprit gets its own failed attempts instead of stalling everything.
+            Err(_) => match backend::publish_each(backend, &events) {
+                Ok(outcome) => outcome,
+                Err(e) => return Tick::Outage(e),
+            },
         }
     };
 
@@ -622,10 +649,9 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
         Ok::<_, pgrx::spi::Error>(claimed)
     })
     .unwrap_or_else(|e| {
-        // SPI-level failures (not SQL errors, which end the process) are not expected; report
-        // and claim nothing this pass.
-        warning!("broadcaster: claiming events failed: {e}");
-        Claimed::default()
+        // SPI-level failures are not expected: end this relay (the launcher starts another)
+        // rather than retry in a loop.
+        error!("broadcaster: claiming events failed: {e}")
     })
 }
 
@@ -686,7 +712,9 @@ fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, St
         Ok::<_, pgrx::spi::Error>(())
     });
     if let Err(e) = result {
-        warning!("broadcaster: recording delivery results failed: {e}");
+        // Abort: the batch stays pending and goes out again (same ids), rather than this
+        // transaction committing as if it had been retired.
+        error!("broadcaster: recording delivery results failed: {e}");
     }
 }
 

@@ -163,10 +163,14 @@ fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
     let redis = Redis::start();
     let cluster = Cluster::start(
         &redis.url(),
-        &[("broadcaster.retention", "1h"), ("broadcaster.poll_interval", "200ms")],
+        &[
+            ("broadcaster.retention", "1h"),
+            ("broadcaster.poll_interval", "200ms"),
+        ],
     );
     let mut c = cluster.connect();
-    c.batch_execute("CREATE EXTENSION broadcaster").expect("extension");
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
     let ids: Vec<String> = (0..3).map(|_| publish(&mut c, "kept")).collect();
     let other = publish(&mut c, "other.type");
     redis.wait_entries(common::DEFAULT_STREAM, 4);
@@ -201,13 +205,22 @@ fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
         .expect("replay")
         .get(0);
     assert_eq!(replayed, 1);
-    assert_eq!(redis.wait_entries(common::DEFAULT_STREAM, 7)[6].event_id(), other);
+    assert_eq!(
+        redis.wait_entries(common::DEFAULT_STREAM, 7)[6].event_id(),
+        other
+    );
 
     // Bad arguments are refused.
     let err = c
-        .query_one("SELECT broadcaster_replay(now(), now() - interval '1 day')", &[])
+        .query_one(
+            "SELECT broadcaster_replay(now(), now() - interval '1 day')",
+            &[],
+        )
         .expect_err("since after until");
-    assert_eq!(err.code(), Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE));
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE)
+    );
 
     // A short retention: the relay purges what is older.
     cluster.set_and_reload("broadcaster.retention", "1s");

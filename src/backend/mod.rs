@@ -148,27 +148,36 @@ pub trait PublisherBackend {
     /// [`BackendError::Held`], so a key's order survives a rejection. The default publishes one
     /// at a time; backends override it to batch (e.g. one round trip).
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
-        let mut outcome = Vec::with_capacity(events.len());
-        let mut held = HeldKeys::default();
-        for event in events {
-            if held.holds(event) {
-                outcome.push(Err(BackendError::Held));
-                continue;
-            }
-            match self.publish(event) {
-                Err(e) if e.is_unavailable() => return Err(e),
-                Err(e) => {
-                    held.fail(event);
-                    outcome.push(Err(e));
-                }
-                Ok(()) => outcome.push(Ok(())),
-            }
-        }
-        Ok(outcome)
+        publish_each(self, events)
     }
 
     /// Cheap check that the broker is reachable and serving.
     fn health_check(&mut self) -> Result<(), BackendError>;
+}
+
+/// Publishes events one at a time, holding a key's later events after one of them failed. The
+/// default batch, and the relay's fallback when a backend refuses a batch as a whole.
+pub fn publish_each<B: PublisherBackend + ?Sized>(
+    backend: &mut B,
+    events: &[OutboxEvent],
+) -> Result<BatchOutcome, BackendError> {
+    let mut outcome = Vec::with_capacity(events.len());
+    let mut held = HeldKeys::default();
+    for event in events {
+        if held.holds(event) {
+            outcome.push(Err(BackendError::Held));
+            continue;
+        }
+        match backend.publish(event) {
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => {
+                held.fail(event);
+                outcome.push(Err(e));
+            }
+            Ok(()) => outcome.push(Ok(())),
+        }
+    }
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -113,7 +113,8 @@ impl RedisStreamBackend {
             let Some(fields) = fields else { continue };
             inv.key(event.stream.as_deref().unwrap_or(&self.config.stream));
             inv.arg(event.partition_key.as_deref().unwrap_or(""));
-            inv.arg(event.id.as_str());
+            // CloudEvents identity is source + id: two sources may reuse an id.
+            inv.arg(format!("{} {}", event.source, event.id));
             inv.arg(fields.len());
             for (name, value) in fields {
                 inv.arg(name.as_str()).arg(value.as_slice());
@@ -127,7 +128,8 @@ impl RedisStreamBackend {
 /// the key's later entries in the batch are not added (nil): they stay pending behind it, so a
 /// key's order survives a rejection. KEYS[i]: stream of entry i. ARGV: MAXLEN (0: none), IDMP
 /// producer id ("": none), then per entry: partition key ("": none), event id, field count n,
-/// n field/value pairs. Replies, per entry: the entry id, `{error message}`, or nil (held).
+/// n field/value pairs. Replies, per entry: the entry id, `{'ERR', message}`, or `{'HELD'}`
+/// (markers rather than nil or false, which RESP3 would turn into other types).
 static BATCH_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r#"
@@ -139,7 +141,7 @@ for i = 1, #KEYS do
   local first = a + 3
   a = first + 2 * n
   if key ~= '' and held[key] then
-    replies[i] = false
+    replies[i] = {'HELD'}
   else
     local reply
     if idmp and trim then
@@ -154,7 +156,7 @@ for i = 1, #KEYS do
     if type(reply) == 'table' and reply.err then
       if key ~= '' then held[key] = true end
       -- As data, not as an error reply: clients fail a whole reply holding an error.
-      reply = {reply.err}
+      reply = {'ERR', reply.err}
     end
     replies[i] = reply
   end
@@ -226,23 +228,36 @@ impl PublisherBackend for RedisStreamBackend {
             )));
         }
         for (i, reply) in sent.into_iter().zip(replies) {
-            match reply {
-                redis::Value::Array(error) => {
-                    let message = error
-                        .first()
-                        .and_then(|m| redis::from_redis_value_ref::<String>(m).ok())
-                        .unwrap_or_else(|| "unknown error".into());
-                    outcome[i] = Err(classify_message(message));
-                }
-                redis::Value::Nil => outcome[i] = Err(BackendError::Held),
-                _ => {}
-            }
+            outcome[i] = entry_outcome(reply);
         }
         Ok(outcome)
     }
 
     fn health_check(&mut self) -> Result<(), BackendError> {
         self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop))
+    }
+}
+
+/// One entry's reply from the batch script. Only an entry id counts as delivered.
+fn entry_outcome(reply: redis::Value) -> Result<(), BackendError> {
+    let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
+    match reply {
+        redis::Value::BulkString(_) | redis::Value::SimpleString(_) => Ok(()),
+        redis::Value::Array(marker) => match marker.first().and_then(text).as_deref() {
+            Some("HELD") => Err(BackendError::Held),
+            Some("ERR") => Err(classify_message(
+                marker
+                    .get(1)
+                    .and_then(text)
+                    .unwrap_or_else(|| "unknown error".into()),
+            )),
+            _ => Err(BackendError::Unavailable(format!(
+                "unexpected reply for an entry: {marker:?}"
+            ))),
+        },
+        other => Err(BackendError::Unavailable(format!(
+            "unexpected reply for an entry: {other:?}"
+        ))),
     }
 }
 
@@ -516,7 +531,7 @@ mod tests {
         b.idempotent_xadd = true;
         let idmp = args(&b.invocation(&events, &entries));
         assert_eq!(idmp[6], "broadcaster:shop");
-        assert_eq!(idmp[8], routed.id.as_str());
+        assert_eq!(idmp[8], format!("{} {}", routed.source, routed.id));
     }
 
     #[test]
@@ -531,6 +546,31 @@ mod tests {
         let err = b.entry(&big).expect_err("too big");
         assert!(matches!(err, BackendError::Rejected(_)));
         assert!(err.to_string().contains("max_event_size"), "{err}");
+    }
+
+    #[test]
+    fn only_an_entry_id_counts_as_delivered() {
+        use redis::Value;
+        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        assert!(entry_outcome(s("1700000000000-0")).is_ok());
+        assert!(matches!(
+            entry_outcome(Value::Array(vec![s("HELD")])),
+            Err(BackendError::Held)
+        ));
+        assert!(matches!(
+            entry_outcome(Value::Array(vec![
+                s("ERR"),
+                s("WRONGTYPE Operation against a key")
+            ])),
+            Err(BackendError::Rejected(_))
+        ));
+        assert!(matches!(
+            entry_outcome(Value::Array(vec![s("ERR"), s("OOM command not allowed")])),
+            Err(BackendError::Unavailable(_))
+        ));
+        // RESP3 turns a Lua false into a boolean: never mistaken for a delivery.
+        assert!(entry_outcome(Value::Boolean(false)).is_err());
+        assert!(entry_outcome(Value::Nil).is_err());
     }
 
     #[test]
