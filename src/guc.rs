@@ -47,20 +47,15 @@ static ON_DEAD_EVENT: GucSetting<OnDeadEvent> = GucSetting::<OnDeadEvent>::new(O
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 static HEALTH_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
-/// Settings that shape the worker's registration; Postgres accepts them only while the library
-/// is being preloaded.
-pub fn register_postmaster() {
+pub fn register() {
     GucRegistry::define_string_guc(
         c"broadcaster.database",
         c"Databases whose outboxes are relayed: one name or a comma-separated list.",
-        c"Each gets its own relay worker, started once the database exists.",
+        c"Each gets its own relay worker, started once the database exists; reload to change.",
         &DATABASE,
-        GucContext::Postmaster,
+        GucContext::Sighup,
         GucFlags::empty(),
     );
-}
-
-pub fn register() {
     GucRegistry::define_string_guc(
         c"broadcaster.backend",
         c"Where events are published: redis or file.",

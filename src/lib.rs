@@ -37,7 +37,6 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
-    guc::register_postmaster();
     shared::init();
     worker::register();
 }

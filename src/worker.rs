@@ -100,39 +100,59 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let databases = guc::databases();
-    if databases.is_empty() {
-        log!("broadcaster: broadcaster.database is empty; no relay runs");
-        while BackgroundWorker::wait_latch(None) {}
-        return;
-    }
-    if databases.len() > shared::MAX_RELAYS {
-        warning!(
-            "broadcaster: {} databases listed; only the first {} are served",
-            databases.len(),
-            shared::MAX_RELAYS
-        );
-    }
     // No database: the shared catalogs only, which is all it takes to find one by name.
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let mut relays: Vec<Launched> = databases
-        .into_iter()
-        .take(shared::MAX_RELAYS)
-        .map(|name| Launched {
-            name,
-            relay: None,
-            said_waiting: false,
-            said_no_slot: false,
-        })
-        .collect();
+    let mut relays: Vec<Launched> = Vec::new();
+    follow_settings(&mut relays);
     let mut wait = Duration::ZERO;
     while BackgroundWorker::wait_latch(Some(wait)) {
         wait = LAUNCHER_CHECK;
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            follow_settings(&mut relays);
         }
         for launched in &mut relays {
             launched.check();
+        }
+    }
+}
+
+/// Serves the databases `broadcaster.database` lists now: adding one needs only a reload;
+/// the relay of a database no longer listed is stopped.
+fn follow_settings(relays: &mut Vec<Launched>) {
+    let mut listed = guc::databases();
+    if listed.is_empty() {
+        log!("broadcaster: broadcaster.database is empty; no relay runs");
+    }
+    if listed.len() > shared::MAX_RELAYS {
+        warning!(
+            "broadcaster: {} databases listed; only the first {} are served",
+            listed.len(),
+            shared::MAX_RELAYS
+        );
+        listed.truncate(shared::MAX_RELAYS);
+    }
+    relays.retain_mut(|launched| {
+        let keep = listed.contains(&launched.name);
+        if !keep {
+            log!(
+                "broadcaster: no longer serving database \"{}\"",
+                launched.name
+            );
+            if let Some((worker, _)) = launched.relay.take() {
+                worker.terminate();
+            }
+        }
+        keep
+    });
+    for name in listed {
+        if !relays.iter().any(|l| l.name == name) {
+            relays.push(Launched {
+                name,
+                relay: None,
+                said_waiting: false,
+                said_no_slot: false,
+            });
         }
     }
 }

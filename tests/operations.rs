@@ -19,7 +19,7 @@ fn two_databases_are_served_at_once_and_kept_apart() {
     let cluster = Cluster::start(
         &redis.url(),
         &[
-            ("broadcaster.database", "shop, billing"),
+            ("broadcaster.database", "shop"),
             ("broadcaster.poll_interval", "1h"),
         ],
     );
@@ -29,6 +29,8 @@ fn two_databases_are_served_at_once_and_kept_apart() {
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .expect("database");
     }
+    // A second database needs a reload, not a restart.
+    cluster.set_and_reload("broadcaster.database", "shop, billing");
     let mut shop = cluster.connect_to("shop");
     let mut billing = cluster.connect_to("billing");
     shop.batch_execute("CREATE EXTENSION broadcaster")
