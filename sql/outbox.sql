@@ -95,7 +95,7 @@ CREATE INDEX broadcaster_published_id ON broadcaster_published (id);
 CREATE INDEX broadcaster_published_time ON broadcaster_published (time);
 
 -- Sends retained events again, as new deliveries with the same ids (ce_id), in their original
--- order; returns how many.
+-- order, each once (a replayed event is retained again); returns how many.
 CREATE FUNCTION broadcaster_replay(ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -111,8 +111,10 @@ BEGIN
             partition_key, extensions, stream)
     SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
            partition_key, extensions, stream
-      FROM @extschema@.broadcaster_published
-     WHERE id = ANY (ids)
+      FROM (SELECT DISTINCT ON (id) *
+              FROM @extschema@.broadcaster_published
+             WHERE id = ANY (ids)
+             ORDER BY id, seq) first_publication
      ORDER BY seq;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -124,8 +126,6 @@ CREATE FUNCTION broadcaster_replay(since timestamptz, until timestamptz DEFAULT 
                                    event_type text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 AS $$
-DECLARE
-    n bigint;
 BEGIN
     IF since IS NULL OR until IS NULL THEN
         RAISE EXCEPTION 'broadcaster_replay: since and until must not be NULL'
@@ -135,17 +135,10 @@ BEGIN
         RAISE EXCEPTION 'broadcaster_replay: since (%) is after until (%)', since, until
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO @extschema@.broadcaster_outbox
-           (id, type, source, subject, time, datacontenttype, dataschema, data,
-            partition_key, extensions, stream)
-    SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
-           partition_key, extensions, stream
-      FROM @extschema@.broadcaster_published p
-     WHERE p.time >= since AND p.time < until
-       AND (event_type IS NULL OR p.type = event_type)
-     ORDER BY seq;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
+    RETURN @extschema@.broadcaster_replay(ARRAY(
+        SELECT p.id FROM @extschema@.broadcaster_published p
+         WHERE p.time >= since AND p.time < until
+           AND (event_type IS NULL OR p.type = event_type)));
 END
 $$;
 

@@ -212,6 +212,27 @@ fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
         other
     );
 
+    // A replayed event is retained again, yet replays once.
+    common::wait_for("replays retained too", common::DEADLINE, || {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM broadcaster_published", &[])
+            .ok()?
+            .get(0);
+        (n == 7).then_some(())
+    });
+    let replayed: i64 = c
+        .query_one(
+            "SELECT broadcaster_replay(ARRAY[$1::text::uuid])",
+            &[&ids[0]],
+        )
+        .expect("replay")
+        .get(0);
+    assert_eq!(replayed, 1);
+    assert_eq!(
+        redis.wait_entries(common::DEFAULT_STREAM, 8)[7].event_id(),
+        ids[0]
+    );
+
     // Bad arguments are refused.
     let err = c
         .query_one(
