@@ -21,6 +21,7 @@ static DATABASE: GucSetting<Option<CString>> =
 static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"redis"));
 static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static STREAM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(0);
 static MESSAGE_MODE: GucSetting<MessageModeSetting> =
@@ -69,6 +70,14 @@ pub fn register() {
         c"Redis URL, redis://[user:password@]host[:port][/db].",
         c"May hold a password: visible to superusers only and never logged.",
         &REDIS_URL,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.redis_tls_ca_file",
+        c"PEM file of the certificate authority that signed the Redis server's certificate.",
+        c"For rediss:// URLs; empty trusts the system's authorities.",
+        &REDIS_TLS_CA_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
@@ -269,6 +278,7 @@ pub fn health_timeout() -> Duration {
 pub fn backend_config(database: &str) -> BackendConfig {
     BackendConfig {
         redis_url: string(&REDIS_URL).unwrap_or_default(),
+        redis_tls_ca_file: string(&REDIS_TLS_CA_FILE).unwrap_or_default(),
         stream: string(&STREAM).unwrap_or_else(|| format!("broadcaster:{database}")),
         maxlen: u64::try_from(REDIS_MAXLEN.get()).unwrap_or(0),
         mode: match MESSAGE_MODE.get() {

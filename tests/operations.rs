@@ -255,3 +255,108 @@ fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
         (n == 0).then_some(())
     });
 }
+
+/// A CA and a server certificate for 127.0.0.1 it signed, in a fresh folder readable by the
+/// cluster's user.
+fn make_certificates(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=broadcaster test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+}
+
+#[test]
+fn publishes_over_tls_trusting_the_configured_ca() {
+    let dir = std::path::PathBuf::from(format!("/tmp/bc-tls-{}", std::process::id()));
+    make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let tls_port = common::free_port();
+    let redis = Redis::start_tls(
+        tls_port,
+        &path("server.pem"),
+        &path("server.key"),
+        &path("ca.pem"),
+    );
+    let ca = path("ca.pem");
+    let cluster = Cluster::start(
+        &format!("rediss://127.0.0.1:{tls_port}"),
+        &[
+            ("broadcaster.redis_tls_ca_file", ca.as_str()),
+            ("broadcaster.poll_interval", "200ms"),
+        ],
+    );
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let id = publish(&mut c, "over.tls");
+    assert_eq!(
+        redis.wait_entries(common::DEFAULT_STREAM, 1)[0].event_id(),
+        id
+    );
+    cluster.wait_healthy(true, common::DEADLINE);
+
+    // Without the CA, the server's certificate is not trusted: no connection, no health.
+    cluster.set_and_reload("broadcaster.redis_tls_ca_file", "");
+    cluster.wait_healthy(false, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}

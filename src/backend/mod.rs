@@ -55,6 +55,8 @@ pub enum MessageMode {
 pub struct BackendConfig {
     /// Secret: may hold a password. Never logged, never shown in an error.
     pub redis_url: String,
+    /// CA certificate (PEM file) for `rediss://`; empty: the system's authorities.
+    pub redis_tls_ca_file: String,
     /// Stream for events whose `stream` column is NULL.
     pub stream: String,
     /// Approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
@@ -74,6 +76,7 @@ impl std::fmt::Debug for BackendConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendConfig")
             .field("redis_url", &"<hidden>")
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("stream", &self.stream)
             .field("maxlen", &self.maxlen)
             .field("mode", &self.mode)

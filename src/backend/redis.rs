@@ -29,12 +29,27 @@ pub struct RedisStreamBackend {
 impl RedisStreamBackend {
     pub fn from_config(config: &BackendConfig) -> Result<Box<dyn PublisherBackend>, BackendError> {
         // The URL may hold a password: the error says what is wrong without repeating it.
-        let client = Client::open(config.redis_url.as_str()).map_err(|e| {
+        let url_error = |e: RedisError| {
             BackendError::Config(format!(
-                "broadcaster.redis_url is not a valid Redis URL ({:?}); expected redis://[user:password@]host[:port][/db]",
+                "broadcaster.redis_url is not a valid Redis URL ({:?}); expected redis[s]://[user:password@]host[:port][/db]",
                 e.kind()
             ))
-        })?;
+        };
+        let client = if config.redis_tls_ca_file.is_empty() {
+            Client::open(config.redis_url.as_str()).map_err(url_error)?
+        } else {
+            let ca = std::fs::read(&config.redis_tls_ca_file).map_err(|e| {
+                BackendError::Config(format!(
+                    "cannot read broadcaster.redis_tls_ca_file {}: {e}",
+                    config.redis_tls_ca_file
+                ))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            };
+            Client::build_with_tls(config.redis_url.as_str(), certs).map_err(url_error)?
+        };
         if config.stream.is_empty() {
             return Err(BackendError::Config(
                 "the default stream name is empty".into(),

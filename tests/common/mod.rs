@@ -43,6 +43,8 @@ pub struct Redis {
     pub port: u16,
     /// Where a persistent server keeps its append-only file.
     dir: Option<PathBuf>,
+    /// More redis-server arguments (TLS).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -53,26 +55,47 @@ impl Redis {
 
     /// A server that keeps nothing on disk: a restart empties it.
     pub fn start_on(port: u16) -> Redis {
-        Self::spawn(port, None)
+        Self::spawn(port, None, Vec::new())
+    }
+
+    /// A server that also listens with TLS on `tls_port`, with `cert`/`key` signed by `ca`;
+    /// the plain port stays open for the test's own reads.
+    pub fn start_tls(tls_port: u16, cert: &str, key: &str, ca: &str) -> Redis {
+        let extra = [
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec();
+        Self::spawn(free_port(), None, extra)
     }
 
     /// A server that fsyncs every write to an append-only file in `dir` before answering, so
     /// what it acknowledged survives a SIGKILL and a restart with the same `dir`.
     pub fn start_persistent(port: u16, dir: &std::path::Path) -> Redis {
         std::fs::create_dir_all(dir).expect("redis dir");
-        Self::spawn(port, Some(dir.to_path_buf()))
+        Self::spawn(port, Some(dir.to_path_buf()), Vec::new())
     }
 
     /// Restarts a killed server on the same port (and, if persistent, the same data).
     pub fn restart(&mut self) {
         self.kill();
-        *self = Self::spawn(self.port, self.dir.clone());
+        *self = Self::spawn(self.port, self.dir.clone(), self.extra.clone());
     }
 
-    fn spawn(port: u16, dir: Option<PathBuf>) -> Redis {
+    fn spawn(port: u16, dir: Option<PathBuf>, extra: Vec<String>) -> Redis {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--protected-mode", "no"]);
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(&extra);
         match &dir {
             Some(d) => cmd
                 .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
@@ -87,6 +110,7 @@ impl Redis {
         let redis = Redis {
             port,
             dir,
+            extra,
             child: Some(child),
         };
         wait_for("redis-server to answer PING", DEADLINE, || {
