@@ -243,7 +243,7 @@ AS $$
            o.dead,
            r.published,
            r.failed,
-           round(r.published / greatest(extract(epoch FROM now() - (pg_epoch + r.started_us * interval '1 microsecond')), 1), 1)
+           round(r.recent_rate::numeric, 1)
       FROM @extschema@.broadcaster_relays() r
       JOIN pg_database d ON d.oid = r.database
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e

@@ -118,6 +118,7 @@ fn broadcaster_relays() -> TableIterator<
         name!(published, i64),
         name!(failed, i64),
         name!(started_us, Option<i64>),
+        name!(recent_rate, f64),
     ),
 > {
     let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
@@ -133,6 +134,7 @@ fn broadcaster_relays() -> TableIterator<
             i64::try_from(r.published).unwrap_or(i64::MAX),
             i64::try_from(r.failed).unwrap_or(i64::MAX),
             nonzero(r.started_at),
+            r.recent_rate,
         )
     }))
 }

@@ -28,12 +28,21 @@ pub struct RelayState {
     pub last_error_at: i64,
     last_error: [u8; ERROR_TEXT],
     last_error_len: usize,
-    /// Events published, and failed attempts, since the relay started.
+    /// Events published, and failed attempts, since the cluster started (they survive a relay's
+    /// restart, not the cluster's).
     pub published: u64,
     pub failed: u64,
     /// When the relay started.
     pub started_at: i64,
+    /// `published` as it was at `rate_since`: the recent rate is measured from there.
+    rate_since: i64,
+    rate_base: u64,
+    /// Events per second over the last completed window of `RATE_WINDOW_US`.
+    pub recent_rate: f64,
 }
+
+/// Length of the window the recent publish rate is measured over.
+const RATE_WINDOW_US: i64 = 10_000_000;
 
 impl Default for RelayState {
     fn default() -> Self {
@@ -47,6 +56,9 @@ impl Default for RelayState {
             published: 0,
             failed: 0,
             started_at: 0,
+            rate_since: 0,
+            rate_base: 0,
+            recent_rate: 0.0,
         }
     }
 }
@@ -122,12 +134,27 @@ pub fn relay_started(database: pg_sys::Oid) -> bool {
     let Some(slot) = slot else {
         return false;
     };
+    let before = relays.0[slot];
+    let started_at = now();
     relays.0[slot] = RelayState {
         pid,
         database: db,
-        started_at: now(),
+        started_at,
+        // Counters carry over from this database's previous relay.
+        published: if before.database == db {
+            before.published
+        } else {
+            0
+        },
+        failed: if before.database == db {
+            before.failed
+        } else {
+            0
+        },
         ..Default::default()
     };
+    relays.0[slot].rate_since = started_at;
+    relays.0[slot].rate_base = relays.0[slot].published;
     let latch = &LATCHES.get().0[slot];
     latch.procno.store(procno, Ordering::Release);
     latch.database.store(db, Ordering::Release);
@@ -152,8 +179,15 @@ pub fn relay_stopped() {
 
 pub fn record_success(published: usize) {
     with_my_slot(|s| {
-        s.last_ok = now();
+        let now = now();
+        s.last_ok = now;
         s.published += published as u64;
+        let elapsed = now - s.rate_since;
+        if elapsed >= RATE_WINDOW_US {
+            s.recent_rate = (s.published - s.rate_base) as f64 * 1e6 / elapsed as f64;
+            s.rate_since = now;
+            s.rate_base = s.published;
+        }
     });
 }
 

@@ -92,6 +92,33 @@ fn two_databases_are_served_at_once_and_kept_apart() {
         "another database's outbox"
     );
 
+    // Counters survive a relay's restart: the launcher starts a new one.
+    let old_pid: i32 = shop
+        .query_one(
+            "SELECT pid FROM broadcaster_status WHERE database = 'shop'",
+            &[],
+        )
+        .expect("pid")
+        .get(0);
+    shop.query_one("SELECT pg_terminate_backend($1)", &[&old_pid])
+        .expect("terminate");
+    let published = common::wait_for("a new shop relay", common::DEADLINE, || {
+        let row = shop
+            .query_one(
+                "SELECT pid, published FROM broadcaster_status WHERE database = 'shop'",
+                &[],
+            )
+            .ok()?;
+        let pid: Option<i32> = row.get(0);
+        (pid.is_some() && pid != Some(old_pid)).then(|| row.get::<_, i64>(1))
+    });
+    assert_eq!(published, 5);
+    let after = publish(&mut shop, "after.restart");
+    assert_eq!(
+        redis.wait_entries("broadcaster:shop", 6)[5].event_id(),
+        after
+    );
+
     // The postgres database has no relay, hence no health.
     let healthy: bool = admin
         .query_one("SELECT broadcaster_health()", &[])
