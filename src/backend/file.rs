@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 
-use super::{BackendConfig, BackendError, BatchOutcome, HeldKeys, PublisherBackend};
+use super::{each_in_key_order, BackendConfig, BackendError, BatchOutcome, PublisherBackend};
 use crate::event::OutboxEvent;
 
 pub struct FileBackend {
@@ -54,24 +54,10 @@ impl PublisherBackend for FileBackend {
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
         let io_error = |e: std::io::Error| BackendError::Unavailable(format!("{}: {e}", self.path));
         let mut out = BufWriter::new(self.open()?);
-        let mut outcome = Vec::with_capacity(events.len());
-        let mut held = HeldKeys::default();
-        for event in events {
-            if held.holds(event) {
-                outcome.push(Err(BackendError::Held));
-                continue;
-            }
-            match Self::line(event) {
-                Ok(line) => {
-                    out.write_all(&line).map_err(io_error)?;
-                    outcome.push(Ok(()));
-                }
-                Err(e) => {
-                    held.fail(event);
-                    outcome.push(Err(e));
-                }
-            }
-        }
+        let outcome = each_in_key_order(events, |event| {
+            let line = Self::line(event)?;
+            out.write_all(&line).map_err(io_error)
+        })?;
         // Durable before the worker deletes the rows.
         let file = out.into_inner().map_err(|e| io_error(e.into_error()))?;
         file.sync_data().map_err(io_error)?;

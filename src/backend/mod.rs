@@ -164,6 +164,16 @@ pub fn publish_each<B: PublisherBackend + ?Sized>(
     backend: &mut B,
     events: &[OutboxEvent],
 ) -> Result<BatchOutcome, BackendError> {
+    each_in_key_order(events, |event| backend.publish(event))
+}
+
+/// Runs `send` on each event in order, answering [`BackendError::Held`] for a key's events after
+/// one of them failed; stops at the first outage. The per-key rule every batch must follow, for
+/// backends that send one event at a time.
+pub fn each_in_key_order(
+    events: &[OutboxEvent],
+    mut send: impl FnMut(&OutboxEvent) -> Result<(), BackendError>,
+) -> Result<BatchOutcome, BackendError> {
     let mut outcome = Vec::with_capacity(events.len());
     let mut held = HeldKeys::default();
     for event in events {
@@ -171,7 +181,7 @@ pub fn publish_each<B: PublisherBackend + ?Sized>(
             outcome.push(Err(BackendError::Held));
             continue;
         }
-        match backend.publish(event) {
+        match send(event) {
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
                 held.fail(event);
