@@ -440,3 +440,37 @@ fn worker_waits_for_its_database_without_a_crash_loop() {
     );
     assert!(!log.contains("FATAL"), "no crash loop:\n{log}");
 }
+
+#[test]
+fn the_relay_vacuums_the_outbox_behind_itself() {
+    // Autovacuum off: every VACUUM of the outbox is the relay's. Without it, the index entries of
+    // delivered rows stay until autovacuum, and each claim walks over them.
+    let s = Setup::new(&[("autovacuum", "off")]);
+    let mut c = s.cluster.connect();
+    let pid = s.cluster.worker_pid();
+    c.batch_execute(
+        "INSERT INTO broadcaster_outbox (type, partition_key) \
+         SELECT 'bulk', 'k' || (g % 10) FROM generate_series(1, 5000) g",
+    )
+    .expect("insert");
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 5000).len(), 5000);
+    let vacuumed = common::wait_for("the relay's VACUUM", Duration::from_secs(30), || {
+        let row = c
+            .query_one(
+                "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables \
+                 WHERE relname = 'broadcaster_outbox'",
+                &[],
+            )
+            .expect("stats");
+        let (count, dead): (i64, i64) = (row.get(0), row.get(1));
+        (count > 0).then_some(dead)
+    });
+    assert!(
+        vacuumed < 1000,
+        "{vacuumed} dead rows left after the VACUUM"
+    );
+    // Still the same relay: the VACUUM ran inside it without ending it.
+    assert_eq!(s.cluster.worker_pid(), pid);
+    assert_eq!(publish(&mut c, "after.vacuum").len(), 36);
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 5001).len(), 5001);
+}
