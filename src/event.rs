@@ -1,6 +1,8 @@
 //! The event as it sits in `broadcaster_outbox`, its validation rules, and its CloudEvents 1.0
 //! form. Plain Rust: no Postgres needed to build, validate or test an event.
 
+use std::borrow::Cow;
+
 use cloudevents::event::{AttributesWriter, ExtensionValue, TryIntoUrl};
 use cloudevents::{Data, Event, EventBuilder, EventBuilderV10};
 use serde_json::{Map, Value};
@@ -87,8 +89,9 @@ pub struct OutboxEvent {
     pub time: String,
     pub datacontenttype: String,
     pub dataschema: Option<String>,
-    /// The event data as JSON text (the `data` jsonb column as Postgres prints it). Kept as text
-    /// so a backend that sends bytes never parses it; [`OutboxEvent::to_cloud_event`] parses it.
+    /// The event data as JSON text (the `data` json column: the text as the producer wrote it).
+    /// Kept as text so a backend that sends bytes never parses it;
+    /// [`OutboxEvent::to_cloud_event`] parses it.
     pub data: Option<String>,
     pub partition_key: Option<String>,
     pub extensions: Map<String, Value>,
@@ -154,16 +157,17 @@ impl OutboxEvent {
 
     /// The data as the bytes a message carries: the JSON text for JSON content types; for any
     /// other content type a JSON string is sent as the bare string (`text/plain`, XML, ...).
-    pub fn data_bytes(&self) -> Result<Option<Vec<u8>>, EventError> {
+    /// Borrowed unless a string must be unquoted.
+    pub fn data_bytes(&self) -> Result<Option<Cow<'_, [u8]>>, EventError> {
         let Some(text) = &self.data else {
             return Ok(None);
         };
         if text.starts_with('"') && !is_json_content_type(&self.datacontenttype) {
             let s: String =
                 serde_json::from_str(text).map_err(|e| EventError::InvalidData(e.to_string()))?;
-            return Ok(Some(s.into_bytes()));
+            return Ok(Some(Cow::Owned(s.into_bytes())));
         }
-        Ok(Some(text.as_bytes().to_vec()))
+        Ok(Some(Cow::Borrowed(text.as_bytes())))
     }
 }
 
@@ -414,9 +418,9 @@ mod tests {
         e.data = Some(r#""hello""#.into());
         let event = e.to_cloud_event().expect("valid event");
         assert_eq!(event.data(), Some(&Data::String("hello".into())));
-        assert_eq!(e.data_bytes(), Ok(Some(b"hello".to_vec())));
+        assert_eq!(e.data_bytes(), Ok(Some(b"hello"[..].into())));
         e.datacontenttype = "application/json".into();
-        assert_eq!(e.data_bytes(), Ok(Some(br#""hello""#.to_vec())));
+        assert_eq!(e.data_bytes(), Ok(Some(br#""hello""#[..].into())));
     }
 
     #[test]

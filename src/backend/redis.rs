@@ -7,7 +7,7 @@ use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, MessageAttributeValue, StructuredDeserializer,
     StructuredSerializer,
 };
-use redis::{Client, Connection, RedisError};
+use redis::{Client, Cmd, Connection, ConnectionLike, RedisError, RedisWrite};
 
 use super::{BackendConfig, BackendError, BatchOutcome, HeldKeys, MessageMode, PublisherBackend};
 use crate::event::OutboxEvent;
@@ -15,15 +15,18 @@ use crate::event::OutboxEvent;
 /// Content type of a structured-mode entry.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
-/// Field names and values of one stream entry, in the order they are written.
-pub type Fields = Vec<(String, Vec<u8>)>;
-
 pub struct RedisStreamBackend {
     client: Client,
     connection: Option<Connection>,
     /// The server de-duplicates `XADD ... IDMP` (Redis 8.6 and later); learnt on connect.
     idempotent_xadd: bool,
     config: BackendConfig,
+    /// Buffers kept from batch to batch, so that a batch allocates nothing once they have grown:
+    /// one entry's fields, the script's arguments, the command, and its bytes on the wire.
+    entry: Cmd,
+    argv: Cmd,
+    command: Cmd,
+    packed: Vec<u8>,
 }
 
 impl RedisStreamBackend {
@@ -55,12 +58,20 @@ impl RedisStreamBackend {
                 "the default stream name is empty".into(),
             ));
         }
-        Ok(Box::new(RedisStreamBackend {
+        Ok(Box::new(RedisStreamBackend::new(client, config)))
+    }
+
+    fn new(client: Client, config: &BackendConfig) -> Self {
+        RedisStreamBackend {
             client,
             connection: None,
             idempotent_xadd: false,
             config: config.clone(),
-        }))
+            entry: Cmd::new(),
+            argv: Cmd::new(),
+            command: Cmd::new(),
+            packed: Vec::new(),
+        }
     }
 
     fn connection(&mut self) -> Result<&mut Connection, BackendError> {
@@ -97,45 +108,82 @@ impl RedisStreamBackend {
         result
     }
 
-    /// The entry's fields, refused when larger than `broadcaster.max_event_size`.
-    fn entry(&self, event: &OutboxEvent) -> Result<Fields, BackendError> {
-        let fields = encode(event, self.config.mode)?;
-        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    /// Encodes `event`'s fields into `self.entry`, refused when larger than
+    /// `broadcaster.max_event_size`.
+    fn encode_entry(&mut self, event: &OutboxEvent) -> Result<(), BackendError> {
+        self.entry.clear();
+        write_entry(event, self.config.mode, &mut self.entry)?;
+        let size: usize = self.entry.args_iter().map(|a| arg_bytes(&a).len()).sum();
         let max = self.config.max_event_size;
         if max > 0 && size > max {
             return Err(BackendError::Rejected(format!(
                 "event is {size} bytes, above broadcaster.max_event_size ({max} bytes)"
             )));
         }
-        Ok(fields)
+        Ok(())
     }
 
-    /// One `EVALSHA` of [`BATCH_SCRIPT`] for `events`; `entries[i]` is None for an event not
-    /// to send (it is answered nil, like a held one).
-    fn invocation<'a>(
-        &self,
-        events: &[OutboxEvent],
-        entries: &[Option<Fields>],
-    ) -> redis::ScriptInvocation<'a> {
-        let mut inv = BATCH_SCRIPT.prepare_invoke();
-        inv.arg(self.config.maxlen);
-        inv.arg(if self.idempotent_xadd {
-            self.config.producer_id.as_str()
-        } else {
-            ""
-        });
-        for (event, fields) in events.iter().zip(entries) {
-            let Some(fields) = fields else { continue };
-            inv.key(event.stream.as_deref().unwrap_or(&self.config.stream));
-            inv.arg(event.partition_key.as_deref().unwrap_or(""));
+    /// Appends the encoded entry of `event` to the script's arguments.
+    fn add_entry(&mut self, event: &OutboxEvent) {
+        self.argv.arg(event.partition_key.as_deref().unwrap_or(""));
+        if self.idempotent_xadd {
             // CloudEvents identity is source + id: two sources may reuse an id.
-            inv.arg(format!("{} {}", event.source, event.id));
-            inv.arg(fields.len());
-            for (name, value) in fields {
-                inv.arg(name.as_str()).arg(value.as_slice());
-            }
+            self.argv
+                .write_arg_fmt(format_args!("{} {}", event.source, event.id));
+        } else {
+            self.argv.arg("");
         }
-        inv
+        // The number of fields: name, value pairs.
+        self.argv.arg(self.entry.args_iter().len() / 2);
+        for field in self.entry.args_iter() {
+            self.argv.arg(arg_bytes(&field));
+        }
+    }
+
+    /// `EVALSHA` of [`BATCH_SCRIPT`] for the entries added to `self.argv`, whose streams are
+    /// `streams`, packed into `self.packed`.
+    fn pack_command<'a>(&mut self, streams: impl ExactSizeIterator<Item = &'a str>) {
+        self.command.clear();
+        self.command
+            .arg("EVALSHA")
+            .arg(BATCH_SCRIPT.get_hash())
+            .arg(streams.len());
+        for stream in streams {
+            self.command.arg(stream);
+        }
+        self.command
+            .arg(self.config.maxlen)
+            .arg(if self.idempotent_xadd {
+                self.config.producer_id.as_str()
+            } else {
+                ""
+            });
+        for arg in self.argv.args_iter() {
+            self.command.arg(arg_bytes(&arg));
+        }
+        self.packed.clear();
+        self.command.write_packed_command(&mut self.packed);
+    }
+}
+
+fn arg_bytes<'a>(arg: &redis::Arg<&'a [u8]>) -> &'a [u8] {
+    match arg {
+        redis::Arg::Simple(bytes) => bytes,
+        // Only scan commands have cursors; none is ever written here.
+        _ => &[],
+    }
+}
+
+/// Sends a packed `EVALSHA`, loading the script first when the server doesn't have it (a
+/// restarted or flushed server).
+fn run_script(c: &mut dyn ConnectionLike, packed: &[u8]) -> Result<redis::Value, RedisError> {
+    let send = |c: &mut dyn ConnectionLike| c.req_packed_command(packed)?.extract_error();
+    match send(c) {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            BATCH_SCRIPT.load(c)?;
+            send(c)
+        }
+        other => other,
     }
 }
 
@@ -143,20 +191,22 @@ impl RedisStreamBackend {
 /// the key's later entries in the batch are not added (nil): they stay pending behind it, so a
 /// key's order survives a rejection. KEYS[i]: stream of entry i. ARGV: MAXLEN (0: none), IDMP
 /// producer id ("": none), then per entry: partition key ("": none), event id, field count n,
-/// n field/value pairs. Replies, per entry: the entry id, `{'ERR', message}`, or `{'HELD'}`
-/// (markers rather than nil or false, which RESP3 would turn into other types).
+/// n field/value pairs. Replies the number of entries when all were added; otherwise, per entry:
+/// the entry id, `{'ERR', message}`, or `{'HELD'}` (markers rather than nil or false, which
+/// RESP3 would turn into other types).
 static BATCH_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r#"
 local maxlen, producer = ARGV[1], ARGV[2]
 local trim, idmp = maxlen ~= '0', producer ~= ''
-local held, replies, a = {}, {}, 3
+local held, replies, a, all = {}, {}, 3, true
 for i = 1, #KEYS do
   local key, id, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local first = a + 3
   a = first + 2 * n
   if key ~= '' and held[key] then
     replies[i] = {'HELD'}
+    all = false
   else
     local reply
     if idmp and trim then
@@ -170,12 +220,14 @@ for i = 1, #KEYS do
     end
     if type(reply) == 'table' and reply.err then
       if key ~= '' then held[key] = true end
+      all = false
       -- As data, not as an error reply: clients fail a whole reply holding an error.
       reply = {'ERR', reply.err}
     end
     replies[i] = reply
   end
 end
+if all then return #KEYS end
 return replies
 "#,
     )
@@ -196,52 +248,50 @@ impl PublisherBackend for RedisStreamBackend {
         // Connect first: how entries are written depends on the server's version.
         self.connection()?;
         let mut outcome: BatchOutcome = Vec::with_capacity(events.len());
-        let mut entries = Vec::with_capacity(events.len());
+        let mut sent: Vec<usize> = Vec::with_capacity(events.len());
         // An event that can't be encoded is answered here, and holds its key's later events.
         let mut held = HeldKeys::default();
-        for event in events {
+        self.argv.clear();
+        for (i, event) in events.iter().enumerate() {
             if held.holds(event) {
                 outcome.push(Err(BackendError::Held));
-                entries.push(None);
                 continue;
             }
-            match self.entry(event) {
-                Ok(fields) => {
+            match self.encode_entry(event) {
+                Ok(()) => {
+                    self.add_entry(event);
                     outcome.push(Ok(()));
-                    entries.push(Some(fields));
+                    sent.push(i);
                 }
                 Err(e) => {
                     held.fail(event);
                     outcome.push(Err(e));
-                    entries.push(None);
                 }
             }
         }
-        let sent: Vec<usize> = (0..events.len())
-            .filter(|&i| entries[i].is_some())
-            .collect();
         if sent.is_empty() {
             return Ok(outcome);
         }
-        let invocation = self.invocation(events, &entries);
-        // Raw value: a typed reply would turn one entry's error into the whole batch's.
-        let replies = match self.with_connection(|c| invocation.invoke::<redis::Value>(c))? {
-            redis::Value::Array(replies) => replies,
+        let default_stream = self.config.stream.clone();
+        self.pack_command(
+            sent.iter()
+                .map(|&i| events[i].stream.as_deref().unwrap_or(&default_stream)),
+        );
+        let packed = std::mem::take(&mut self.packed);
+        let reply = self.with_connection(|c| run_script(c, &packed));
+        self.packed = packed;
+        let replies = match reply? {
+            // Every entry added.
+            redis::Value::Int(n) if usize::try_from(n) == Ok(sent.len()) => return Ok(outcome),
+            redis::Value::Array(replies) if replies.len() == sent.len() => replies,
             other => {
                 self.connection = None;
                 return Err(BackendError::Unavailable(format!(
-                    "unexpected reply to the batch: {other:?}"
+                    "unexpected reply to a batch of {}: {other:?}",
+                    sent.len()
                 )));
             }
         };
-        if replies.len() != sent.len() {
-            self.connection = None;
-            return Err(BackendError::Unavailable(format!(
-                "expected {} replies from the batch, got {}",
-                sent.len(),
-                replies.len()
-            )));
-        }
         for (i, reply) in sent.into_iter().zip(replies) {
             outcome[i] = entry_outcome(reply);
         }
@@ -326,8 +376,8 @@ fn classify(e: RedisError) -> BackendError {
     }
 }
 
-/// The fields of the stream entry for `event`.
-pub fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, BackendError> {
+/// Writes the fields of the stream entry for `event` to `out`, as name, value arguments.
+fn write_entry(event: &OutboxEvent, mode: MessageMode, out: &mut Cmd) -> Result<(), BackendError> {
     let serialize_error = |e: cloudevents::message::Error| {
         BackendError::Rejected(format!("cannot serialize the CloudEvent: {e}"))
     };
@@ -335,42 +385,39 @@ pub fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, BackendE
         // The attributes through the SDK's binary serializer; the data's bytes as they are,
         // without parsing them.
         MessageMode::Binary => {
-            let mut fields = event
+            event
                 .attributes()?
-                .deserialize_binary(EntryWriter::default())
+                .deserialize_binary(EntryWriter(out))
                 .map_err(serialize_error)?;
             if let Some(data) = event.data_bytes()? {
-                fields.push((
-                    "content-type".into(),
-                    event.datacontenttype.clone().into_bytes(),
-                ));
-                fields.push(("data".into(), data));
+                out.arg("content-type")
+                    .arg(event.datacontenttype.as_str())
+                    .arg("data")
+                    .arg(&*data);
             }
-            Ok(fields)
+            Ok(())
         }
         MessageMode::Structured => event
             .to_cloud_event()?
-            .deserialize_structured(EntryWriter::default())
+            .deserialize_structured(EntryWriter(out))
             .map_err(serialize_error),
     }
 }
 
-/// Receives the event from the SDK's message deserializers and lays it out as entry fields.
-#[derive(Default)]
-struct EntryWriter {
-    fields: Fields,
-}
+/// Receives the event from the SDK's message deserializers and writes it as entry fields.
+struct EntryWriter<'a>(&'a mut Cmd);
 
-impl EntryWriter {
-    fn push(mut self, name: String, value: impl Into<Vec<u8>>) -> Self {
-        self.fields.push((name, value.into()));
+impl EntryWriter<'_> {
+    fn field(self, name: std::fmt::Arguments<'_>, value: impl std::fmt::Display) -> Self {
+        self.0.write_arg_fmt(name);
+        self.0.write_arg_fmt(value);
         self
     }
 }
 
-impl BinarySerializer<Fields> for EntryWriter {
+impl BinarySerializer<()> for EntryWriter<'_> {
     fn set_spec_version(self, spec_version: SpecVersion) -> cloudevents::message::Result<Self> {
-        Ok(self.push("ce_specversion".into(), spec_version.as_str()))
+        Ok(self.field(format_args!("ce_specversion"), spec_version.as_str()))
     }
 
     fn set_attribute(
@@ -379,12 +426,11 @@ impl BinarySerializer<Fields> for EntryWriter {
         value: MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
         // Like the Kafka binding: the data's content type is the message's content type.
-        let field = if name == "datacontenttype" {
-            "content-type".to_string()
+        Ok(if name == "datacontenttype" {
+            self.field(format_args!("content-type"), value)
         } else {
-            format!("ce_{name}")
-        };
-        Ok(self.push(field, value.to_string()))
+            self.field(format_args!("ce_{name}"), value)
+        })
     }
 
     fn set_extension(
@@ -392,24 +438,27 @@ impl BinarySerializer<Fields> for EntryWriter {
         name: &str,
         value: MessageAttributeValue,
     ) -> cloudevents::message::Result<Self> {
-        Ok(self.push(format!("ce_{name}"), value.to_string()))
+        Ok(self.field(format_args!("ce_{name}"), value))
     }
 
-    fn end_with_data(self, bytes: Vec<u8>) -> cloudevents::message::Result<Fields> {
-        Ok(self.push("data".into(), bytes).fields)
+    fn end_with_data(self, bytes: Vec<u8>) -> cloudevents::message::Result<()> {
+        self.0.arg("data").arg(bytes);
+        Ok(())
     }
 
-    fn end(self) -> cloudevents::message::Result<Fields> {
-        Ok(self.fields)
+    fn end(self) -> cloudevents::message::Result<()> {
+        Ok(())
     }
 }
 
-impl StructuredSerializer<Fields> for EntryWriter {
-    fn set_structured_event(self, bytes: Vec<u8>) -> cloudevents::message::Result<Fields> {
-        Ok(self
-            .push("content-type".into(), STRUCTURED_CONTENT_TYPE)
-            .push("cloudevent".into(), bytes)
-            .fields)
+impl StructuredSerializer<()> for EntryWriter<'_> {
+    fn set_structured_event(self, bytes: Vec<u8>) -> cloudevents::message::Result<()> {
+        self.0
+            .arg("content-type")
+            .arg(STRUCTURED_CONTENT_TYPE)
+            .arg("cloudevent")
+            .arg(bytes);
+        Ok(())
     }
 }
 
@@ -435,6 +484,19 @@ mod tests {
                 .unwrap_or_default(),
             stream: None,
         }
+    }
+
+    type Fields = Vec<(String, Vec<u8>)>;
+
+    /// The entry's fields as name, value pairs.
+    fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, BackendError> {
+        let mut cmd = Cmd::new();
+        write_entry(event, mode, &mut cmd)?;
+        let args: Vec<Vec<u8>> = cmd.args_iter().map(|a| arg_bytes(&a).to_vec()).collect();
+        Ok(args
+            .chunks(2)
+            .map(|p| (String::from_utf8_lossy(&p[0]).into_owned(), p[1].clone()))
+            .collect())
     }
 
     fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
@@ -478,53 +540,35 @@ mod tests {
     }
 
     fn backend(config: BackendConfig) -> RedisStreamBackend {
-        RedisStreamBackend {
-            client: Client::open("redis://127.0.0.1:1").expect("valid url"),
-            connection: None,
-            idempotent_xadd: false,
-            config,
+        RedisStreamBackend::new(
+            Client::open("redis://127.0.0.1:1").expect("valid url"),
+            &config,
+        )
+    }
+
+    /// The arguments of the command `b` sends for `events`, read back from its RESP bytes.
+    fn sent_args(b: &mut RedisStreamBackend, events: &[OutboxEvent]) -> Vec<String> {
+        b.argv.clear();
+        for e in events {
+            b.encode_entry(e).expect("encodes");
+            b.add_entry(e);
         }
-    }
-
-    fn args(inv: &redis::ScriptInvocation<'_>) -> Vec<String> {
-        let mut con = Recorder(Vec::new());
-        let _ = inv.invoke::<redis::Value>(&mut con);
-        con.0
-    }
-
-    /// Captures the command a script invocation sends instead of sending it.
-    struct Recorder(Vec<String>);
-
-    impl redis::ConnectionLike for Recorder {
-        fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
-            // RESP: each argument is a `$len` line followed by its value.
-            let text = String::from_utf8_lossy(cmd);
-            let mut lines = text.split("\r\n");
-            self.0.clear();
-            while let Some(line) = lines.next() {
-                if line.starts_with('$') {
-                    self.0.extend(lines.next().map(str::to_string));
-                }
+        let stream = b.config.stream.clone();
+        b.pack_command(
+            events
+                .iter()
+                .map(|e| e.stream.as_deref().unwrap_or(&stream)),
+        );
+        // RESP: each argument is a `$len` line followed by its value.
+        let text = String::from_utf8_lossy(&b.packed);
+        let mut lines = text.split("\r\n");
+        let mut args = Vec::new();
+        while let Some(line) = lines.next() {
+            if line.starts_with('$') {
+                args.extend(lines.next().map(str::to_string));
             }
-            Ok(redis::Value::Array(Vec::new()))
         }
-        fn req_packed_commands(
-            &mut self,
-            _: &[u8],
-            _: usize,
-            _: usize,
-        ) -> redis::RedisResult<Vec<redis::Value>> {
-            Ok(Vec::new())
-        }
-        fn get_db(&self) -> i64 {
-            0
-        }
-        fn check_connection(&mut self) -> bool {
-            true
-        }
-        fn is_open(&self) -> bool {
-            true
-        }
+        args
     }
 
     #[test]
@@ -538,29 +582,42 @@ mod tests {
         let mut routed = event();
         routed.stream = Some("audit".into());
         let events = [event(), routed.clone()];
-        let entries: Vec<Option<Fields>> = events.iter().map(|e| b.entry(e).ok()).collect();
-        let plain = args(&b.invocation(&events, &entries));
-        // EVALSHA sha numkeys keys... maxlen producer, then the first entry.
+        let plain = sent_args(&mut b, &events);
+        // EVALSHA sha numkeys keys... maxlen producer, then the first entry: key, IDMP id, the
+        // number of fields, the fields.
         assert_eq!(plain[0], "EVALSHA");
-        assert_eq!(plain[2..8], ["2", "events", "audit", "1000", "", "c-1"]);
+        assert_eq!(plain[1], BATCH_SCRIPT.get_hash());
+        assert_eq!(plain[2..9], ["2", "events", "audit", "1000", "", "c-1", ""]);
+        let fields = encode(&event(), MessageMode::Binary).expect("encodes");
+        assert_eq!(plain[9], fields.len().to_string());
+        assert_eq!(plain[10], "ce_specversion");
+        // Both entries, nothing else.
+        assert_eq!(plain.len(), 7 + 2 * (3 + 2 * fields.len()));
         b.idempotent_xadd = true;
-        let idmp = args(&b.invocation(&events, &entries));
+        let idmp = sent_args(&mut b, &events);
         assert_eq!(idmp[6], "broadcaster:shop");
-        assert_eq!(idmp[8], format!("{} {}", routed.source, routed.id));
+        assert_eq!(idmp[8], format!("{} {}", event().source, event().id));
+        assert_eq!(idmp.len(), plain.len());
     }
 
     #[test]
     fn oversized_events_are_rejected_before_sending() {
-        let b = backend(BackendConfig {
+        let mut b = backend(BackendConfig {
             stream: "events".into(),
             max_event_size: 64,
             ..Default::default()
         });
         let mut big = event();
         big.data = Some(format!(r#"{{"blob": "{}"}}"#, "x".repeat(100)));
-        let err = b.entry(&big).expect_err("too big");
+        let err = b.encode_entry(&big).expect_err("too big");
         assert!(matches!(err, BackendError::Rejected(_)));
         assert!(err.to_string().contains("max_event_size"), "{err}");
+        assert!(
+            b.encode_entry(&event()).is_err(),
+            "the small one is 64+ bytes too"
+        );
+        b.config.max_event_size = 0;
+        assert!(b.encode_entry(&big).is_ok(), "0: no limit");
     }
 
     #[test]
