@@ -55,7 +55,7 @@ def fill(args, n, partition_keys=100):
     with pg(args) as c:
         c.execute(
             "INSERT INTO broadcaster_outbox (type, data, partition_key) "
-            "SELECT 'bench.drain', %s::jsonb, 'k' || (g %% %s) FROM generate_series(1, %s) g",
+            "SELECT 'bench.drain', %s::json, 'k' || (g %% %s) FROM generate_series(1, %s) g",
             (DATA, partition_keys, n),
         )
         c.execute("VACUUM ANALYZE broadcaster_outbox")
@@ -217,7 +217,7 @@ def produce(args, count, per_tx, pause, out):
         next_at = time.perf_counter()
         for _ in range(count // per_tx):
             rows = c.execute(
-                "SELECT broadcaster_publish('bench.latency', %s::jsonb)::text FROM generate_series(1, %s)",
+                "SELECT broadcaster_publish('bench.latency', %s::json)::text FROM generate_series(1, %s)",
                 (DATA, per_tx),
             ).fetchall()
             t = time.time_ns()
@@ -234,8 +234,8 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-PUBLISH_SQL = "SELECT broadcaster_publish('bench.tps', '%s'::jsonb);\n" % DATA.replace("'", "''")
-PLAIN_SQL = "INSERT INTO bench_plain (type, data) VALUES ('bench.tps', '%s'::jsonb);\n" % DATA.replace("'", "''")
+PUBLISH_SQL = "SELECT broadcaster_publish('bench.tps', '%s'::json);\n" % DATA.replace("'", "''")
+PLAIN_SQL = "INSERT INTO bench_plain (type, data) VALUES ('bench.tps', '%s'::json);\n" % DATA.replace("'", "''")
 
 
 def pgbench_tps(args, script, clients, seconds):
@@ -256,7 +256,7 @@ def producer_cost(args, clients, seconds):
         c.execute(
             "CREATE TABLE IF NOT EXISTS bench_plain (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
             "id uuid NOT NULL DEFAULT gen_random_uuid(), type text NOT NULL, "
-            "time timestamptz NOT NULL DEFAULT now(), data jsonb)"
+            "time timestamptz NOT NULL DEFAULT now(), data json)"
         )
     plain = pgbench_tps(args, PLAIN_SQL, clients, seconds)
     publish = pgbench_tps(args, PUBLISH_SQL, clients, seconds)

@@ -1,11 +1,11 @@
 -- Least privilege: nothing is granted to PUBLIC. A producer role needs
 --   GRANT INSERT ON broadcaster_outbox TO app;
---   GRANT EXECUTE ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) TO app;
+--   GRANT EXECUTE ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) TO app;
 -- The row validation and default-source functions stay callable by everyone: every INSERT
 -- runs them, and they read nothing.
 REVOKE ALL ON broadcaster_outbox FROM PUBLIC;
 REVOKE ALL ON broadcaster_dead_events FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_health() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue_all() FROM PUBLIC;

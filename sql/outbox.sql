@@ -11,7 +11,7 @@ CREATE TABLE broadcaster_outbox (
     time            timestamptz NOT NULL DEFAULT now(),
     datacontenttype text        NOT NULL DEFAULT 'application/json',
     dataschema      text,
-    data            jsonb,
+    data            json,
     partition_key   text,
     extensions      jsonb       NOT NULL DEFAULT '{}',
     stream          text,
@@ -45,7 +45,7 @@ COMMENT ON TABLE broadcaster_outbox IS
 -- rights: INSERT on broadcaster_outbox (the id is made here, so no SELECT is needed).
 CREATE FUNCTION broadcaster_publish(
     type          text,
-    data          jsonb DEFAULT NULL,
+    data          json  DEFAULT NULL,
     source        text  DEFAULT NULL,
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
@@ -84,7 +84,7 @@ CREATE TABLE broadcaster_published (
     time            timestamptz NOT NULL,
     datacontenttype text        NOT NULL,
     dataschema      text,
-    data            jsonb,
+    data            json,
     partition_key   text,
     extensions      jsonb       NOT NULL,
     stream          text,

@@ -194,7 +194,7 @@ mod tests {
         let found = Spi::get_one_with_args::<bool>(
             "SELECT type = 'order.created' AND subject = 'o-1' AND partition_key = 'c-1' \
              AND extensions = '{\"tenant\":\"acme\"}' AND stream = 'orders' \
-             AND data = '{\"n\":1}' AND source = broadcaster_default_source() \
+             AND data::text = '{\"n\":1}' AND source = broadcaster_default_source() \
              FROM broadcaster_outbox WHERE id = $1",
             &[id.into()],
         )

@@ -130,7 +130,7 @@ fn produce(port: u16, p: usize, load: Load, stop: &AtomicBool) -> Produced {
                 break;
             }
             match c.query_one(
-                "SELECT broadcaster_publish('fault.test', jsonb_build_object('n', $1::bigint), \
+                "SELECT broadcaster_publish('fault.test', json_build_object('n', $1::bigint), \
                  partition_key => $2)::text",
                 &[&n, &key],
             ) {
@@ -412,7 +412,7 @@ fn eight_producers_five_thousand_events_each() {
 
 fn publish(c: &mut PgClient, key: &str, n: i64, stream: Option<&str>) -> String {
     c.query_one(
-        "SELECT broadcaster_publish('step', jsonb_build_object('n', $1::bigint), partition_key => $2, stream => $3)::text",
+        "SELECT broadcaster_publish('step', json_build_object('n', $1::bigint), partition_key => $2, stream => $3)::text",
         &[&n, &key, &stream],
     )
     .expect("publish")
@@ -534,7 +534,10 @@ fn oversized_event_goes_dead_without_reaching_redis() {
     ]);
     let mut c = s.cluster.connect();
     let big: String = c
-        .query_one("SELECT broadcaster_publish('big', jsonb_build_object('blob', repeat('x', 5000)))::text", &[])
+        .query_one(
+            "SELECT broadcaster_publish('big', json_build_object('blob', repeat('x', 5000)))::text",
+            &[],
+        )
         .expect("publish")
         .get(0);
     let small = publish(&mut c, "other", 1, None);
@@ -560,7 +563,7 @@ fn redis_password_stays_secret() {
     let mut c = cluster.connect();
     c.batch_execute("CREATE EXTENSION broadcaster; CREATE ROLE app LOGIN; \
                      GRANT INSERT ON broadcaster_outbox TO app; \
-                     GRANT EXECUTE ON FUNCTION broadcaster_publish(text, jsonb, text, text, text, jsonb, text) TO app")
+                     GRANT EXECUTE ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) TO app")
         .expect("setup");
     let shown: String = c
         .query_one("SHOW broadcaster.redis_url", &[])

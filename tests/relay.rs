@@ -72,7 +72,7 @@ fn published_and_inserted_events_arrive_as_binary_cloudevents() {
         Some("https://shop.example/schemas/shipped.json")
     );
     assert_eq!(second.get("ce_time"), Some("2026-11-27T08:00:00.500+00:00"));
-    // The data's bytes are the JSON text as Postgres prints the jsonb value.
+    // The data's bytes are the JSON text as written.
     assert_eq!(second.get("data"), Some(r#"[1, "two"]"#));
     assert_eq!(second.get("ce_subject"), None);
     assert_eq!(second.get("ce_partitionkey"), None);
@@ -211,7 +211,7 @@ fn ten_thousand_events_from_concurrent_producers_arrive_exactly_once() {
                         let key = format!("producer-{p}");
                         let id: String = tx
                             .query_one(
-                                "SELECT broadcaster_publish('load', jsonb_build_object('n', $1::bigint), \
+                                "SELECT broadcaster_publish('load', json_build_object('n', $1::bigint), \
                                  partition_key => $2)::text",
                                 &[&n, &key],
                             )
@@ -268,7 +268,7 @@ fn one_key_written_by_successive_transactions_on_many_connections_keeps_commit_o
     for n in 0..400i64 {
         let c = &mut conns[(n % 4) as usize];
         c.execute(
-            "SELECT broadcaster_publish('step', jsonb_build_object('n', $1::bigint), partition_key => 'k')",
+            "SELECT broadcaster_publish('step', json_build_object('n', $1::bigint), partition_key => 'k')",
             &[&n],
         )
         .expect("publish");
