@@ -24,6 +24,11 @@ const RESTART_DELAY: Duration = Duration::from_secs(5);
 const LAUNCHER_CHECK: Duration = Duration::from_secs(1);
 /// First retry delay after a broker outage; doubles up to `broadcaster.retry_max_delay`.
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
+/// Least time from one small batch to the next. Under a stream of small transactions the relay
+/// then takes their events a few at a time, not one claim, round trip and commit per producer
+/// commit, which would take a core from the producers. Events committed further apart than
+/// this go out at once.
+const COALESCE: Duration = Duration::from_millis(1);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -315,6 +320,8 @@ struct Relay {
     outages: u32,
     retry_at: Option<Instant>,
     last_contact: Option<Instant>,
+    /// When the last batch that emptied the queue started.
+    last_small_batch: Option<Instant>,
     last_purge: Option<Instant>,
     /// Outbox rows deleted since the relay's last VACUUM of it.
     retired_since_vacuum: u64,
@@ -333,6 +340,7 @@ impl Relay {
             outages: 0,
             retry_at: None,
             last_contact: None,
+            last_small_batch: None,
             last_purge: None,
             retired_since_vacuum: 0,
             last_log: None,
@@ -354,10 +362,17 @@ impl Relay {
                 more = false;
                 continue;
             }
+            if !more {
+                self.coalesce();
+            }
+            let started = Instant::now();
             more = match self.tick() {
                 Tick::Published { full, .. } => {
                     self.outages = 0;
                     self.retry_at = None;
+                    if !full {
+                        self.last_small_batch = Some(started);
+                    }
                     full
                 }
                 Tick::Idle | Tick::NotInstalled => false,
@@ -367,6 +382,18 @@ impl Relay {
                 }
             };
         }
+    }
+
+    /// Woken within [`COALESCE`] of the last small batch: lets a few more commits land first.
+    fn coalesce(&self) {
+        let Some(remaining) = self
+            .last_small_batch
+            .and_then(|t| COALESCE.checked_sub(t.elapsed()))
+        else {
+            return;
+        };
+        let micros = std::ffi::c_long::try_from(remaining.as_micros()).unwrap_or(0);
+        unsafe { pg_sys::pg_usleep(micros) };
     }
 
     /// Zero when a full batch suggests more rows are waiting; otherwise until the backoff ends
