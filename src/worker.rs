@@ -624,16 +624,74 @@ struct Claimed {
     events: Vec<Result<OutboxEvent, String>>,
 }
 
-/// One batch, inside one transaction: claim, publish, retire. An outage leaves every row as it
-/// was (the transaction commits no change and releases the row locks).
+/// Batches in one transaction: at most this many, so that a crash sends at most this many
+/// again, and the transaction never holds back VACUUM for long.
+const BATCHES_PER_TRANSACTION: usize = 4;
+
+/// Up to [`BATCHES_PER_TRANSACTION`] batches, inside one transaction: claim, publish, retire.
+/// While Redis works on a full batch, the relay already deletes it and claims the next one, in
+/// a subtransaction: kept when every event of the batch went in, rolled back otherwise (the next
+/// batch is then not sent, and this one is retired event by event). So a batch is never sent
+/// before the outcome of the one before it is known, and a key keeps its order. An outage
+/// leaves the batch it hit as it was.
 fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> Tick {
     let batch_size = guc::batch_size();
-    let claimed = claim(statements, batch_size);
-    if claimed.seqs.is_empty() {
-        return Tick::Idle;
+    let mut claimed = claim(statements, batch_size);
+    let mut retired = 0;
+    for round in 1..=BATCHES_PER_TRANSACTION {
+        if claimed.seqs.is_empty() {
+            return if retired == 0 {
+                Tick::Idle
+            } else {
+                Tick::Published {
+                    full: false,
+                    retired,
+                }
+            };
+        }
+        let full = claimed.seqs.len() >= batch_size;
+        let overlap = full && round < BATCHES_PER_TRANSACTION;
+        match publish_claimed(statements, backend, claimed, overlap) {
+            Batch::Done { retired: n } => {
+                return Tick::Published {
+                    full,
+                    retired: retired + n,
+                }
+            }
+            Batch::Next { retired: n, next } => {
+                retired += n;
+                claimed = next;
+            }
+            Batch::Outage(e) => return Tick::Outage(e),
+        }
     }
-    let full = claimed.seqs.len() >= batch_size;
+    Tick::Published {
+        full: true,
+        retired,
+    }
+}
 
+/// What became of one claimed batch.
+enum Batch {
+    /// Retired (`retired` rows deleted); this transaction ends here.
+    Done {
+        retired: usize,
+    },
+    /// Delivered whole and deleted; `next` was claimed while Redis worked.
+    Next {
+        retired: usize,
+        next: Claimed,
+    },
+    Outage(BackendError),
+}
+
+fn publish_claimed(
+    statements: &Statements,
+    backend: &mut dyn PublisherBackend,
+    claimed: Claimed,
+    overlap: bool,
+) -> Batch {
+    let batch_size = guc::batch_size();
     // Rows that don't read as events fail without being sent; the rest go in one batch.
     let mut failed: Vec<(usize, String)> = Vec::new();
     let mut sent: Vec<usize> = Vec::with_capacity(claimed.events.len());
@@ -647,20 +705,53 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
             Err(e) => failed.push((i, e)),
         }
     }
+    let overlap = overlap && failed.is_empty();
+    let mut ahead: Option<(SubTransaction, Claimed)> = None;
     let outcome = if events.is_empty() {
-        Vec::new()
+        Ok(Vec::new())
     } else {
-        match backend.publish_batch(&events) {
-            Ok(outcome) => outcome,
-            Err(e) if e.is_unavailable() => return Tick::Outage(e),
+        let mut meanwhile = || {
+            if overlap {
+                let subxact = SubTransaction::begin();
+                retire(statements, &claimed.ctids, &[]);
+                ahead = Some((subxact, claim(statements, batch_size)));
+            }
+        };
+        backend.publish_batch_overlapped(&events, &mut meanwhile)
+    };
+    let outcome = match outcome {
+        Ok(outcome) => {
+            if outcome.iter().all(Result::is_ok) && failed.is_empty() {
+                if let Some((subxact, next)) = ahead {
+                    subxact.commit();
+                    shared::record_success(claimed.ctids.len());
+                    return Batch::Next {
+                        retired: claimed.ctids.len(),
+                        next,
+                    };
+                }
+            }
+            outcome
+        }
+        Err(e) => {
+            if let Some((subxact, _)) = ahead.take() {
+                subxact.roll_back();
+            }
+            if e.is_unavailable() {
+                return Batch::Outage(e);
+            }
             // Refused as a whole, but not for an outage: one event may be the cause. One at a
             // time, the culprit gets its own failed attempts instead of stalling everything.
-            Err(_) => match backend::publish_each(backend, &events) {
+            match backend::publish_each(backend, &events) {
                 Ok(outcome) => outcome,
-                Err(e) => return Tick::Outage(e),
-            },
+                Err(e) => return Batch::Outage(e),
+            }
         }
     };
+    // Not all delivered: what was done ahead is undone, and the batch is retired event by event.
+    if let Some((subxact, _)) = ahead {
+        subxact.roll_back();
+    }
 
     let mut published = Vec::with_capacity(sent.len());
     let mut outage = None;
@@ -684,11 +775,50 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         shared::record_failure(failed.len(), error);
     }
     match outage {
-        Some(e) => Tick::Outage(e),
-        None => Tick::Published {
-            full,
+        Some(e) => Batch::Outage(e),
+        None => Batch::Done {
             retired: published.len(),
         },
+    }
+}
+
+/// An internal subtransaction of the relay's transaction, as procedural languages open them
+/// around a block that may be undone.
+struct SubTransaction {
+    context: pg_sys::MemoryContext,
+    owner: pg_sys::ResourceOwner,
+}
+
+impl SubTransaction {
+    fn begin() -> Self {
+        unsafe {
+            let context = pg_sys::CurrentMemoryContext;
+            let owner = pg_sys::CurrentResourceOwner;
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(context);
+            SubTransaction { context, owner }
+        }
+    }
+
+    fn commit(self) {
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    fn roll_back(self) {
+        unsafe {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    unsafe fn restore(&self) {
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.context);
+            pg_sys::CurrentResourceOwner = self.owner;
+        }
     }
 }
 

@@ -490,6 +490,66 @@ fn poison_event_is_dead_lettered_and_holds_only_its_key() {
 }
 
 #[test]
+fn poison_event_inside_a_backlog_of_full_batches() {
+    // Batches of 50 from a 500-event backlog: while Redis takes a full batch, the relay already
+    // deletes it and claims the next. The batch holding the poison event must undo that: its
+    // key's later events wait, the next batch is claimed again, nothing goes out twice.
+    let s = Setup::new(&[
+        ("broadcaster.batch_size", "50"),
+        ("broadcaster.max_attempts", "2"),
+        ("broadcaster.poll_interval", "200ms"),
+    ]);
+    let mut r = s.redis.connection();
+    redis::cmd("SET")
+        .arg("poisoned")
+        .arg("not a stream")
+        .query::<()>(&mut r)
+        .expect("SET");
+    let mut c = s.cluster.connect();
+    // Event 120 (key k0, in the third batch) goes to the poisoned key.
+    c.batch_execute(
+        "INSERT INTO broadcaster_outbox (type, data, partition_key, stream) \
+         SELECT 'bulk', json_build_object('n', g), 'k' || (g % 10), \
+                CASE WHEN g = 120 THEN 'poisoned' END \
+           FROM generate_series(1, 500) g",
+    )
+    .expect("insert");
+    common::wait_for("the poison event to be dead", common::DEADLINE, || {
+        c.query_opt("SELECT 1 FROM broadcaster_dead_events", &[])
+            .ok()
+            .flatten()
+            .map(drop)
+    });
+    // Everything but k0's events from 120 on: 500 - 1 - 38.
+    let delivered = s.redis.wait_entries(DEFAULT_STREAM, 461);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        s.redis.len(DEFAULT_STREAM),
+        461,
+        "k0 waits behind its dead event"
+    );
+    let ids: HashSet<String> = delivered.iter().map(Entry::event_id).collect();
+    assert_eq!(ids.len(), 461, "no event delivered twice");
+    check_key_order("backlog", &delivered);
+
+    redis::cmd("DEL")
+        .arg("poisoned")
+        .query::<()>(&mut r)
+        .expect("DEL");
+    c.batch_execute("SELECT broadcaster_requeue_all()")
+        .expect("requeue");
+    let all = s.redis.wait_entries(DEFAULT_STREAM, 499);
+    assert_eq!(s.redis.wait_entries("poisoned", 1).len(), 1);
+    let ids: HashSet<String> = all.iter().map(Entry::event_id).collect();
+    assert_eq!(ids.len(), 499, "no event delivered twice");
+    check_key_order("backlog after requeue", &all);
+    println!(
+        "| poison event inside full batches | 500 | 500 | {} | 0 | 0 |",
+        s.redis.len(DEFAULT_STREAM) + s.redis.len("poisoned")
+    );
+}
+
+#[test]
 fn skip_mode_lets_a_key_flow_past_its_dead_event_and_discard_drops_it() {
     let s = Setup::new(&[
         ("broadcaster.max_attempts", "1"),

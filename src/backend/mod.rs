@@ -154,6 +154,20 @@ pub trait PublisherBackend {
         publish_each(self, events)
     }
 
+    /// [`PublisherBackend::publish_batch`], calling `meanwhile` while the broker works on the
+    /// batch (after sending it, before reading the reply), so the caller can prepare the next
+    /// one. The default calls it after publishing; a backend that sends and receives in two
+    /// steps overrides it.
+    fn publish_batch_overlapped(
+        &mut self,
+        events: &[OutboxEvent],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<BatchOutcome, BackendError> {
+        let outcome = self.publish_batch(events);
+        meanwhile();
+        outcome
+    }
+
     /// Cheap check that the broker is reachable and serving.
     fn health_check(&mut self) -> Result<(), BackendError>;
 }

@@ -174,14 +174,13 @@ fn arg_bytes<'a>(arg: &redis::Arg<&'a [u8]>) -> &'a [u8] {
     }
 }
 
-/// Sends a packed `EVALSHA`, loading the script first when the server doesn't have it (a
-/// restarted or flushed server).
-fn run_script(c: &mut dyn ConnectionLike, packed: &[u8]) -> Result<redis::Value, RedisError> {
-    let send = |c: &mut dyn ConnectionLike| c.req_packed_command(packed)?.extract_error();
-    match send(c) {
+/// Reads the reply to a packed `EVALSHA` already sent; when the server doesn't have the script (a
+/// restarted or flushed server), loads it and sends the command again.
+fn receive_script_reply(c: &mut Connection, packed: &[u8]) -> Result<redis::Value, RedisError> {
+    match c.recv_response().and_then(redis::Value::extract_error) {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             BATCH_SCRIPT.load(c)?;
-            send(c)
+            c.req_packed_command(packed)?.extract_error()
         }
         other => other,
     }
@@ -245,6 +244,14 @@ impl PublisherBackend for RedisStreamBackend {
     }
 
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
+        self.publish_batch_overlapped(events, &mut || {})
+    }
+
+    fn publish_batch_overlapped(
+        &mut self,
+        events: &[OutboxEvent],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<BatchOutcome, BackendError> {
         // Connect first: how entries are written depends on the server's version.
         self.connection()?;
         let mut outcome: BatchOutcome = Vec::with_capacity(events.len());
@@ -270,6 +277,7 @@ impl PublisherBackend for RedisStreamBackend {
             }
         }
         if sent.is_empty() {
+            meanwhile();
             return Ok(outcome);
         }
         let default_stream = self.config.stream.clone();
@@ -278,7 +286,12 @@ impl PublisherBackend for RedisStreamBackend {
                 .map(|&i| events[i].stream.as_deref().unwrap_or(&default_stream)),
         );
         let packed = std::mem::take(&mut self.packed);
-        let reply = self.with_connection(|c| run_script(c, &packed));
+        let reply = self
+            .with_connection(|c| c.send_packed_command(&packed))
+            .and_then(|()| {
+                meanwhile();
+                self.with_connection(|c| receive_script_reply(c, &packed))
+            });
         self.packed = packed;
         let replies = match reply? {
             // Every entry added.
