@@ -857,43 +857,77 @@ fn vacuum_outbox(outbox: pg_sys::Oid) {
     }
 }
 
+/// Columns of [`CLAIM`].
+const CLAIM_COLUMNS: usize = 14;
+
 fn claim(statements: &Statements, limit: usize) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     Spi::connect_mut(|client| {
         let hold = guc::dead_event_holds_key();
-        let rows = client.update(&statements.claim, None, &[limit.into(), hold.into()])?;
+        // Read below through SPI_tuptable, which lives until SPI_finish.
+        let n = client
+            .update(&statements.claim, None, &[limit.into(), hold.into()])?
+            .len();
         let mut claimed = Claimed {
-            seqs: Vec::with_capacity(rows.len()),
-            ctids: Vec::with_capacity(rows.len()),
-            attempts: Vec::with_capacity(rows.len()),
-            events: Vec::with_capacity(rows.len()),
+            seqs: Vec::with_capacity(n),
+            ctids: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            events: Vec::with_capacity(n),
         };
-        for row in rows {
-            let text = |i: usize| row.get::<String>(i).ok().flatten();
-            claimed.seqs.push(row.get::<i64>(1)?.unwrap_or_default());
-            claimed.ctids.push(text(2).unwrap_or_default());
-            claimed
-                .attempts
-                .push(row.get::<i32>(14)?.unwrap_or_default());
-            let extensions = match text(12) {
-                Some(json) => serde_json::from_str(&json)
+        // Each row is deformed once and its text read in place: pgrx's row accessors fetch every
+        // column on its own, each walking the row from its first column.
+        let table = unsafe { pg_sys::SPI_tuptable };
+        if n == 0 || table.is_null() {
+            return Ok(claimed);
+        }
+        let tupdesc = unsafe { (*table).tupdesc };
+        if usize::try_from(unsafe { (*tupdesc).natts }) != Ok(CLAIM_COLUMNS) {
+            return Err(pgrx::spi::SpiErrorCodes::NoAttribute.into());
+        }
+        let mut values = [pg_sys::Datum::from(0usize); CLAIM_COLUMNS];
+        let mut nulls = [true; CLAIM_COLUMNS];
+        for i in 0..n {
+            unsafe {
+                pg_sys::heap_deform_tuple(
+                    *(*table).vals.add(i),
+                    tupdesc,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+            }
+            // SAFETY: the columns are text where read as text (see CLAIM), and live until
+            // SPI_finish, after this loop.
+            let text = |c: usize| (!nulls[c]).then(|| unsafe { text_datum(values[c]) });
+            // int8 and int4, passed by value.
+            let int = |c: usize| {
+                if nulls[c] {
+                    0
+                } else {
+                    values[c].value() as i64
+                }
+            };
+            claimed.seqs.push(int(0));
+            claimed.ctids.push(text(1).unwrap_or_default());
+            claimed.attempts.push(int(13) as i32);
+            let extensions = match text(11) {
+                Some(json) if json != "{}" => serde_json::from_str(&json)
                     .map_err(|_| "extensions must be a JSON object".to_string()),
-                None => Ok(Default::default()),
+                _ => Ok(Default::default()),
             };
             claimed
                 .events
                 .push(extensions.map(|extensions| OutboxEvent {
-                    id: text(3).unwrap_or_default(),
-                    ty: text(4).unwrap_or_default(),
-                    source: text(5).unwrap_or_default(),
-                    subject: text(6),
-                    time: text(7).map(rfc3339).unwrap_or_default(),
-                    datacontenttype: text(8).unwrap_or_default(),
-                    dataschema: text(9),
-                    data: text(10),
-                    partition_key: text(11),
+                    id: text(2).unwrap_or_default(),
+                    ty: text(3).unwrap_or_default(),
+                    source: text(4).unwrap_or_default(),
+                    subject: text(5),
+                    time: text(6).map(rfc3339).unwrap_or_default(),
+                    datacontenttype: text(7).unwrap_or_default(),
+                    dataschema: text(8),
+                    data: text(9),
+                    partition_key: text(10),
                     extensions,
-                    stream: text(13),
+                    stream: text(12),
                 }));
         }
         Ok::<_, pgrx::spi::Error>(claimed)
@@ -903,6 +937,22 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
         // rather than retry in a loop.
         error!("broadcaster: claiming events failed: {e}")
     })
+}
+
+/// The characters of a text datum. Bytes that are not UTF-8 (a database in another encoding)
+/// are replaced, never trusted.
+///
+/// # Safety
+/// `datum` must be a non-null text (or other varlena) datum.
+unsafe fn text_datum(datum: pg_sys::Datum) -> String {
+    unsafe {
+        let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let bytes = std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(text).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(text),
+        );
+        String::from_utf8_lossy(bytes).into_owned()
+    }
 }
 
 /// Drops published events past `broadcaster.retention`, a few small batches per idle pass.
