@@ -90,6 +90,8 @@ struct Latch {
     database: AtomicU32,
     /// PGPROC number of the relay; -1 when none runs.
     procno: AtomicI32,
+    /// The relay is waiting out a broker outage: a commit need not wake it.
+    backing_off: AtomicBool,
 }
 unsafe impl PGRXSharedMemory for Latches {}
 
@@ -156,6 +158,7 @@ pub fn relay_started(database: pg_sys::Oid) -> bool {
     relays.0[slot].rate_since = started_at;
     relays.0[slot].rate_base = relays.0[slot].published;
     let latch = &LATCHES.get().0[slot];
+    latch.backing_off.store(false, Ordering::Release);
     latch.procno.store(procno, Ordering::Release);
     latch.database.store(db, Ordering::Release);
     MY_SLOT.store(slot, Ordering::Relaxed);
@@ -166,6 +169,17 @@ fn with_my_slot(f: impl FnOnce(&mut RelayState)) {
     let slot = MY_SLOT.load(Ordering::Relaxed);
     if slot < MAX_RELAYS {
         f(&mut STATE.exclusive().0[slot]);
+    }
+}
+
+/// While true, committing producers leave this relay asleep: it is waiting out an outage and
+/// claims what they committed when its retry is due.
+pub fn set_backing_off(backing_off: bool) {
+    let slot = MY_SLOT.load(Ordering::Relaxed);
+    if slot < MAX_RELAYS {
+        LATCHES.get().0[slot]
+            .backing_off
+            .store(backing_off, Ordering::Release);
     }
 }
 
@@ -264,6 +278,9 @@ fn wake_relay(database: pg_sys::Oid) {
     else {
         return;
     };
+    if latch.backing_off.load(Ordering::Acquire) {
+        return;
+    }
     let Ok(index) = u32::try_from(latch.procno.load(Ordering::Acquire)) else {
         return;
     };

@@ -362,6 +362,7 @@ impl Relay {
                 more = false;
                 continue;
             }
+            shared::set_backing_off(false);
             if !more {
                 self.coalesce();
             }
@@ -505,6 +506,8 @@ impl Relay {
         let jitter = Duration::from_micros(self.next_random() % (half.as_micros() as u64 + 1));
         let delay = half + jitter;
         self.retry_at = Some(Instant::now() + delay);
+        // Commits during the backoff are claimed when it ends; waking for each is wasted work.
+        shared::set_backing_off(true);
         if matches!(error, BackendError::Config(_)) {
             self.backend = None;
         }
