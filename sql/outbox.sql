@@ -20,16 +20,14 @@ CREATE TABLE broadcaster_outbox (
     attempts        integer     NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
     last_error      text,
-    CONSTRAINT broadcaster_outbox_state CHECK (state IN ('pending', 'dead')),
-    -- Raises SQLSTATE 22023 naming the column at fault, for raw INSERTs and the function alike,
-    -- and wakes the relay when the transaction commits.
-    -- CloudEvents times are RFC 3339: no infinities, years 1 to 9999.
-    CONSTRAINT broadcaster_outbox_time CHECK (
-        isfinite(time) AND time >= '0001-01-01 00:00:00+00' AND time < '10000-01-01 00:00:00+00'
-    ),
+    -- One constraint, written in Rust: it raises SQLSTATE 22023 naming the column at fault (23514
+    -- for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999, and for an unknown
+    -- state), for raw INSERTs and the function alike, and wakes the relay when the transaction
+    -- commits. One constraint rather than several: Postgres prepares each CHECK expression
+    -- again for every INSERT statement, a cost a one-row INSERT pays in full.
     CONSTRAINT broadcaster_outbox_valid_event CHECK (
         broadcaster_accept_event(type, source, datacontenttype, dataschema, extensions, stream,
-                                 partition_key)
+                                 partition_key, time, state)
     )
 );
 
