@@ -660,8 +660,9 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
             };
         }
         let full = claimed.seqs.len() >= batch_size;
-        let overlap = full && round < BATCHES_PER_TRANSACTION;
-        match publish_claimed(statements, backend, claimed, overlap) {
+        // Claim ahead only after a full batch, and never past the transaction's last one.
+        let ahead = (full && round < BATCHES_PER_TRANSACTION).then_some(batch_size);
+        match publish_claimed(statements, backend, claimed, ahead) {
             Batch::Done { retired: n } => {
                 return Tick::Published {
                     full,
@@ -695,13 +696,14 @@ enum Batch {
     Outage(BackendError),
 }
 
+/// Publishes `claimed`; with `claim_ahead`, deletes it and claims up to that many more while
+/// the backend works (see [`relay_batch`]).
 fn publish_claimed(
     statements: &Statements,
     backend: &mut dyn PublisherBackend,
     claimed: Claimed,
-    overlap: bool,
+    claim_ahead: Option<usize>,
 ) -> Batch {
-    let batch_size = guc::batch_size();
     // Rows that don't read as events fail without being sent; the rest go in one batch.
     let mut failed: Vec<(usize, String)> = Vec::new();
     let mut sent: Vec<usize> = Vec::with_capacity(claimed.events.len());
@@ -715,38 +717,36 @@ fn publish_claimed(
             Err(e) => failed.push((i, e)),
         }
     }
-    let overlap = overlap && failed.is_empty();
+    let claim_ahead = claim_ahead.filter(|_| failed.is_empty());
     let mut ahead: Option<(SubTransaction, Claimed)> = None;
     let outcome = if events.is_empty() {
         Ok(Vec::new())
     } else {
         let mut meanwhile = || {
-            if overlap {
+            if let Some(limit) = claim_ahead {
                 let subxact = SubTransaction::begin();
                 retire(statements, &claimed.ctids, &[]);
-                ahead = Some((subxact, claim(statements, batch_size)));
+                ahead = Some((subxact, claim(statements, limit)));
             }
         };
         backend.publish_batch_overlapped(&events, &mut meanwhile)
     };
-    let outcome = match outcome {
-        Ok(outcome) => {
-            if outcome.iter().all(Result::is_ok) && failed.is_empty() {
-                if let Some((subxact, next)) = ahead {
-                    subxact.commit();
-                    shared::record_success(claimed.ctids.len());
-                    return Batch::Next {
-                        retired: claimed.ctids.len(),
-                        next,
-                    };
-                }
-            }
-            outcome
+    // What was done ahead stands only if the batch went in whole; otherwise it is undone, and
+    // the batch is retired event by event below.
+    if let Some((subxact, next)) = ahead {
+        if matches!(&outcome, Ok(o) if o.iter().all(Result::is_ok)) {
+            subxact.commit();
+            shared::record_success(claimed.ctids.len());
+            return Batch::Next {
+                retired: claimed.ctids.len(),
+                next,
+            };
         }
+        subxact.roll_back();
+    }
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
         Err(e) => {
-            if let Some((subxact, _)) = ahead.take() {
-                subxact.roll_back();
-            }
             if e.is_unavailable() {
                 return Batch::Outage(e);
             }
@@ -758,10 +758,6 @@ fn publish_claimed(
             }
         }
     };
-    // Not all delivered: what was done ahead is undone, and the batch is retired event by event.
-    if let Some((subxact, _)) = ahead {
-        subxact.roll_back();
-    }
 
     let mut published = Vec::with_capacity(sent.len());
     let mut outage = None;

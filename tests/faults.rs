@@ -419,6 +419,20 @@ fn publish(c: &mut PgClient, key: &str, n: i64, stream: Option<&str>) -> String 
     .get(0)
 }
 
+/// Makes `key` a string: Redis answers WRONGTYPE to every XADD to it.
+fn poison(r: &mut redis::Connection, key: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg("not a stream")
+        .query::<()>(r)
+        .expect("SET");
+}
+
+/// Removes what [`poison`] did.
+fn cure(r: &mut redis::Connection, key: &str) {
+    redis::cmd("DEL").arg(key).query::<()>(r).expect("DEL");
+}
+
 fn ids_in(redis: &Redis, stream: &str) -> Vec<String> {
     redis.entries(stream).iter().map(Entry::event_id).collect()
 }
@@ -431,11 +445,7 @@ fn poison_event_is_dead_lettered_and_holds_only_its_key() {
     ]);
     // A stream key that holds a string: Redis answers WRONGTYPE for this event alone.
     let mut r = s.redis.connection();
-    redis::cmd("SET")
-        .arg("poisoned")
-        .arg("not a stream")
-        .query::<()>(&mut r)
-        .expect("SET");
+    poison(&mut r, "poisoned");
     let mut c = s.cluster.connect();
     let k1 = publish(&mut c, "k", 1, None);
     let poison = publish(&mut c, "k", 2, Some("poisoned"));
@@ -465,10 +475,7 @@ fn poison_event_is_dead_lettered_and_holds_only_its_key() {
     );
 
     // Remove the cause, requeue: the poison event goes out, then the key moves on.
-    redis::cmd("DEL")
-        .arg("poisoned")
-        .query::<()>(&mut r)
-        .expect("DEL");
+    cure(&mut r, "poisoned");
     let requeued: i64 = c
         .query_one(
             "SELECT broadcaster_requeue(ARRAY[$1::text::uuid])",
@@ -500,11 +507,7 @@ fn poison_event_inside_a_backlog_of_full_batches() {
         ("broadcaster.poll_interval", "200ms"),
     ]);
     let mut r = s.redis.connection();
-    redis::cmd("SET")
-        .arg("poisoned")
-        .arg("not a stream")
-        .query::<()>(&mut r)
-        .expect("SET");
+    poison(&mut r, "poisoned");
     let mut c = s.cluster.connect();
     // Event 120 (key k0, in the third batch) goes to the poisoned key.
     c.batch_execute(
@@ -532,10 +535,7 @@ fn poison_event_inside_a_backlog_of_full_batches() {
     assert_eq!(ids.len(), 461, "no event delivered twice");
     check_key_order("backlog", &delivered);
 
-    redis::cmd("DEL")
-        .arg("poisoned")
-        .query::<()>(&mut r)
-        .expect("DEL");
+    cure(&mut r, "poisoned");
     c.batch_execute("SELECT broadcaster_requeue_all()")
         .expect("requeue");
     let all = s.redis.wait_entries(DEFAULT_STREAM, 499);
@@ -557,11 +557,7 @@ fn skip_mode_lets_a_key_flow_past_its_dead_event_and_discard_drops_it() {
         ("broadcaster.poll_interval", "200ms"),
     ]);
     let mut r = s.redis.connection();
-    redis::cmd("SET")
-        .arg("poisoned")
-        .arg("x")
-        .query::<()>(&mut r)
-        .expect("SET");
+    poison(&mut r, "poisoned");
     let mut c = s.cluster.connect();
     let poison = publish(&mut c, "k", 1, Some("poisoned"));
     let after = publish(&mut c, "k", 2, None);

@@ -140,16 +140,17 @@ impl RedisStreamBackend {
         }
     }
 
-    /// `EVALSHA` of [`BATCH_SCRIPT`] for the entries added to `self.argv`, whose streams are
-    /// `streams`, packed into `self.packed`.
-    fn pack_command<'a>(&mut self, streams: impl ExactSizeIterator<Item = &'a str>) {
+    /// `EVALSHA` of [`BATCH_SCRIPT`] for the entries added to `self.argv`, those of
+    /// `events[i]` for each `i` in `sent`, packed into `self.packed`.
+    fn pack_command(&mut self, events: &[OutboxEvent], sent: &[usize]) {
         self.command.clear();
         self.command
             .arg("EVALSHA")
             .arg(BATCH_SCRIPT.get_hash())
-            .arg(streams.len());
-        for stream in streams {
-            self.command.arg(stream);
+            .arg(sent.len());
+        for &i in sent {
+            let stream = events[i].stream.as_deref();
+            self.command.arg(stream.unwrap_or(&self.config.stream));
         }
         self.command
             .arg(self.config.maxlen)
@@ -280,11 +281,7 @@ impl PublisherBackend for RedisStreamBackend {
             meanwhile();
             return Ok(outcome);
         }
-        let default_stream = self.config.stream.clone();
-        self.pack_command(
-            sent.iter()
-                .map(|&i| events[i].stream.as_deref().unwrap_or(&default_stream)),
-        );
+        self.pack_command(events, &sent);
         let packed = std::mem::take(&mut self.packed);
         let reply = self
             .with_connection(|c| c.send_packed_command(&packed))
@@ -566,12 +563,8 @@ mod tests {
             b.encode_entry(e).expect("encodes");
             b.add_entry(e);
         }
-        let stream = b.config.stream.clone();
-        b.pack_command(
-            events
-                .iter()
-                .map(|e| e.stream.as_deref().unwrap_or(&stream)),
-        );
+        let all: Vec<usize> = (0..events.len()).collect();
+        b.pack_command(events, &all);
         // RESP: each argument is a `$len` line followed by its value.
         let text = String::from_utf8_lossy(&b.packed);
         let mut lines = text.split("\r\n");
