@@ -3,6 +3,7 @@
 //! one transaction per batch. Woken by committing producers; a slow poll is only a safety net.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{
@@ -14,7 +15,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{PgMemoryContexts, PgOid};
 
-use crate::backend::{self, BackendError, PublisherBackend};
+use crate::backend::{self, BackendError, BatchOutcome, Prepared, PublisherBackend};
 use crate::event::OutboxEvent;
 use crate::{guc, shared};
 
@@ -32,16 +33,13 @@ const COALESCE: Duration = Duration::from_millis(1);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Committed, pending rows whose turn has come, oldest first; SKIP LOCKED, so a second relay
-/// never claims the same row. A row waits while an earlier row of its partition key is being
-/// retried (or is dead, when `$2`: broadcaster.on_dead_event = hold), so a key's events never
-/// overtake each other. That check runs only when some row is retried or dead: the first arm
-/// is evaluated once per query (an InitPlan on the partial index `broadcaster_outbox_held`,
-/// empty while nothing fails). `time` prints in ISO style and UTC (see `prepare_session`).
-const CLAIM: &str = r#"
-SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::text,
-       o.datacontenttype, o.dataschema, o.data::text, o.partition_key,
-       o.extensions::text, o.stream, o.attempts
+/// Committed, pending rows whose turn has come, oldest first (by tuple id, for [`CLAIM`]). A row
+/// waits while an earlier row of its partition key is being retried (or is dead, when `$2`:
+/// broadcaster.on_dead_event = hold), so a key's events never overtake each other. That check
+/// runs only when some row is retried or dead: the first arm is evaluated once per query (an
+/// InitPlan on the partial index `broadcaster_outbox_held`, empty while nothing fails).
+const READY: &str = r#"
+SELECT o.ctid
   FROM broadcaster_outbox o
  WHERE o.state = 'pending' AND o.next_attempt_at <= now()
    AND (NOT (SELECT EXISTS (SELECT 1 FROM broadcaster_outbox h
@@ -51,15 +49,47 @@ SELECT o.seq, o.ctid::text, o.id::text, o.type, o.source, o.subject, o."time"::t
                           AND b.seq < o.seq
                           AND ((b.state = 'pending' AND b.attempts > 0)
                                OR (b.state = 'dead' AND $2))))
- ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED"#;
+ ORDER BY o.seq LIMIT $1"#;
 
-/// By tuple id: the rows are locked by this transaction, so they can't have moved.
-const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])";
+/// What the claim returns of each row, [`CLAIM_COLUMNS`] columns. `id`, `time` and `data` as
+/// they are stored (uuid, timestamptz, json: text inside), read without output functions.
+const CLAIMED: &str = r#"seq, id, type, source, subject, "time", datacontenttype, dataschema,
+       data, partition_key, extensions::text, stream, attempts"#;
+
+/// Claims the ready rows by deleting them, in one statement: the relay's subtransaction undoes
+/// the delete unless every event went out (see [`relay_batch`]). Meanwhile the rows are locked
+/// by the delete: a second relay waits for them and then finds them gone, so no row goes out
+/// twice. Rows come back in tuple order; the relay puts them in `seq` order.
+fn claim_sql() -> String {
+    format!("DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) RETURNING {CLAIMED}")
+}
+
+/// With `broadcaster.retention` set: the same, keeping a copy for replay.
+fn claim_and_keep_sql() -> String {
+    format!(
+        "WITH claimed AS (
+    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY}))
+    RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
+              partition_key, extensions, stream, attempts),
+kept AS (
+    INSERT INTO broadcaster_published
+           (seq, id, type, source, subject, time, datacontenttype, dataschema, data,
+            partition_key, extensions, stream)
+    SELECT seq, id, type, source, subject, time, datacontenttype, dataschema, data,
+           partition_key, extensions, stream
+      FROM claimed)
+SELECT {CLAIMED} FROM claimed"
+    )
+}
+
+/// Deletes published rows after a batch that did not go out whole (by `seq`: the claim's delete
+/// was undone).
+const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE seq = ANY ($1)";
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
 const RETIRE_AND_KEEP: &str = "
 WITH published AS (
-    DELETE FROM broadcaster_outbox WHERE ctid = ANY ($1::text[]::tid[])
+    DELETE FROM broadcaster_outbox WHERE seq = ANY ($1)
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
               partition_key, extensions, stream)
 INSERT INTO broadcaster_published
@@ -431,12 +461,10 @@ impl Relay {
         }
         let backend = match self.backend.take() {
             Some(b) => b,
-            None => {
-                match backend::build(&guc::backend_name(), &guc::backend_config(&self.database)) {
-                    Ok(b) => b,
-                    Err(e) => return Tick::Outage(e),
-                }
-            }
+            None => match build_backend(&self.database) {
+                Ok(b) => b,
+                Err(e) => return Tick::Outage(e),
+            },
         };
         let mut backend = backend;
         let Some(statements) = &self.statements else {
@@ -552,11 +580,27 @@ impl Relay {
     }
 }
 
+/// Builds the configured backend with Postgres's signals blocked. A thread the backend starts
+/// inherits that mask, so that the signals keep going to the relay's own thread, where Postgres
+/// handles them.
+fn build_backend(database: &str) -> Result<Box<dyn PublisherBackend>, BackendError> {
+    struct Unblock;
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+        }
+    }
+    unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+    let _unblock = Unblock;
+    backend::build(&guc::backend_name(), &guc::backend_config(database))
+}
+
 /// The relay's statements, planned once per worker process.
 struct Statements {
     /// broadcaster_outbox, for VACUUM.
     outbox: pg_sys::Oid,
     claim: OwnedPreparedStatement,
+    claim_and_keep: OwnedPreparedStatement,
     retire: OwnedPreparedStatement,
     retire_and_keep: OwnedPreparedStatement,
     purge: OwnedPreparedStatement,
@@ -572,17 +616,20 @@ fn prepare_session() -> Option<Statements> {
     )
     .ok()
     .flatten()?;
-    // The queries name the outbox unqualified. `time` is read in a fixed format. And a lost
+    // The queries name the outbox unqualified. And a lost
     // commit of this session only un-deletes rows Redis already has, which are then sent again
     // with the same ids: at-least-once holds without waiting for the WAL flush of each batch.
     // And the claim stays on the primary key whatever the statistics say: planned while the
     // outbox is empty, it would otherwise become a sort of the whole table, kept for a backlog.
+    // Its plan does not depend on the parameters' values: planned once, not at each claim, and
+    // never compiled (a generic plan's estimates for a backlog would have JIT compile it at
+    // each run: milliseconds per claim).
     Spi::run_with_args(
         "SELECT set_config('search_path', quote_ident($1), false), \
-                set_config('TimeZone', 'UTC', false), \
-                set_config('DateStyle', 'ISO, YMD', false), \
                 set_config('synchronous_commit', 'off', false), \
-                set_config('enable_seqscan', 'off', false)",
+                set_config('enable_seqscan', 'off', false), \
+                set_config('plan_cache_mode', 'force_generic_plan', false), \
+                set_config('jit', 'off', false)",
         &[schema.into()],
     )
     .ok()?;
@@ -590,16 +637,19 @@ fn prepare_session() -> Option<Statements> {
         .ok()
         .flatten()?;
     let oid = |o: pg_sys::BuiltinOid| PgOid::BuiltIn(o);
-    use pg_sys::BuiltinOid::{BOOLOID, FLOAT8OID, INT4OID, INT8OID, TEXTARRAYOID, TEXTOID};
+    use pg_sys::BuiltinOid::{BOOLOID, FLOAT8OID, INT4OID, INT8ARRAYOID, INT8OID, TEXTOID};
     Spi::connect(|client| {
         Ok::<_, pgrx::spi::Error>(Statements {
             outbox,
             claim: client
-                .prepare_mut(CLAIM, &[oid(INT8OID), oid(BOOLOID)])?
+                .prepare_mut(claim_sql().as_str(), &[oid(INT8OID), oid(BOOLOID)])?
                 .keep(),
-            retire: client.prepare_mut(RETIRE, &[oid(TEXTARRAYOID)])?.keep(),
+            claim_and_keep: client
+                .prepare_mut(claim_and_keep_sql().as_str(), &[oid(INT8OID), oid(BOOLOID)])?
+                .keep(),
+            retire: client.prepare_mut(RETIRE, &[oid(INT8ARRAYOID)])?.keep(),
             retire_and_keep: client
-                .prepare_mut(RETIRE_AND_KEEP, &[oid(TEXTARRAYOID)])?
+                .prepare_mut(RETIRE_AND_KEEP, &[oid(INT8ARRAYOID)])?
                 .keep(),
             purge: client
                 .prepare_mut(PURGE, &[oid(FLOAT8OID), oid(INT8OID)])?
@@ -615,175 +665,196 @@ fn prepare_session() -> Option<Statements> {
     .ok()
 }
 
-/// `2026-11-27 07:00:00.123456+00` (timestamptz in ISO style, UTC) as RFC 3339.
-fn rfc3339(pg: String) -> String {
-    let mut t = pg.replacen(' ', "T", 1);
-    if t.ends_with("+00") {
-        t.push_str(":00");
-    }
-    t
+/// A timestamptz (microseconds since 2000-01-01 00:00 UTC) as RFC 3339, in UTC with
+/// microseconds: `2026-11-27T07:00:00.123456Z`. The outbox's CHECK keeps `time` within years
+/// 1 to 9999.
+fn rfc3339(timestamp: i64) -> String {
+    const UNIX_DAYS_AT_2000: i64 = 10_957;
+    let micros = timestamp.rem_euclid(1_000_000);
+    let seconds = timestamp.div_euclid(1_000_000);
+    let (days, second) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (H. Hinnant, "chrono-Compatible Low-Level Date
+    // Algorithms").
+    let z = days + UNIX_DAYS_AT_2000 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        second / 3_600,
+        second / 60 % 60,
+        second % 60
+    )
 }
 
-/// Claimed rows: their place in the outbox, and the events they carry (or why a row does not
-/// read as one).
+/// A uuid in its canonical text form.
+fn uuid_text(bytes: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
+}
+
+/// Claimed rows, in `seq` order: the events they carry (or why a row does not read as one).
 #[derive(Default)]
 struct Claimed {
     seqs: Vec<i64>,
-    ctids: Vec<String>,
     attempts: Vec<i32>,
-    events: Vec<Result<OutboxEvent, String>>,
+    /// The rows that read as events, in order, and their places in the batch.
+    events: Arc<Vec<OutboxEvent>>,
+    sent: Vec<usize>,
+    /// The rows that don't: place, and why.
+    unreadable: Vec<(usize, String)>,
+    /// The backend's encoding of `events`, made while it worked on the batch before.
+    prepared: Option<Prepared>,
 }
 
 /// Batches in one transaction: at most this many, so that a crash sends at most this many
 /// again, and the transaction never holds back VACUUM for long.
 const BATCHES_PER_TRANSACTION: usize = 4;
 
-/// Up to [`BATCHES_PER_TRANSACTION`] batches, inside one transaction: claim, publish, retire.
-/// While Redis works on a full batch, the relay already deletes it and claims the next one, in
-/// a subtransaction: kept when every event of the batch went in, rolled back otherwise (the next
-/// batch is then not sent, and this one is retired event by event). So a batch is never sent
-/// before the outcome of the one before it is known, and a key keeps its order. An outage
-/// leaves the batch it hit as it was.
+/// Up to [`BATCHES_PER_TRANSACTION`] batches in one transaction. Each is claimed by deleting
+/// its rows, inside one subtransaction that is kept when every batch went in whole. While the
+/// broker works on a full batch, the relay already claims the next one and hands it to the
+/// backend to encode; it is sent once the batch before it is known to be in, so a key keeps its
+/// order. When a batch does not go in whole (an event rejected or held, a row that isn't an
+/// event, an outage), the subtransaction is rolled back, every claimed row is pending again,
+/// and the rows known to be delivered are deleted and the failures recorded one by one.
 fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> Tick {
     let batch_size = guc::batch_size();
+    let subxact = SubTransaction::begin();
     let mut claimed = claim(statements, batch_size);
-    let mut retired = 0;
+    // Rows of the batches delivered whole so far.
+    let mut delivered: Vec<i64> = Vec::new();
+    let mut full = false;
     for round in 1..=BATCHES_PER_TRANSACTION {
         if claimed.seqs.is_empty() {
-            return if retired == 0 {
-                Tick::Idle
-            } else {
-                Tick::Published {
-                    full: false,
-                    retired,
+            break;
+        }
+        full = claimed.seqs.len() >= batch_size;
+        // Claim ahead only after a full batch of events, never past the transaction's last.
+        let ahead = full && round < BATCHES_PER_TRANSACTION && claimed.unreadable.is_empty();
+        let Claimed {
+            seqs,
+            attempts,
+            events,
+            sent,
+            unreadable,
+            prepared,
+        } = claimed;
+        let mut next = None;
+        let outcome = if events.is_empty() {
+            Ok(Vec::new())
+        } else {
+            backend.publish_batch_overlapped(events.as_slice(), prepared, &mut |prepare| {
+                if ahead {
+                    let mut batch = claim(statements, batch_size);
+                    if !batch.events.is_empty() {
+                        batch.prepared = prepare.prepare(&batch.events);
+                    }
+                    next = Some(batch);
                 }
+            })
+        };
+        let whole =
+            unreadable.is_empty() && matches!(&outcome, Ok(o) if o.iter().all(Result::is_ok));
+        if !whole {
+            drop(next);
+            subxact.roll_back();
+            let batch = Claimed {
+                seqs,
+                attempts,
+                events,
+                sent,
+                unreadable,
+                prepared: None,
             };
+            return settle(statements, backend, delivered, batch, outcome);
         }
-        let full = claimed.seqs.len() >= batch_size;
-        // Claim ahead only after a full batch, and never past the transaction's last one.
-        let ahead = (full && round < BATCHES_PER_TRANSACTION).then_some(batch_size);
-        match publish_claimed(statements, backend, claimed, ahead) {
-            Batch::Done { retired: n } => {
-                return Tick::Published {
-                    full,
-                    retired: retired + n,
-                }
-            }
-            Batch::Next { retired: n, next } => {
-                retired += n;
-                claimed = next;
-            }
-            Batch::Outage(e) => return Tick::Outage(e),
-        }
+        shared::record_success(seqs.len());
+        delivered.extend(seqs);
+        claimed = next.unwrap_or_default();
     }
-    Tick::Published {
-        full: true,
-        retired,
+    subxact.commit();
+    if delivered.is_empty() {
+        Tick::Idle
+    } else {
+        Tick::Published {
+            full,
+            retired: delivered.len(),
+        }
     }
 }
 
-/// What became of one claimed batch.
-enum Batch {
-    /// Retired (`retired` rows deleted); this transaction ends here.
-    Done {
-        retired: usize,
-    },
-    /// Delivered whole and deleted; `next` was claimed while Redis worked.
-    Next {
-        retired: usize,
-        next: Claimed,
-    },
-    Outage(BackendError),
-}
-
-/// Publishes `claimed`; with `claim_ahead`, deletes it and claims up to that many more while
-/// the backend works (see [`relay_batch`]).
-fn publish_claimed(
+/// After the claims were undone: deletes the rows delivered (`delivered`, and the events of
+/// `batch` that went in), counts a failed attempt against each rejected or unreadable row, and
+/// leaves the rest pending.
+fn settle(
     statements: &Statements,
     backend: &mut dyn PublisherBackend,
-    claimed: Claimed,
-    claim_ahead: Option<usize>,
-) -> Batch {
-    // Rows that don't read as events fail without being sent; the rest go in one batch.
-    let mut failed: Vec<(usize, String)> = Vec::new();
-    let mut sent: Vec<usize> = Vec::with_capacity(claimed.events.len());
-    let mut events: Vec<OutboxEvent> = Vec::with_capacity(claimed.events.len());
-    for (i, event) in claimed.events.into_iter().enumerate() {
-        match event {
-            Ok(event) => {
-                sent.push(i);
-                events.push(event);
-            }
-            Err(e) => failed.push((i, e)),
-        }
-    }
-    let claim_ahead = claim_ahead.filter(|_| failed.is_empty());
-    let mut ahead: Option<(SubTransaction, Claimed)> = None;
-    let outcome = if events.is_empty() {
-        Ok(Vec::new())
-    } else {
-        let mut meanwhile = || {
-            if let Some(limit) = claim_ahead {
-                let subxact = SubTransaction::begin();
-                retire(statements, &claimed.ctids, &[]);
-                ahead = Some((subxact, claim(statements, limit)));
-            }
-        };
-        backend.publish_batch_overlapped(&events, &mut meanwhile)
-    };
-    // What was done ahead stands only if the batch went in whole; otherwise it is undone, and
-    // the batch is retired event by event below.
-    if let Some((subxact, next)) = ahead {
-        if matches!(&outcome, Ok(o) if o.iter().all(Result::is_ok)) {
-            subxact.commit();
-            shared::record_success(claimed.ctids.len());
-            return Batch::Next {
-                retired: claimed.ctids.len(),
-                next,
-            };
-        }
-        subxact.roll_back();
-    }
+    mut delivered: Vec<i64>,
+    batch: Claimed,
+    outcome: Result<BatchOutcome, BackendError>,
+) -> Tick {
+    let Claimed {
+        seqs,
+        attempts,
+        events,
+        sent,
+        unreadable: mut failed,
+        ..
+    } = batch;
+    let before = delivered.len();
     let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            if e.is_unavailable() {
-                return Batch::Outage(e);
-            }
-            // Refused as a whole, but not for an outage: one event may be the cause. One at a
-            // time, the culprit gets its own failed attempts instead of stalling everything.
-            match backend::publish_each(backend, &events) {
-                Ok(outcome) => outcome,
-                Err(e) => return Batch::Outage(e),
-            }
-        }
+        Ok(outcome) => Ok(outcome),
+        // Not the events' fault: the batch stays pending.
+        Err(e) if e.is_unavailable() => Err(e),
+        // Refused as a whole, but not for an outage: one event may be the cause. One at a
+        // time, the culprit gets its own failed attempts instead of stalling everything.
+        Err(_) => backend::publish_each(backend, &events),
     };
-
-    let mut published = Vec::with_capacity(sent.len());
     let mut outage = None;
-    for (i, result) in sent.into_iter().zip(outcome) {
-        match result {
-            Ok(()) => published.push(claimed.ctids[i].clone()),
-            // Behind a failed event of its key: stays pending, untouched.
-            Err(BackendError::Held) => {}
-            // Not this event's fault: it stays pending, untouched.
-            Err(e) if e.is_unavailable() => outage = Some(e),
-            Err(e) => failed.push((i, e.to_string())),
+    match outcome {
+        Err(e) => outage = Some(e),
+        Ok(outcome) => {
+            for (i, result) in sent.into_iter().zip(outcome) {
+                match result {
+                    Ok(()) => delivered.push(seqs[i]),
+                    // Behind a failed event of its key: stays pending, untouched.
+                    Err(BackendError::Held) => {}
+                    // Not this event's fault: it stays pending, untouched.
+                    Err(e) if e.is_unavailable() => outage = Some(e),
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+            }
         }
     }
     let failed: Vec<(i64, i32, String)> = failed
         .into_iter()
-        .map(|(i, e)| (claimed.seqs[i], claimed.attempts[i], e))
+        .map(|(i, e)| (seqs[i], attempts[i], e))
         .collect();
-    retire(statements, &published, &failed);
-    shared::record_success(published.len());
+    retire(statements, &delivered, &failed);
+    shared::record_success(delivered.len() - before);
     if let Some((_, _, error)) = failed.last() {
         shared::record_failure(failed.len(), error);
     }
     match outage {
-        Some(e) => Batch::Outage(e),
-        None => Batch::Done {
-            retired: published.len(),
+        Some(e) => Tick::Outage(e),
+        None if delivered.is_empty() => Tick::Idle,
+        None => Tick::Published {
+            full: false,
+            retired: delivered.len(),
         },
     }
 }
@@ -863,33 +934,39 @@ fn vacuum_outbox(outbox: pg_sys::Oid) {
     }
 }
 
-/// Columns of [`CLAIM`].
-const CLAIM_COLUMNS: usize = 14;
+/// Columns of [`CLAIMED`].
+const CLAIM_COLUMNS: usize = 13;
 
+/// Claims up to `limit` ready rows (see [`claim_sql`]).
 fn claim(statements: &Statements, limit: usize) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let statement = if guc::retention().is_zero() {
+        &statements.claim
+    } else {
+        &statements.claim_and_keep
+    };
     Spi::connect_mut(|client| {
         let hold = guc::dead_event_holds_key();
         // Read below through SPI_tuptable, which lives until SPI_finish.
         let n = client
-            .update(&statements.claim, None, &[limit.into(), hold.into()])?
+            .update(statement, None, &[limit.into(), hold.into()])?
             .len();
-        let mut claimed = Claimed {
-            seqs: Vec::with_capacity(n),
-            ctids: Vec::with_capacity(n),
-            attempts: Vec::with_capacity(n),
-            events: Vec::with_capacity(n),
-        };
-        // Each row is deformed once and its text read in place: pgrx's row accessors fetch every
-        // column on its own, each walking the row from its first column.
         let table = unsafe { pg_sys::SPI_tuptable };
         if n == 0 || table.is_null() {
-            return Ok(claimed);
+            return Ok(Claimed::default());
         }
         let tupdesc = unsafe { (*table).tupdesc };
-        if usize::try_from(unsafe { (*tupdesc).natts }) != Ok(CLAIM_COLUMNS) {
+        let type_of = |c: usize| unsafe { (*(*tupdesc).attrs.as_ptr().add(c)).atttypid };
+        if usize::try_from(unsafe { (*tupdesc).natts }) != Ok(CLAIM_COLUMNS)
+            || type_of(1) != pg_sys::UUIDOID
+            || type_of(5) != pg_sys::TIMESTAMPTZOID
+            || type_of(8) != pg_sys::JSONOID
+        {
             return Err(pgrx::spi::SpiErrorCodes::NoAttribute.into());
         }
+        // Each row is deformed once and its text read in place: pgrx's row accessors fetch every
+        // column on its own, each walking the row from its first column.
+        let mut rows = Vec::with_capacity(n);
         let mut values = [pg_sys::Datum::from(0usize); CLAIM_COLUMNS];
         let mut nulls = [true; CLAIM_COLUMNS];
         for i in 0..n {
@@ -901,10 +978,10 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
                     nulls.as_mut_ptr(),
                 );
             }
-            // SAFETY: the columns are text where read as text (see CLAIM), and live until
-            // SPI_finish, after this loop.
+            // SAFETY: the columns are text (or json) where read as text (see CLAIMED), and
+            // live until SPI_finish, after this loop.
             let text = |c: usize| (!nulls[c]).then(|| unsafe { text_datum(values[c]) });
-            // int8 and int4, passed by value.
+            // int8, int4 and timestamptz, passed by value.
             let int = |c: usize| {
                 if nulls[c] {
                     0
@@ -912,30 +989,57 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
                     values[c].value() as i64
                 }
             };
-            claimed.seqs.push(int(0));
-            claimed.ctids.push(text(1).unwrap_or_default());
-            claimed.attempts.push(int(13) as i32);
-            let extensions = match text(11) {
+            let extensions = match text(10) {
                 Some(json) if json != "{}" => serde_json::from_str(&json)
                     .map_err(|_| "extensions must be a JSON object".to_string()),
                 _ => Ok(Default::default()),
             };
-            claimed
-                .events
-                .push(extensions.map(|extensions| OutboxEvent {
-                    id: text(2).unwrap_or_default(),
-                    ty: text(3).unwrap_or_default(),
-                    source: text(4).unwrap_or_default(),
-                    subject: text(5),
-                    time: text(6).map(rfc3339).unwrap_or_default(),
-                    datacontenttype: text(7).unwrap_or_default(),
-                    dataschema: text(8),
-                    data: text(9),
-                    partition_key: text(10),
-                    extensions,
-                    stream: text(12),
-                }));
+            let event = extensions.map(|extensions| OutboxEvent {
+                // SAFETY: a uuid datum points to its 16 bytes.
+                id: if nulls[1] {
+                    String::new()
+                } else {
+                    uuid_text(unsafe { &*values[1].cast_mut_ptr::<[u8; 16]>() })
+                },
+                ty: text(2).unwrap_or_default(),
+                source: text(3).unwrap_or_default(),
+                subject: text(4),
+                time: if nulls[5] {
+                    String::new()
+                } else {
+                    rfc3339(int(5))
+                },
+                datacontenttype: text(6).unwrap_or_default(),
+                dataschema: text(7),
+                data: text(8),
+                partition_key: text(9),
+                extensions,
+                stream: text(11),
+            });
+            rows.push((int(0), int(12) as i32, event));
         }
+        if !rows.is_sorted_by_key(|r| r.0) {
+            rows.sort_unstable_by_key(|r| r.0);
+        }
+        let mut claimed = Claimed {
+            seqs: Vec::with_capacity(n),
+            attempts: Vec::with_capacity(n),
+            sent: Vec::with_capacity(n),
+            ..Default::default()
+        };
+        let mut events = Vec::with_capacity(n);
+        for (i, (seq, attempts, event)) in rows.into_iter().enumerate() {
+            claimed.seqs.push(seq);
+            claimed.attempts.push(attempts);
+            match event {
+                Ok(event) => {
+                    claimed.sent.push(i);
+                    events.push(event);
+                }
+                Err(e) => claimed.unreadable.push((i, e)),
+            }
+        }
+        claimed.events = Arc::new(events);
         Ok::<_, pgrx::spi::Error>(claimed)
     })
     .unwrap_or_else(|e| {
@@ -957,7 +1061,10 @@ unsafe fn text_datum(datum: pg_sys::Datum) -> String {
             pgrx::varlena::vardata_any(text).cast::<u8>(),
             pgrx::varlena::varsize_any_exhdr(text),
         );
-        String::from_utf8_lossy(bytes).into_owned()
+        match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_owned(),
+            Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        }
     }
 }
 
@@ -987,9 +1094,9 @@ fn purge(statements: &Statements) {
     }
 }
 
-/// Deletes what was published (by tuple id); counts an attempt against each failed row (seq,
+/// Deletes what was published (by `seq`); counts an attempt against each failed row (seq,
 /// attempts so far, error), scheduling its retry or marking it dead.
-fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, String)]) {
+fn retire(statements: &Statements, published: &[i64], failed: &[(i64, i32, String)]) {
     let max_attempts = guc::max_attempts();
     let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
     let result = Spi::connect_mut(|client| {
@@ -1027,14 +1134,35 @@ fn retire(statements: &Statements, published: &[String], failed: &[(i64, i32, St
 #[cfg(test)]
 mod tests {
     #[test]
-    fn iso_timestamps_become_rfc3339() {
+    fn timestamps_become_rfc3339_in_utc() {
+        use super::rfc3339;
+        let day = 86_400 * 1_000_000_i64;
+        assert_eq!(rfc3339(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(-1), "1999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339(-10_957 * day), "1970-01-01T00:00:00.000000Z");
+        // 2024-02-29 07:08:09.123456, a leap day.
+        let leap = (8_825 * 86_400 + 7 * 3_600 + 8 * 60 + 9) * 1_000_000 + 123_456;
+        assert_eq!(rfc3339(leap), "2024-02-29T07:08:09.123456Z");
+        // The outbox's bounds: '0001-01-01 00:00:00+00' and '9999-12-31 23:59:59.999999+00'.
         assert_eq!(
-            super::rfc3339("2026-11-27 07:00:00.123456+00".into()),
-            "2026-11-27T07:00:00.123456+00:00"
+            rfc3339(-63_082_281_600_000_000),
+            "0001-01-01T00:00:00.000000Z"
         );
         assert_eq!(
-            super::rfc3339("2026-11-27 07:00:00+00".into()),
-            "2026-11-27T07:00:00+00:00"
+            rfc3339(252_455_615_999_999_999),
+            "9999-12-31T23:59:59.999999Z"
+        );
+    }
+
+    #[test]
+    fn uuids_in_canonical_form() {
+        let bytes = [
+            0x7d, 0x2c, 0x5b, 0xd4, 0x4f, 0x7e, 0x4a, 0x53, 0x8d, 0x4c, 0x5d, 0x1d, 0x7a, 0x1c,
+            0x0e, 0x11,
+        ];
+        assert_eq!(
+            super::uuid_text(&bytes),
+            "7d2c5bd4-4f7e-4a53-8d4c-5d1d7a1c0e11"
         );
     }
 }

@@ -5,6 +5,7 @@
 //! [`REGISTRY`].
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::{EventError, OutboxEvent};
@@ -155,21 +156,45 @@ pub trait PublisherBackend {
     }
 
     /// [`PublisherBackend::publish_batch`], calling `meanwhile` while the broker works on the
-    /// batch (after sending it, before reading the reply), so the caller can prepare the next
-    /// one. The default calls it after publishing; a backend that sends and receives in two
-    /// steps overrides it.
+    /// batch (after sending it, before reading the reply), so the caller can claim the next one
+    /// and hand it to the [`Prepare`] it is given. What that returns comes back here with those
+    /// same events as `prepared`, and saves encoding them again. The default calls `meanwhile`
+    /// after publishing and prepares nothing; a backend that sends and receives in two steps
+    /// overrides it.
     fn publish_batch_overlapped(
         &mut self,
         events: &[OutboxEvent],
-        meanwhile: &mut dyn FnMut(),
+        prepared: Option<Prepared>,
+        meanwhile: &mut dyn FnMut(&mut dyn Prepare),
     ) -> Result<BatchOutcome, BackendError> {
+        drop(prepared);
         let outcome = self.publish_batch(events);
-        meanwhile();
+        meanwhile(&mut NothingToPrepare);
         outcome
     }
 
     /// Cheap check that the broker is reachable and serving.
     fn health_check(&mut self) -> Result<(), BackendError>;
+}
+
+/// Encodes a batch ahead of its turn: see [`PublisherBackend::publish_batch_overlapped`].
+pub trait Prepare {
+    /// The backend's encoding of `events`, to be handed back with them; None when it has none.
+    /// The events are shared, so that a backend may encode them on a thread of its own (never
+    /// calling into Postgres from there).
+    fn prepare(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Option<Prepared>;
+}
+
+/// A batch encoded ahead by a backend: opaque to the relay, which only hands it back.
+pub struct Prepared(pub Box<dyn std::any::Any>);
+
+/// The [`Prepare`] of backends that encode as they send.
+pub struct NothingToPrepare;
+
+impl Prepare for NothingToPrepare {
+    fn prepare(&mut self, _: &Arc<Vec<OutboxEvent>>) -> Option<Prepared> {
+        None
+    }
 }
 
 /// Publishes events one at a time, holding a key's later events after one of them failed. The

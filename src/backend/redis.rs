@@ -2,6 +2,9 @@
 //! The entry layout follows the CloudEvents Kafka binding (binary mode) or carries the whole
 //! event as JSON (structured mode); the SDK's message serializers produce both.
 
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc};
+
 use cloudevents::event::SpecVersion;
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, MessageAttributeValue, StructuredDeserializer,
@@ -9,7 +12,10 @@ use cloudevents::message::{
 };
 use redis::{Client, Cmd, Connection, ConnectionLike, RedisError, RedisWrite};
 
-use super::{BackendConfig, BackendError, BatchOutcome, HeldKeys, MessageMode, PublisherBackend};
+use super::{
+    BackendConfig, BackendError, BatchOutcome, HeldKeys, MessageMode, Prepare, Prepared,
+    PublisherBackend,
+};
 use crate::event::OutboxEvent;
 
 /// Content type of a structured-mode entry.
@@ -18,14 +24,105 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 pub struct RedisStreamBackend {
     client: Client,
     connection: Option<Connection>,
+    /// Encodes the batches that were not prepared.
+    encoder: Encoder,
+    /// Encodes the batches prepared ahead, on a thread of its own; None if it can't start.
+    ahead: Option<AheadEncoder>,
+}
+
+/// An [`Encoder`] on a thread of its own: while the server works on a batch and the relay claims
+/// the next one from Postgres, this thread encodes it. Plain Rust runs there, never Postgres.
+struct AheadEncoder {
+    jobs: mpsc::Sender<Job>,
+    /// Whether entries are written for a server that de-duplicates; learnt on connect.
+    idempotent_xadd: bool,
+    /// Buffers of sent batches, for the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+/// A batch for the [`AheadEncoder`]'s thread; the result comes back through `done`.
+struct Job {
+    events: Arc<Vec<OutboxEvent>>,
+    idempotent_xadd: bool,
+    packed: Vec<u8>,
+    done: mpsc::SyncSender<Encoded>,
+}
+
+impl AheadEncoder {
+    /// Starts the thread. It ends when this is dropped (with the backend).
+    fn start(config: &BackendConfig) -> Option<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let mut encoder = Encoder::new(config);
+        std::thread::Builder::new()
+            .name("broadcaster encoder".into())
+            .spawn(move || {
+                for job in queue {
+                    encoder.idempotent_xadd = job.idempotent_xadd;
+                    encoder.spare = job.packed;
+                    // The relay may have given up on the batch: then nobody waits.
+                    let _ = job.done.send(encoder.encode(&job.events));
+                }
+            })
+            .ok()?;
+        Some(AheadEncoder {
+            jobs,
+            idempotent_xadd: false,
+            spare: Vec::new(),
+        })
+    }
+}
+
+impl Prepare for AheadEncoder {
+    fn prepare(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Option<Prepared> {
+        let (done, encoded) = mpsc::sync_channel(1);
+        let job = Job {
+            events: Arc::clone(events),
+            idempotent_xadd: self.idempotent_xadd,
+            packed: self.spare.pop().unwrap_or_default(),
+            done,
+        };
+        self.jobs.send(job).ok()?;
+        Some(Prepared(Box::new(encoded)))
+    }
+}
+
+/// Turns a batch of events into one command. Apart from the connection, so that it encodes the
+/// next batch while the server works on the current one.
+struct Encoder {
+    config: BackendConfig,
     /// The server de-duplicates `XADD ... IDMP` (Redis 8.6 and later); learnt on connect.
     idempotent_xadd: bool,
-    config: BackendConfig,
     /// Buffers kept from batch to batch, so that a batch allocates nothing once they have grown:
-    /// one entry's fields, the script's arguments, the command, and its bytes on the wire.
+    /// one entry's fields, the script's arguments, the command, and the bytes of a sent batch.
     entry: Cmd,
     argv: Cmd,
     command: Cmd,
+    spare: Vec<u8>,
+}
+
+/// How a batch goes to the server.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Shape {
+    /// `MULTI`, one `XADD` per entry, `EXEC`: nothing runs in between, so an entry is refused
+    /// only for its stream (a key holding another type), and with it every entry of that
+    /// stream. A key's entries all going to one stream, none of them overtakes another.
+    Transaction,
+    /// [`BATCH_SCRIPT`], for a batch where some key's entries go to more than one stream: it
+    /// stops adding a key's entries after one of them fails. It costs the server about twice
+    /// as much per entry.
+    Script,
+}
+
+/// A batch ready to go: its commands on the wire, and the events answered without sending.
+struct Encoded {
+    /// Whether entries were written for a server that de-duplicates.
+    idempotent_xadd: bool,
+    shape: Shape,
+    /// Per event: an error for those not sent (too large, or held behind one), Ok for the rest
+    /// until the reply says otherwise.
+    outcome: BatchOutcome,
+    /// Indexes of the events in `packed`, in order.
+    sent: Vec<usize>,
     packed: Vec<u8>,
 }
 
@@ -65,21 +162,17 @@ impl RedisStreamBackend {
         RedisStreamBackend {
             client,
             connection: None,
-            idempotent_xadd: false,
-            config: config.clone(),
-            entry: Cmd::new(),
-            argv: Cmd::new(),
-            command: Cmd::new(),
-            packed: Vec::new(),
+            encoder: Encoder::new(config),
+            ahead: AheadEncoder::start(config),
         }
     }
 
     fn connection(&mut self) -> Result<&mut Connection, BackendError> {
         if self.connection.is_none() {
-            let timeout = Some(self.config.timeout);
+            let timeout = Some(self.encoder.config.timeout);
             let connection = self
                 .client
-                .get_connection_with_timeout(self.config.timeout)
+                .get_connection_with_timeout(self.encoder.config.timeout)
                 .and_then(|mut c| {
                     c.set_read_timeout(timeout)?;
                     c.set_write_timeout(timeout)?;
@@ -88,12 +181,20 @@ impl RedisStreamBackend {
                 })
                 .map_err(classify)?;
             let (connection, info) = connection;
-            self.idempotent_xadd = server_version(&info).is_some_and(|v| v >= (8, 6));
+            self.encoder.idempotent_xadd = server_version(&info).is_some_and(|v| v >= (8, 6));
             self.connection = Some(connection);
         }
         self.connection
             .as_mut()
             .ok_or_else(|| BackendError::Unavailable("no connection".into()))
+    }
+
+    /// What encodes the next batch while this one is in flight: the thread, if it started.
+    fn preparer(&mut self) -> &mut dyn Prepare {
+        match self.ahead.as_mut() {
+            Some(ahead) => ahead,
+            None => &mut self.encoder,
+        }
     }
 
     /// Runs `f` on the connection; an outage drops the connection so the next call reconnects.
@@ -107,20 +208,129 @@ impl RedisStreamBackend {
         }
         result
     }
+}
+
+impl Encoder {
+    fn new(config: &BackendConfig) -> Self {
+        Encoder {
+            config: config.clone(),
+            idempotent_xadd: false,
+            entry: Cmd::new(),
+            argv: Cmd::new(),
+            command: Cmd::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// The batch commands for `events`, in order. An event that can't be encoded is answered
+    /// here, and holds its key's later events.
+    fn encode(&mut self, events: &[OutboxEvent]) -> Encoded {
+        let shape = if self.some_key_spans_streams(events) {
+            Shape::Script
+        } else {
+            Shape::Transaction
+        };
+        let mut outcome: BatchOutcome = Vec::with_capacity(events.len());
+        let mut sent: Vec<usize> = Vec::with_capacity(events.len());
+        let mut held = HeldKeys::default();
+        let mut packed = std::mem::take(&mut self.spare);
+        packed.clear();
+        self.argv.clear();
+        if shape == Shape::Transaction {
+            packed.extend_from_slice(MULTI);
+        }
+        for (i, event) in events.iter().enumerate() {
+            if held.holds(event) {
+                outcome.push(Err(BackendError::Held));
+                continue;
+            }
+            let encoded = match shape {
+                Shape::Transaction => self.write_xadd(event, &mut packed),
+                Shape::Script => self.encode_entry(event).map(|()| self.add_entry(event)),
+            };
+            match encoded {
+                Ok(()) => {
+                    outcome.push(Ok(()));
+                    sent.push(i);
+                }
+                Err(e) => {
+                    held.fail(event);
+                    outcome.push(Err(e));
+                }
+            }
+        }
+        if sent.is_empty() {
+            packed.clear();
+        } else if shape == Shape::Transaction {
+            packed.extend_from_slice(EXEC);
+        } else {
+            self.pack_command(events, &sent, &mut packed);
+        }
+        Encoded {
+            idempotent_xadd: self.idempotent_xadd,
+            shape,
+            outcome,
+            sent,
+            packed,
+        }
+    }
+
+    fn stream_of<'a>(&'a self, event: &'a OutboxEvent) -> &'a str {
+        event.stream.as_deref().unwrap_or(&self.config.stream)
+    }
+
+    /// Whether some partition key's events go to more than one stream in `events`.
+    fn some_key_spans_streams(&self, events: &[OutboxEvent]) -> bool {
+        let Some(first) = events.first() else {
+            return false;
+        };
+        let stream = self.stream_of(first);
+        if events.iter().all(|e| self.stream_of(e) == stream) {
+            return false;
+        }
+        let mut streams: HashMap<&str, &str> = HashMap::new();
+        events.iter().any(|e| {
+            e.partition_key.as_deref().is_some_and(|key| {
+                *streams.entry(key).or_insert_with(|| self.stream_of(e)) != self.stream_of(e)
+            })
+        })
+    }
+
+    /// Appends `XADD` of `event` to `packed`, refused when its fields are larger than
+    /// `broadcaster.max_event_size`.
+    fn write_xadd(
+        &mut self,
+        event: &OutboxEvent,
+        packed: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let stream = event.stream.as_deref().unwrap_or(&self.config.stream);
+        let command = &mut self.command;
+        command.clear();
+        command.arg("XADD").arg(stream);
+        if self.idempotent_xadd {
+            // CloudEvents identity is source + id: two sources may reuse an id.
+            command
+                .arg("IDMP")
+                .arg(self.config.producer_id.as_str())
+                .write_arg_fmt(format_args!("{} {}", event.source, event.id));
+        }
+        if self.config.maxlen > 0 {
+            command.arg("MAXLEN").arg("~").arg(self.config.maxlen);
+        }
+        command.arg("*");
+        let fields = command.args_iter().len();
+        write_entry(event, self.config.mode, command)?;
+        check_size(command, fields, self.config.max_event_size)?;
+        command.write_packed_command(packed);
+        Ok(())
+    }
 
     /// Encodes `event`'s fields into `self.entry`, refused when larger than
     /// `broadcaster.max_event_size`.
     fn encode_entry(&mut self, event: &OutboxEvent) -> Result<(), BackendError> {
         self.entry.clear();
         write_entry(event, self.config.mode, &mut self.entry)?;
-        let size: usize = self.entry.args_iter().map(|a| arg_bytes(&a).len()).sum();
-        let max = self.config.max_event_size;
-        if max > 0 && size > max {
-            return Err(BackendError::Rejected(format!(
-                "event is {size} bytes, above broadcaster.max_event_size ({max} bytes)"
-            )));
-        }
-        Ok(())
+        check_size(&self.entry, 0, self.config.max_event_size)
     }
 
     /// Appends the encoded entry of `event` to the script's arguments.
@@ -141,8 +351,8 @@ impl RedisStreamBackend {
     }
 
     /// `EVALSHA` of [`BATCH_SCRIPT`] for the entries added to `self.argv`, those of
-    /// `events[i]` for each `i` in `sent`, packed into `self.packed`.
-    fn pack_command(&mut self, events: &[OutboxEvent], sent: &[usize]) {
+    /// `events[i]` for each `i` in `sent`, packed into `packed`.
+    fn pack_command(&mut self, events: &[OutboxEvent], sent: &[usize], packed: &mut Vec<u8>) {
         self.command.clear();
         self.command
             .arg("EVALSHA")
@@ -162,9 +372,36 @@ impl RedisStreamBackend {
         for arg in self.argv.args_iter() {
             self.command.arg(arg_bytes(&arg));
         }
-        self.packed.clear();
-        self.command.write_packed_command(&mut self.packed);
+        self.command.write_packed_command(packed);
     }
+}
+
+impl Prepare for Encoder {
+    fn prepare(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Option<Prepared> {
+        let (done, encoded) = mpsc::sync_channel(1);
+        done.send(self.encode(events)).ok()?;
+        Some(Prepared(Box::new(encoded)))
+    }
+}
+
+/// `MULTI` and `EXEC` on the wire.
+const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
+
+/// Refuses an entry whose fields (the arguments of `command` from `first` on) are larger than
+/// `max` bytes (0: no limit).
+fn check_size(command: &Cmd, first: usize, max: usize) -> Result<(), BackendError> {
+    let size: usize = command
+        .args_iter()
+        .skip(first)
+        .map(|a| arg_bytes(&a).len())
+        .sum();
+    if max > 0 && size > max {
+        return Err(BackendError::Rejected(format!(
+            "event is {size} bytes, above broadcaster.max_event_size ({max} bytes)"
+        )));
+    }
+    Ok(())
 }
 
 fn arg_bytes<'a>(arg: &redis::Arg<&'a [u8]>) -> &'a [u8] {
@@ -245,66 +482,64 @@ impl PublisherBackend for RedisStreamBackend {
     }
 
     fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
-        self.publish_batch_overlapped(events, &mut || {})
+        self.publish_batch_overlapped(events, None, &mut |_| {})
     }
 
     fn publish_batch_overlapped(
         &mut self,
         events: &[OutboxEvent],
-        meanwhile: &mut dyn FnMut(),
+        prepared: Option<Prepared>,
+        meanwhile: &mut dyn FnMut(&mut dyn Prepare),
     ) -> Result<BatchOutcome, BackendError> {
         // Connect first: how entries are written depends on the server's version.
         self.connection()?;
-        let mut outcome: BatchOutcome = Vec::with_capacity(events.len());
-        let mut sent: Vec<usize> = Vec::with_capacity(events.len());
-        // An event that can't be encoded is answered here, and holds its key's later events.
-        let mut held = HeldKeys::default();
-        self.argv.clear();
-        for (i, event) in events.iter().enumerate() {
-            if held.holds(event) {
-                outcome.push(Err(BackendError::Held));
-                continue;
-            }
-            match self.encode_entry(event) {
-                Ok(()) => {
-                    self.add_entry(event);
-                    outcome.push(Ok(()));
-                    sent.push(i);
-                }
-                Err(e) => {
-                    held.fail(event);
-                    outcome.push(Err(e));
-                }
-            }
+        let idempotent_xadd = self.encoder.idempotent_xadd;
+        let Encoded {
+            shape,
+            mut outcome,
+            sent,
+            packed,
+            ..
+        } = prepared
+            .and_then(|p| p.0.downcast::<mpsc::Receiver<Encoded>>().ok())
+            .and_then(|encoded| encoded.recv().ok())
+            .filter(|e| e.idempotent_xadd == idempotent_xadd && e.outcome.len() == events.len())
+            .unwrap_or_else(|| self.encoder.encode(events));
+        if let Some(ahead) = self.ahead.as_mut() {
+            ahead.idempotent_xadd = idempotent_xadd;
         }
         if sent.is_empty() {
-            meanwhile();
+            meanwhile(self.preparer());
             return Ok(outcome);
         }
-        self.pack_command(events, &sent);
-        let packed = std::mem::take(&mut self.packed);
-        let reply = self
+        let replies = self
             .with_connection(|c| c.send_packed_command(&packed))
             .and_then(|()| {
-                meanwhile();
-                self.with_connection(|c| receive_script_reply(c, &packed))
+                meanwhile(self.preparer());
+                self.with_connection(|c| match shape {
+                    Shape::Transaction => receive_transaction_replies(c, sent.len()),
+                    Shape::Script => receive_script_reply(c, &packed)
+                        .and_then(|reply| script_outcomes(reply, sent.len())),
+                })
             });
-        self.packed = packed;
-        let replies = match reply? {
-            // Every entry added.
-            redis::Value::Int(n) if usize::try_from(n) == Ok(sent.len()) => return Ok(outcome),
-            redis::Value::Array(replies) if replies.len() == sent.len() => replies,
-            other => {
-                self.connection = None;
-                return Err(BackendError::Unavailable(format!(
-                    "unexpected reply to a batch of {}: {other:?}",
-                    sent.len()
-                )));
+        match self.ahead.as_mut() {
+            Some(ahead) if ahead.spare.len() < 2 => ahead.spare.push(packed),
+            _ => self.encoder.spare = packed,
+        }
+        let replies = match replies? {
+            Ok(replies) => replies,
+            Err(e) => {
+                if e.is_unavailable() {
+                    // Perhaps out of step with the server: start again on a new connection.
+                    self.connection = None;
+                }
+                return Err(e);
             }
         };
         for (i, reply) in sent.into_iter().zip(replies) {
-            outcome[i] = entry_outcome(reply);
+            outcome[i] = reply;
         }
+        hold_after_first_failure(events, &mut outcome);
         Ok(outcome)
     }
 
@@ -313,8 +548,109 @@ impl PublisherBackend for RedisStreamBackend {
     }
 }
 
-/// One entry's reply from the batch script. Only an entry id counts as delivered.
+/// Per-entry outcomes of a batch sent as a transaction: the replies to `MULTI`, to each of the
+/// `n` `XADD`s, and to `EXEC`. An `XADD` refused while queued (the server out of memory, say)
+/// makes `EXEC` discard them all: that entry is answered with its error and the others are
+/// held, not sent. The inner `Err` means the replies are not what was sent for.
+fn receive_transaction_replies(
+    c: &mut Connection,
+    n: usize,
+) -> Result<Result<BatchOutcome, BackendError>, RedisError> {
+    let in_transaction = matches!(c.recv_response()?, redis::Value::Okay);
+    // While queued, each reply is `QUEUED` or why the entry was refused. Had `MULTI` itself
+    // been refused, each `XADD` ran on its own: its reply is its outcome (and `EXEC` fails).
+    let mut direct: BatchOutcome = Vec::new();
+    let mut refused: Vec<(usize, BackendError)> = Vec::new();
+    for i in 0..n {
+        let reply = entry_outcome(c.recv_response()?);
+        if !in_transaction {
+            direct.push(reply);
+        } else if let Err(e) = reply {
+            refused.push((i, e));
+        }
+    }
+    let exec = c.recv_response()?;
+    if !in_transaction {
+        return Ok(Ok(direct));
+    }
+    Ok(match exec {
+        redis::Value::Array(replies) if replies.len() == n => {
+            Ok(replies.into_iter().map(entry_outcome).collect())
+        }
+        // Discarded for the refused entries: the others were never added.
+        redis::Value::ServerError(_) if !refused.is_empty() => {
+            let mut outcome: BatchOutcome = (0..n).map(|_| Err(BackendError::Held)).collect();
+            for (i, e) in refused {
+                outcome[i] = Err(e);
+            }
+            Ok(outcome)
+        }
+        // The batch as a whole, e.g. EXEC refused for lack of memory.
+        redis::Value::ServerError(e) => Err(classify_message(server_error_message(&e))),
+        other => Err(BackendError::Unavailable(format!(
+            "unexpected reply to a batch of {n}: {other:?}"
+        ))),
+    })
+}
+
+/// Per-entry outcomes from the batch script's reply.
+fn script_outcomes(
+    reply: redis::Value,
+    n: usize,
+) -> Result<Result<BatchOutcome, BackendError>, RedisError> {
+    Ok(match reply {
+        // Every entry added.
+        redis::Value::Int(added) if usize::try_from(added) == Ok(n) => {
+            Ok((0..n).map(|_| Ok(())).collect())
+        }
+        redis::Value::Array(replies) if replies.len() == n => {
+            Ok(replies.into_iter().map(script_entry_outcome).collect())
+        }
+        other => Err(BackendError::Unavailable(format!(
+            "unexpected reply to a batch of {n}: {other:?}"
+        ))),
+    })
+}
+
+/// After an event of a key fails, the key's later failures in the batch were refused for the
+/// same reason (their stream): they are held behind it, not failed attempts of their own.
+fn hold_after_first_failure(events: &[OutboxEvent], outcome: &mut BatchOutcome) {
+    if outcome.iter().all(Result::is_ok) {
+        return;
+    }
+    let mut failed = HeldKeys::default();
+    for (event, result) in events.iter().zip(outcome.iter_mut()) {
+        if matches!(result, Err(BackendError::Rejected(_))) {
+            if failed.holds(event) {
+                *result = Err(BackendError::Held);
+            } else {
+                failed.fail(event);
+            }
+        }
+    }
+}
+
+/// One entry's reply to `XADD`. Only an entry id counts as delivered.
 fn entry_outcome(reply: redis::Value) -> Result<(), BackendError> {
+    match reply {
+        redis::Value::BulkString(_) | redis::Value::SimpleString(_) => Ok(()),
+        redis::Value::ServerError(e) => Err(classify_message(server_error_message(&e))),
+        other => Err(BackendError::Unavailable(format!(
+            "unexpected reply for an entry: {other:?}"
+        ))),
+    }
+}
+
+/// `CODE message`, as the server wrote it.
+fn server_error_message(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(details) => format!("{} {details}", e.code()),
+        None => e.code().to_string(),
+    }
+}
+
+/// One entry's reply from the batch script. Only an entry id counts as delivered.
+fn script_entry_outcome(reply: redis::Value) -> Result<(), BackendError> {
     let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
     match reply {
         redis::Value::BulkString(_) | redis::Value::SimpleString(_) => Ok(()),
@@ -557,28 +893,26 @@ mod tests {
     }
 
     /// The arguments of the command `b` sends for `events`, read back from its RESP bytes.
-    fn sent_args(b: &mut RedisStreamBackend, events: &[OutboxEvent]) -> Vec<String> {
-        b.argv.clear();
-        for e in events {
-            b.encode_entry(e).expect("encodes");
-            b.add_entry(e);
-        }
-        let all: Vec<usize> = (0..events.len()).collect();
-        b.pack_command(events, &all);
-        // RESP: each argument is a `$len` line followed by its value.
-        let text = String::from_utf8_lossy(&b.packed);
+    /// The commands `b` would send for `events`, each as its arguments.
+    fn sent_commands(b: &mut RedisStreamBackend, events: &[OutboxEvent]) -> Vec<Vec<String>> {
+        let encoded = b.encoder.encode(events);
+        // RESP: `*n` starts a command, then each argument is a `$len` line and its value.
+        let text = String::from_utf8_lossy(&encoded.packed);
         let mut lines = text.split("\r\n");
-        let mut args = Vec::new();
+        let mut commands: Vec<Vec<String>> = Vec::new();
         while let Some(line) = lines.next() {
-            if line.starts_with('$') {
-                args.extend(lines.next().map(str::to_string));
+            if line.starts_with('*') {
+                commands.push(Vec::new());
+            } else if line.starts_with('$') {
+                let arg = lines.next().unwrap_or_default().to_string();
+                commands.last_mut().expect("a command").push(arg);
             }
         }
-        args
+        commands
     }
 
     #[test]
-    fn batch_names_streams_trims_and_uses_idmp_when_the_server_has_it() {
+    fn batch_is_one_transaction_naming_streams_trimming_and_using_idmp_when_available() {
         let mut b = backend(BackendConfig {
             stream: "events".into(),
             maxlen: 1000,
@@ -587,23 +921,60 @@ mod tests {
         });
         let mut routed = event();
         routed.stream = Some("audit".into());
-        let events = [event(), routed.clone()];
-        let plain = sent_args(&mut b, &events);
+        routed.partition_key = Some("c-2".into());
+        let events = [event(), routed];
+        let fields = encode(&event(), MessageMode::Binary).expect("encodes");
+        let plain = sent_commands(&mut b, &events);
+        assert_eq!(plain.len(), 4, "MULTI, two XADDs, EXEC");
+        assert_eq!(plain[0], ["MULTI"]);
+        assert_eq!(
+            plain[1][..6],
+            ["XADD", "events", "MAXLEN", "~", "1000", "*"]
+        );
+        assert_eq!(plain[1][6], "ce_specversion");
+        assert_eq!(plain[1].len(), 6 + 2 * fields.len());
+        assert_eq!(plain[2][..2], ["XADD", "audit"]);
+        assert_eq!(plain[3], ["EXEC"]);
+
+        b.encoder.idempotent_xadd = true;
+        b.encoder.config.maxlen = 0;
+        let idmp = sent_commands(&mut b, &events);
+        let id = format!("{} {}", event().source, event().id);
+        assert_eq!(
+            idmp[1][..6],
+            [
+                "XADD",
+                "events",
+                "IDMP",
+                "broadcaster:shop",
+                id.as_str(),
+                "*"
+            ]
+        );
+        assert_eq!(idmp[1].len(), 6 + 2 * fields.len());
+    }
+
+    #[test]
+    fn a_key_going_to_two_streams_goes_through_the_script() {
+        let mut b = backend(BackendConfig {
+            stream: "events".into(),
+            ..Default::default()
+        });
+        let mut routed = event();
+        routed.stream = Some("audit".into());
+        let events = [event(), routed];
+        let commands = sent_commands(&mut b, &events);
+        assert_eq!(commands.len(), 1);
+        let script = &commands[0];
         // EVALSHA sha numkeys keys... maxlen producer, then the first entry: key, IDMP id, the
         // number of fields, the fields.
-        assert_eq!(plain[0], "EVALSHA");
-        assert_eq!(plain[1], BATCH_SCRIPT.get_hash());
-        assert_eq!(plain[2..9], ["2", "events", "audit", "1000", "", "c-1", ""]);
+        assert_eq!(script[0], "EVALSHA");
+        assert_eq!(script[1], BATCH_SCRIPT.get_hash());
+        assert_eq!(script[2..9], ["2", "events", "audit", "0", "", "c-1", ""]);
         let fields = encode(&event(), MessageMode::Binary).expect("encodes");
-        assert_eq!(plain[9], fields.len().to_string());
-        assert_eq!(plain[10], "ce_specversion");
-        // Both entries, nothing else.
-        assert_eq!(plain.len(), 7 + 2 * (3 + 2 * fields.len()));
-        b.idempotent_xadd = true;
-        let idmp = sent_args(&mut b, &events);
-        assert_eq!(idmp[6], "broadcaster:shop");
-        assert_eq!(idmp[8], format!("{} {}", event().source, event().id));
-        assert_eq!(idmp.len(), plain.len());
+        assert_eq!(script[9], fields.len().to_string());
+        assert_eq!(script[10], "ce_specversion");
+        assert_eq!(script.len(), 7 + 2 * (3 + 2 * fields.len()));
     }
 
     #[test]
@@ -615,40 +986,84 @@ mod tests {
         });
         let mut big = event();
         big.data = Some(format!(r#"{{"blob": "{}"}}"#, "x".repeat(100)));
-        let err = b.encode_entry(&big).expect_err("too big");
+        let mut other = event();
+        other.partition_key = Some("c-2".into());
+        let encoded = b.encoder.encode(&[big.clone(), event(), other.clone()]);
+        let err = encoded.outcome[0].as_ref().expect_err("too big");
         assert!(matches!(err, BackendError::Rejected(_)));
         assert!(err.to_string().contains("max_event_size"), "{err}");
         assert!(
-            b.encode_entry(&event()).is_err(),
+            matches!(encoded.outcome[1], Err(BackendError::Held)),
+            "its key's next event waits"
+        );
+        assert!(
+            encoded.outcome[2].is_err(),
             "the small one is 64+ bytes too"
         );
-        b.config.max_event_size = 0;
-        assert!(b.encode_entry(&big).is_ok(), "0: no limit");
+        b.encoder.config.max_event_size = 0;
+        let encoded = b.encoder.encode(&[big, other]);
+        assert!(encoded.outcome.iter().all(Result::is_ok), "0: no limit");
+        assert_eq!(encoded.sent, [0, 1]);
+        // The script path checks the same.
+        b.encoder.config.max_event_size = 64;
+        assert!(b.encoder.encode_entry(&event()).is_err());
     }
 
     #[test]
     fn only_an_entry_id_counts_as_delivered() {
         use redis::Value;
         let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let error = |line: &str| match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        };
         assert!(entry_outcome(s("1700000000000-0")).is_ok());
         assert!(matches!(
-            entry_outcome(Value::Array(vec![s("HELD")])),
+            entry_outcome(error("WRONGTYPE Operation against a key")),
+            Err(BackendError::Rejected(m)) if m.starts_with("WRONGTYPE Operation")
+        ));
+        assert!(matches!(
+            entry_outcome(error("OOM command not allowed")),
+            Err(BackendError::Unavailable(_))
+        ));
+        assert!(entry_outcome(Value::Nil).is_err());
+
+        assert!(script_entry_outcome(s("1700000000000-0")).is_ok());
+        assert!(matches!(
+            script_entry_outcome(Value::Array(vec![s("HELD")])),
             Err(BackendError::Held)
         ));
         assert!(matches!(
-            entry_outcome(Value::Array(vec![
+            script_entry_outcome(Value::Array(vec![
                 s("ERR"),
                 s("WRONGTYPE Operation against a key")
             ])),
             Err(BackendError::Rejected(_))
         ));
         assert!(matches!(
-            entry_outcome(Value::Array(vec![s("ERR"), s("OOM command not allowed")])),
+            script_entry_outcome(Value::Array(vec![s("ERR"), s("OOM command not allowed")])),
             Err(BackendError::Unavailable(_))
         ));
         // RESP3 turns a Lua false into a boolean: never mistaken for a delivery.
-        assert!(entry_outcome(Value::Boolean(false)).is_err());
-        assert!(entry_outcome(Value::Nil).is_err());
+        assert!(script_entry_outcome(Value::Boolean(false)).is_err());
+        assert!(script_entry_outcome(Value::Nil).is_err());
+    }
+
+    #[test]
+    fn a_keys_later_failures_are_held_behind_its_first() {
+        let keyed = |k: Option<&str>| OutboxEvent {
+            partition_key: k.map(str::to_string),
+            ..event()
+        };
+        let events = [keyed(Some("a")), keyed(Some("a")), keyed(None), keyed(None)];
+        let rejected = || Err(BackendError::Rejected("WRONGTYPE".into()));
+        let mut outcome: BatchOutcome = vec![rejected(), rejected(), rejected(), rejected()];
+        hold_after_first_failure(&events, &mut outcome);
+        assert!(matches!(outcome[0], Err(BackendError::Rejected(_))));
+        assert!(matches!(outcome[1], Err(BackendError::Held)));
+        // Without a key, each event fails on its own.
+        assert!(matches!(outcome[2], Err(BackendError::Rejected(_))));
+        assert!(matches!(outcome[3], Err(BackendError::Rejected(_))));
     }
 
     #[test]
