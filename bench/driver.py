@@ -130,19 +130,19 @@ def ceiling_xadd(args, n):
 CLAIM_LOOP = """
 CREATE OR REPLACE PROCEDURE bench_claim_retire_loop(batch int) LANGUAGE plpgsql AS $$
 DECLARE
-    ctids tid[];
+    n bigint;
 BEGIN
     SET LOCAL synchronous_commit = off;
     LOOP
-        SELECT array_agg(t) INTO ctids FROM (
-            SELECT o.ctid AS t, o.seq, o.id::text, o.type, o.source, o.subject, o."time"::text,
-                   o.datacontenttype, o.dataschema, o.data::text, o.partition_key,
-                   o.extensions::text, o.stream, o.attempts
-              FROM broadcaster_outbox o
-             WHERE o.state = 'pending' AND o.next_attempt_at <= now()
-             ORDER BY o.seq LIMIT batch FOR UPDATE OF o SKIP LOCKED) claimed;
-        EXIT WHEN ctids IS NULL;
-        DELETE FROM broadcaster_outbox WHERE ctid = ANY (ctids);
+        WITH claimed AS (
+            DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY(
+                SELECT o.ctid FROM broadcaster_outbox o
+                 WHERE o.state = 'pending' AND o.next_attempt_at <= now()
+                 ORDER BY o.seq LIMIT batch))
+            RETURNING seq, id, type, source, subject, "time", datacontenttype, dataschema,
+                      data, partition_key, extensions::text, stream, attempts)
+        SELECT count(*) INTO n FROM claimed;
+        EXIT WHEN n = 0;
         COMMIT;
         SET LOCAL synchronous_commit = off;
     END LOOP;
@@ -151,7 +151,8 @@ END $$;
 
 
 def ceiling_postgres(args, n):
-    """The worker's claim and retire statements, in a loop inside Postgres, without Redis."""
+    """The worker's claim (a DELETE returning the rows), in a loop inside Postgres, without
+    Redis."""
     set_backend(args, "paused")
     fill(args, n)
     with pg(args) as c:

@@ -684,12 +684,22 @@ fn rfc3339(timestamp: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        second / 3_600,
-        second / 60 % 60,
-        second % 60
-    )
+    // Written digit by digit: `format!` took about 6% of the relay's time at full speed.
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, second / 3_600);
+    put(14, 2, second / 60 % 60);
+    put(17, 2, second % 60);
+    put(20, 6, micros);
+    text.iter().map(|&b| char::from(b)).collect()
 }
 
 /// A uuid in its canonical text form.

@@ -674,3 +674,42 @@ fn redis_password_stays_secret() {
         "the password reached the server log"
     );
 }
+
+#[test]
+fn a_lock_held_on_a_pending_row_makes_the_relay_wait_and_keeps_order() {
+    // The claim deletes the rows it takes: a row another session holds locked (an operator's
+    // open UPDATE) is waited for, not passed, so its key's later events can't overtake it.
+    let s = Setup::new(&[]);
+    let mut c = s.cluster.connect();
+    // No backend: events stay pending while the lock is taken.
+    s.cluster.set_and_reload("broadcaster.backend", "none");
+    let first = publish(&mut c, "k", 1, None);
+    let second = publish(&mut c, "k", 2, None);
+    let other = publish(&mut c, "other", 3, None);
+    let mut operator = s.cluster.connect();
+    let mut lock = operator.transaction().expect("begin");
+    lock.execute(
+        "SELECT 1 FROM broadcaster_outbox WHERE id = $1::text::uuid FOR UPDATE",
+        &[&first],
+    )
+    .expect("lock the first event");
+
+    s.cluster.set_and_reload("broadcaster.backend", "redis");
+    common::wait_for("the relay to wait for the lock", common::DEADLINE, || {
+        c.query_opt(
+            "SELECT 1 FROM pg_stat_activity \
+              WHERE backend_type = 'broadcaster relay' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .expect("pg_stat_activity")
+    });
+    assert_eq!(
+        s.redis.len(DEFAULT_STREAM),
+        0,
+        "nothing passes the locked row"
+    );
+
+    lock.commit().expect("release the lock");
+    s.redis.wait_entries(DEFAULT_STREAM, 3);
+    assert_eq!(ids_in(&s.redis, DEFAULT_STREAM), [first, second, other]);
+}
