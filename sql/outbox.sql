@@ -19,17 +19,19 @@ CREATE TABLE broadcaster_outbox (
     state           text        NOT NULL DEFAULT 'pending',
     attempts        integer     NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
-    last_error      text,
-    -- One constraint, written in Rust: it raises SQLSTATE 22023 naming the column at fault (23514
-    -- for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999, and for an unknown
-    -- state), for raw INSERTs and the function alike, and wakes the relay when the transaction
-    -- commits. One constraint rather than several: Postgres prepares each CHECK expression
-    -- again for every INSERT statement, a cost a one-row INSERT pays in full.
-    CONSTRAINT broadcaster_outbox_valid_event CHECK (
-        broadcaster_accept_event(type, source, datacontenttype, dataschema, extensions, stream,
-                                 partition_key, time, state)
-    )
+    last_error      text
 );
+
+-- Validation and wake-up, written in Rust: raises SQLSTATE 22023 naming the column at fault
+-- (23514 for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999, and for an
+-- unknown state), for raw INSERTs and the function alike, and wakes the relay when the
+-- transaction commits. A row trigger rather than a CHECK constraint: Postgres prepares a CHECK
+-- expression again for every INSERT statement, a cost a one-row INSERT pays in full. ALWAYS, so
+-- that it applies like a constraint whatever session_replication_role says.
+CREATE TRIGGER broadcaster_outbox_accept
+    BEFORE INSERT OR UPDATE ON broadcaster_outbox
+    FOR EACH ROW EXECUTE FUNCTION broadcaster_outbox_accept();
+ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 
 -- Rows being retried or dead: the relay checks it for every row it claims, so that a key's
 -- later events wait for them. Empty while nothing fails.

@@ -23,7 +23,7 @@ extension_sql_file!(
     "../sql/outbox.sql",
     name = "outbox",
     requires = [
-        api::broadcaster_accept_event,
+        api::broadcaster_outbox_accept,
         api::broadcaster_default_source
     ]
 );
