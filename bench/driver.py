@@ -252,7 +252,10 @@ def pgbench_tps(args, script, clients, seconds):
     return float(re.search(r"tps = ([0-9.]+)", out).group(1))
 
 
-def producer_cost(args, clients, seconds, rounds=3):
+PRODUCER_ROUNDS = 5
+
+
+def producer_cost(args, clients, seconds, rounds=PRODUCER_ROUNDS):
     """Median of per-round ratios, each round a plain INSERT run next to a publish run: the
     shared machine drifts by more than the difference measured, so pairs are taken close
     together. First with the relay paused (the transaction's own cost), then with it draining
@@ -317,9 +320,9 @@ def main():
     paused, draining = producer_cost(args, clients=4, seconds=5)
     row("producer cost: TPS publish ÷ TPS plain INSERT", "%.2f (relay paused) / %.2f (relay draining)"
         % (paused[0], draining[0]), "≥ 0.90",
-        "median of 3 pairs of 5 s runs; median pair %.0f vs %.0f TPS paused, %.0f vs %.0f draining; "
+        "median of %d pairs of 5 s runs; median pair %.0f vs %.0f TPS paused, %.0f vs %.0f draining; "
         "pgbench -c 4 -j 2, one event per transaction"
-        % (paused[1], paused[2], draining[1], draining[2]))
+        % (PRODUCER_ROUNDS, paused[1], paused[2], draining[1], draining[2]))
 
     _, samples = drain(args, args.memory_events, sample_memory=True)
     anon = [s[0] for s in samples]
