@@ -1,5 +1,5 @@
-//! The SQL surface written in Rust: row validation and commit-time wake-up (the outbox's CHECK
-//! constraint), the default `source`, and `broadcaster_health()`. The table and
+//! The SQL surface written in Rust: row validation and commit-time wake-up (the outbox's row
+//! trigger), the default `source`, and `broadcaster_health()`. The table and
 //! `broadcaster_publish` are in `sql/outbox.sql`.
 
 use std::sync::OnceLock;

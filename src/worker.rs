@@ -33,7 +33,7 @@ const COALESCE: Duration = Duration::from_millis(1);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Committed, pending rows whose turn has come, oldest first (by tuple id, for [`CLAIM`]). A row
+/// Committed, pending rows whose turn has come, oldest first (by tuple id, for [`claim_sql`]). A row
 /// waits while an earlier row of its partition key is being retried (or is dead, when `$2`:
 /// broadcaster.on_dead_event = hold), so a key's events never overtake each other. That check
 /// runs only when some row is retried or dead: the first arm is evaluated once per query (an
@@ -666,7 +666,7 @@ fn prepare_session() -> Option<Statements> {
 }
 
 /// A timestamptz (microseconds since 2000-01-01 00:00 UTC) as RFC 3339, in UTC with
-/// microseconds: `2026-11-27T07:00:00.123456Z`. The outbox's CHECK keeps `time` within years
+/// microseconds: `2026-11-27T07:00:00.123456Z`. The outbox's trigger keeps `time` within years
 /// 1 to 9999.
 fn rfc3339(timestamp: i64) -> String {
     const UNIX_DAYS_AT_2000: i64 = 10_957;

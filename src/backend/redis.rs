@@ -1,4 +1,4 @@
-//! Redis Streams backend: one `XADD` per event, a whole batch in one pipelined round trip.
+//! Redis Streams backend: one `XADD` per event, a whole batch in one `MULTI`/`EXEC` round trip.
 //! The entry layout follows the CloudEvents Kafka binding (binary mode) or carries the whole
 //! event as JSON (structured mode); the SDK's message serializers produce both.
 
@@ -672,7 +672,7 @@ fn script_entry_outcome(reply: redis::Value) -> Result<(), BackendError> {
     }
 }
 
-/// An error a script reported for one entry, as `CODE message`.
+/// An error the server reported for one entry, as `CODE message`.
 fn classify_message(message: String) -> BackendError {
     let code = message.split_whitespace().next().unwrap_or_default();
     if OUTAGE_CODES.contains(&code) {
