@@ -790,7 +790,7 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
                 unreadable,
                 prepared: None,
             };
-            return settle(statements, backend, delivered, batch, outcome);
+            return settle(statements, backend, delivered, batch, full, outcome);
         }
         shared::record_success(seqs.len());
         delivered.extend(seqs);
@@ -809,12 +809,13 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
 
 /// After the claims were undone: deletes the rows delivered (`delivered`, and the events of
 /// `batch` that went in), counts a failed attempt against each rejected or unreadable row, and
-/// leaves the rest pending.
+/// leaves the rest pending. When `batch` was `full`, more rows may be ready behind it.
 fn settle(
     statements: &Statements,
     backend: &mut dyn PublisherBackend,
     mut delivered: Vec<i64>,
     batch: Claimed,
+    full: bool,
     outcome: Result<BatchOutcome, BackendError>,
 ) -> Tick {
     let Claimed {
@@ -861,9 +862,9 @@ fn settle(
     }
     match outage {
         Some(e) => Tick::Outage(e),
-        None if delivered.is_empty() => Tick::Idle,
+        None if delivered.is_empty() && failed.is_empty() => Tick::Idle,
         None => Tick::Published {
-            full: false,
+            full,
             retired: delivered.len(),
         },
     }
