@@ -46,21 +46,59 @@ fn broadcaster_outbox_accept<'a>(
         return Ok(None);
     };
     let column = |name: &str| row.get_by_name::<&str>(name);
-    accept(
-        column("type")?,
-        column("source")?,
-        column("datacontenttype")?,
-        column("dataschema")?,
-        row.get_by_name::<JsonB>("extensions")?,
-        column("stream")?,
-        column("partition_key")?,
-        row.get_by_name::<TimestampWithTimeZone>("time")?,
-        column("state")?,
-    );
+    check_state(column("state")?);
+    // An UPDATE that leaves the event as it was (the relay counting a failed attempt, an
+    // operator requeueing) is not checked again: a row written while the trigger was disabled
+    // can still be failed, dead-lettered and discarded.
+    let unchanged = match trigger.old() {
+        Some(old) => event_unchanged(&old, &row)?,
+        None => false,
+    };
+    if !unchanged {
+        accept(
+            column("type")?,
+            column("source")?,
+            column("datacontenttype")?,
+            column("dataschema")?,
+            row.get_by_name::<JsonB>("extensions")?,
+            column("stream")?,
+            column("partition_key")?,
+            row.get_by_name::<TimestampWithTimeZone>("time")?,
+        );
+    }
+    shared::wake_at_commit();
     Ok(Some(row))
 }
 
-/// The checks of [`broadcaster_outbox_accept`] on one row's values.
+/// Whether the event's own columns are the same in both rows.
+fn event_unchanged(
+    old: &PgHeapTuple<'_, AllocatedByPostgres>,
+    new: &PgHeapTuple<'_, AllocatedByPostgres>,
+) -> Result<bool, TryFromDatumError> {
+    for name in [
+        "type",
+        "source",
+        "datacontenttype",
+        "dataschema",
+        "stream",
+        "partition_key",
+    ] {
+        if old.get_by_name::<&str>(name)? != new.get_by_name::<&str>(name)? {
+            return Ok(false);
+        }
+    }
+    let time = |row: &PgHeapTuple<'_, AllocatedByPostgres>| {
+        row.get_by_name::<TimestampWithTimeZone>("time")
+            .map(|t| t.map(pg_sys::TimestampTz::from))
+    };
+    let extensions = |row: &PgHeapTuple<'_, AllocatedByPostgres>| {
+        row.get_by_name::<JsonB>("extensions")
+            .map(|j| j.map(|j| j.0))
+    };
+    Ok(time(old)? == time(new)? && extensions(old)? == extensions(new)?)
+}
+
+/// The checks of [`broadcaster_outbox_accept`] on an event's values.
 #[allow(clippy::too_many_arguments)]
 fn accept(
     event_type: Option<&str>,
@@ -71,7 +109,6 @@ fn accept(
     stream: Option<&str>,
     partition_key: Option<&str>,
     time: Option<TimestampWithTimeZone>,
-    state: Option<&str>,
 ) {
     if let Some(time) = time {
         let micros = pg_sys::TimestampTz::from(time);
@@ -82,16 +119,6 @@ fn accept(
                 "broadcaster_outbox_accept",
             )
             .set_detail("The value of \"time\" is refused.")
-            .report(PgLogLevel::ERROR);
-        }
-    }
-    if let Some(state) = state {
-        if state != "pending" && state != "dead" {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-                format!("broadcaster: state {state:?} is neither 'pending' nor 'dead'"),
-                "broadcaster_outbox_accept",
-            )
             .report(PgLogLevel::ERROR);
         }
     }
@@ -122,7 +149,20 @@ fn accept(
     if let Err(e) = checks() {
         ErrorReport::from(e).report(PgLogLevel::ERROR);
     }
-    shared::wake_at_commit();
+}
+
+/// `state` is `pending` or `dead` (SQLSTATE 23514 otherwise).
+fn check_state(state: Option<&str>) {
+    if let Some(state) = state {
+        if state != "pending" && state != "dead" {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+                format!("broadcaster: state {state:?} is neither 'pending' nor 'dead'"),
+                "broadcaster_outbox_accept",
+            )
+            .report(PgLogLevel::ERROR);
+        }
+    }
 }
 
 /// The `source` of events written without one: `broadcaster.default_source`, or

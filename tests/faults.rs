@@ -713,3 +713,51 @@ fn a_lock_held_on_a_pending_row_makes_the_relay_wait_and_keeps_order() {
     s.redis.wait_entries(DEFAULT_STREAM, 3);
     assert_eq!(ids_in(&s.redis, DEFAULT_STREAM), [first, second, other]);
 }
+
+#[test]
+fn rows_written_past_the_disabled_trigger_fail_without_stopping_the_rest() {
+    // A superuser can disable the outbox's trigger and write rows that are not events. The relay
+    // must still count their failed attempts (the trigger lets an UPDATE through that leaves the
+    // event as it was), and go on with the rows behind them: here a full batch of them first.
+    let s = Setup::new(&[
+        ("broadcaster.batch_size", "50"),
+        ("broadcaster.poll_interval", "1h"),
+    ]);
+    let mut c = s.cluster.connect();
+    c.batch_execute(
+        "BEGIN; \
+         ALTER TABLE broadcaster_outbox DISABLE TRIGGER broadcaster_outbox_accept; \
+         INSERT INTO broadcaster_outbox (type, extensions) \
+              SELECT 'broken', '[1]' FROM generate_series(1, 60); \
+         ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept; \
+         INSERT INTO broadcaster_outbox (type) SELECT 'good' FROM generate_series(1, 20); \
+         COMMIT;",
+    )
+    .expect("write");
+    let entries = s.redis.wait_entries(DEFAULT_STREAM, 20);
+    assert_eq!(entries.len(), 20);
+    assert!(entries.iter().all(|e| e.get("ce_type") == Some("good")));
+    let failed: i64 = common::wait_for("60 failed attempts", common::DEADLINE, || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM broadcaster_outbox \
+                  WHERE type = 'broken' AND attempts >= 1 AND last_error LIKE '%JSON object%'",
+                &[],
+            )
+            .expect("count")
+            .get(0);
+        (n == 60).then_some(n)
+    });
+    assert_eq!(failed, 60);
+    // The trigger still checks an UPDATE that changes the event.
+    let err = c
+        .execute(
+            "UPDATE broadcaster_outbox SET type = 'also broken' WHERE type = 'broken'",
+            &[],
+        )
+        .expect_err("still refused");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE)
+    );
+}
