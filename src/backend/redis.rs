@@ -526,6 +526,11 @@ impl PublisherBackend for RedisStreamBackend {
             Some(ahead) if ahead.spare.len() < 2 => ahead.spare.push(packed),
             _ => self.encoder.spare = packed,
         }
+        if replies.is_err() {
+            // A failure while sending or reading may leave replies unread: the next batch must
+            // not take them for its own.
+            self.connection = None;
+        }
         let replies = match replies? {
             Ok(replies) => replies,
             Err(e) => {
