@@ -2,6 +2,7 @@
 //! hands them to the configured backend in one batch, and deletes what was delivered, all in
 //! one transaction per batch. Woken by committing producers; a slow poll is only a safety net.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,16 +60,24 @@ const CLAIMED: &str = r#"seq, id, type, source, subject, "time", datacontenttype
 /// Claims the ready rows by deleting them, in one statement: the relay's subtransaction undoes
 /// the delete unless every event went out (see [`relay_batch`]). Meanwhile the rows are locked
 /// by the delete: a second relay waits for them and then finds them gone, so no row goes out
-/// twice. Rows come back in tuple order; the relay puts them in `seq` order.
+/// twice. A row another session changed meanwhile is checked again for [`STILL_READY`]. Rows
+/// come back in tuple order; the relay puts them in `seq` order.
 fn claim_sql() -> String {
-    format!("DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) RETURNING {CLAIMED}")
+    format!(
+        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) AND {STILL_READY} \
+         RETURNING {CLAIMED}"
+    )
 }
+
+/// Checked again on the version of a row that another session updated while the claim waited
+/// for it.
+const STILL_READY: &str = "state = 'pending' AND next_attempt_at <= now()";
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
 fn claim_and_keep_sql() -> String {
     format!(
         "WITH claimed AS (
-    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY}))
+    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) AND {STILL_READY}
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
               partition_key, extensions, stream, attempts),
 kept AS (
@@ -670,6 +679,11 @@ fn prepare_session() -> Option<Statements> {
 /// 1 to 9999.
 fn rfc3339(timestamp: i64) -> String {
     const UNIX_DAYS_AT_2000: i64 = 10_957;
+    // Outside them only in a row written while the trigger was disabled: then not a time the
+    // event can carry, and refused as such when the event is built.
+    if !(-63_082_281_600_000_000..252_455_616_000_000_000).contains(&timestamp) {
+        return format!("{timestamp} microseconds from 2000-01-01");
+    }
     let micros = timestamp.rem_euclid(1_000_000);
     let seconds = timestamp.div_euclid(1_000_000);
     let (days, second) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
@@ -1000,9 +1014,10 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
                     values[c].value() as i64
                 }
             };
+            // The key goes with the error: the key's later rows must wait behind this one.
             let extensions = match text(10) {
                 Some(json) if json != "{}" => serde_json::from_str(&json)
-                    .map_err(|_| "extensions must be a JSON object".to_string()),
+                    .map_err(|_| ("extensions must be a JSON object".to_string(), text(9))),
                 _ => Ok(Default::default()),
             };
             let event = extensions.map(|extensions| OutboxEvent {
@@ -1039,15 +1054,27 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
             ..Default::default()
         };
         let mut events = Vec::with_capacity(n);
+        // Keys of rows that don't read as events.
+        let mut held: HashSet<String> = HashSet::new();
         for (i, (seq, attempts, event)) in rows.into_iter().enumerate() {
             claimed.seqs.push(seq);
             claimed.attempts.push(attempts);
             match event {
+                // Behind an unreadable row of its key: left pending, neither sent nor failed.
+                Ok(event)
+                    if !held.is_empty()
+                        && event
+                            .partition_key
+                            .as_ref()
+                            .is_some_and(|k| held.contains(k)) => {}
                 Ok(event) => {
                     claimed.sent.push(i);
                     events.push(event);
                 }
-                Err(e) => claimed.unreadable.push((i, e)),
+                Err((e, key)) => {
+                    held.extend(key);
+                    claimed.unreadable.push((i, e));
+                }
             }
         }
         claimed.events = Arc::new(events);
@@ -1163,6 +1190,15 @@ mod tests {
             rfc3339(252_455_615_999_999_999),
             "9999-12-31T23:59:59.999999Z"
         );
+        // Past them (a row written with the trigger disabled): no time, and no panic.
+        for outside in [
+            i64::MIN,
+            -63_082_281_600_000_001,
+            252_455_616_000_000_000,
+            i64::MAX,
+        ] {
+            assert!(!rfc3339(outside).contains('T'), "{outside}");
+        }
     }
 
     #[test]

@@ -724,19 +724,25 @@ fn rows_written_past_the_disabled_trigger_fail_without_stopping_the_rest() {
         ("broadcaster.poll_interval", "1h"),
     ]);
     let mut c = s.cluster.connect();
+    // The 55th broken row and the 10th event share key k, and are claimed together.
     c.batch_execute(
         "BEGIN; \
          ALTER TABLE broadcaster_outbox DISABLE TRIGGER broadcaster_outbox_accept; \
-         INSERT INTO broadcaster_outbox (type, extensions) \
-              SELECT 'broken', '[1]' FROM generate_series(1, 60); \
+         INSERT INTO broadcaster_outbox (type, extensions, partition_key) \
+              SELECT 'broken', '[1]', CASE WHEN g = 55 THEN 'k' END \
+                FROM generate_series(1, 60) g; \
          ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept; \
-         INSERT INTO broadcaster_outbox (type) SELECT 'good' FROM generate_series(1, 20); \
+         INSERT INTO broadcaster_outbox (type, partition_key) \
+              SELECT 'good', CASE WHEN g = 10 THEN 'k' END FROM generate_series(1, 20) g; \
          COMMIT;",
     )
     .expect("write");
-    let entries = s.redis.wait_entries(DEFAULT_STREAM, 20);
-    assert_eq!(entries.len(), 20);
+    let entries = s.redis.wait_entries(DEFAULT_STREAM, 19);
     assert!(entries.iter().all(|e| e.get("ce_type") == Some("good")));
+    std::thread::sleep(Duration::from_secs(1));
+    let entries = s.redis.entries(DEFAULT_STREAM);
+    assert_eq!(entries.len(), 19, "k's event waits behind its broken row");
+    assert!(entries.iter().all(|e| e.get("ce_partitionkey").is_none()));
     let failed: i64 = common::wait_for("60 failed attempts", common::DEADLINE, || {
         let n: i64 = c
             .query_one(
