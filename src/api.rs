@@ -28,8 +28,8 @@ impl From<EventError> for ErrorReport {
 /// `'0001-01-01 00:00:00+00'` and `'10000-01-01 00:00:00+00'` as Postgres stores a timestamptz
 /// (microseconds from 2000-01-01 UTC): RFC 3339, so CloudEvents, has years 1 to 9999 only. The
 /// infinities lie outside.
-const TIME_MIN: i64 = -63_082_281_600_000_000;
-const TIME_END: i64 = 252_455_616_000_000_000;
+pub(crate) const TIME_MIN: i64 = -63_082_281_600_000_000;
+pub(crate) const TIME_END: i64 = 252_455_616_000_000_000;
 
 /// The outbox's row trigger (BEFORE INSERT OR UPDATE, enabled ALWAYS), so a raw INSERT from
 /// any ORM takes the same path as `broadcaster_publish`: validates the row, raising SQLSTATE

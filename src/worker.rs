@@ -1,6 +1,7 @@
-//! The relay worker: a background worker that claims committed outbox rows in publish order,
-//! hands them to the configured backend in one batch, and deletes what was delivered, all in
-//! one transaction per batch. Woken by committing producers; a slow poll is only a safety net.
+//! The relay worker: a background worker that claims committed outbox rows in publish order by
+//! deleting them, hands them to the configured backend in batches, and keeps the deletes of
+//! what was delivered, up to a few batches per transaction. Woken by committing producers; a
+//! slow poll is only a safety net.
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
@@ -18,7 +19,7 @@ use pgrx::{PgMemoryContexts, PgOid};
 
 use crate::backend::{self, BackendError, BatchOutcome, Prepared, PublisherBackend};
 use crate::event::OutboxEvent;
-use crate::{guc, shared};
+use crate::{api, guc, shared};
 
 /// How soon a worker that exited with an error is started again.
 const RESTART_DELAY: Duration = Duration::from_secs(5);
@@ -681,7 +682,7 @@ fn rfc3339(timestamp: i64) -> String {
     const UNIX_DAYS_AT_2000: i64 = 10_957;
     // Outside them only in a row written while the trigger was disabled: then not a time the
     // event can carry, and refused as such when the event is built.
-    if !(-63_082_281_600_000_000..252_455_616_000_000_000).contains(&timestamp) {
+    if !(api::TIME_MIN..api::TIME_END).contains(&timestamp) {
         return format!("{timestamp} microseconds from 2000-01-01");
     }
     let micros = timestamp.rem_euclid(1_000_000);
@@ -769,19 +770,12 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         full = claimed.seqs.len() >= batch_size;
         // Claim ahead only after a full batch of events, never past the transaction's last.
         let ahead = full && round < BATCHES_PER_TRANSACTION && claimed.unreadable.is_empty();
-        let Claimed {
-            seqs,
-            attempts,
-            events,
-            sent,
-            unreadable,
-            prepared,
-        } = claimed;
+        let prepared = claimed.prepared.take();
         let mut next = None;
-        let outcome = if events.is_empty() {
+        let outcome = if claimed.events.is_empty() {
             Ok(Vec::new())
         } else {
-            backend.publish_batch_overlapped(events.as_slice(), prepared, &mut |prepare| {
+            backend.publish_batch_overlapped(claimed.events.as_slice(), prepared, &mut |prepare| {
                 if ahead {
                     let mut batch = claim(statements, batch_size);
                     if !batch.events.is_empty() {
@@ -791,23 +785,15 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
                 }
             })
         };
-        let whole =
-            unreadable.is_empty() && matches!(&outcome, Ok(o) if o.iter().all(Result::is_ok));
+        let whole = claimed.unreadable.is_empty()
+            && matches!(&outcome, Ok(o) if o.iter().all(Result::is_ok));
         if !whole {
             drop(next);
             subxact.roll_back();
-            let batch = Claimed {
-                seqs,
-                attempts,
-                events,
-                sent,
-                unreadable,
-                prepared: None,
-            };
-            return settle(statements, backend, delivered, batch, full, outcome);
+            return settle(statements, backend, delivered, claimed, full, outcome);
         }
-        shared::record_success(seqs.len());
-        delivered.extend(seqs);
+        shared::record_success(claimed.seqs.len());
+        delivered.extend(&claimed.seqs);
         claimed = next.unwrap_or_default();
     }
     subxact.commit();

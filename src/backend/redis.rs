@@ -526,18 +526,12 @@ impl PublisherBackend for RedisStreamBackend {
             Some(ahead) if ahead.spare.len() < 2 => ahead.spare.push(packed),
             _ => self.encoder.spare = packed,
         }
-        if replies.is_err() {
-            // A failure while sending or reading may leave replies unread: the next batch must
-            // not take them for its own.
-            self.connection = None;
-        }
-        let replies = match replies? {
-            Ok(replies) => replies,
-            Err(e) => {
-                if e.is_unavailable() {
-                    // Perhaps out of step with the server: start again on a new connection.
-                    self.connection = None;
-                }
+        let replies = match replies {
+            Ok(Ok(replies)) => replies,
+            Ok(Err(e)) | Err(e) => {
+                // Replies may be left unread or out of step: the next batch must not take them
+                // for its own, so it starts on a new connection.
+                self.connection = None;
                 return Err(e);
             }
         };
