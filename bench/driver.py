@@ -136,11 +136,9 @@ BEGIN
     LOOP
         WITH claimed AS (
             DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY(
-                SELECT o.ctid FROM broadcaster_outbox o
-                 WHERE o.state = 'pending' AND o.next_attempt_at <= now()
-                 ORDER BY o.seq LIMIT batch))
+                SELECT o.ctid FROM broadcaster_outbox o ORDER BY o.seq LIMIT batch))
             RETURNING seq, id, type, source, subject, "time", datacontenttype, dataschema,
-                      data, partition_key, extensions::text, stream, attempts)
+                      data, partition_key, extensions::text, stream)
         SELECT count(*) INTO n FROM claimed;
         EXIT WHEN n = 0;
         COMMIT;

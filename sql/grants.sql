@@ -5,6 +5,7 @@
 -- runs them, and they read nothing.
 REVOKE ALL ON broadcaster_outbox FROM PUBLIC;
 REVOKE ALL ON broadcaster_dead_events FROM PUBLIC;
+REVOKE ALL ON broadcaster_failures FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_health() FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;

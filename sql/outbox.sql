@@ -1,9 +1,11 @@
--- The outbox: one row per event not yet delivered. Columns carry CloudEvents attribute names;
--- the delivery columns have defaults, so an INSERT naming only type and data is complete.
+-- The outbox: one row per event not yet delivered, and nothing else, so that an INSERT stays
+-- cheap: columns carry CloudEvents attribute names, and all but type have defaults, so an INSERT
+-- naming only type and data is complete. Delivery failures are kept apart, in
+-- broadcaster_failures.
 CREATE TABLE broadcaster_outbox (
     -- Publish order: the worker relays in this order, per partition key across transactions
     -- that commit one after another.
-    seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    seq             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     id              uuid        NOT NULL DEFAULT gen_random_uuid(),
     type            text        NOT NULL,
     source          text        NOT NULL DEFAULT broadcaster_default_source(),
@@ -14,17 +16,11 @@ CREATE TABLE broadcaster_outbox (
     data            json,
     partition_key   text,
     extensions      jsonb       NOT NULL DEFAULT '{}',
-    stream          text,
-    -- Delivery bookkeeping, written by the worker.
-    state           text        NOT NULL DEFAULT 'pending',
-    attempts        integer     NOT NULL DEFAULT 0,
-    next_attempt_at timestamptz NOT NULL DEFAULT '-infinity',
-    last_error      text
+    stream          text
 );
 
 -- Validation and wake-up, written in Rust: raises SQLSTATE 22023 naming the column at fault
--- (23514 for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999, and for an
--- unknown state), for raw INSERTs and the function alike, and wakes the relay when the
+-- (23514 for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999), for raw INSERTs and the function alike, and wakes the relay when the
 -- transaction commits. A row trigger rather than a CHECK constraint: Postgres prepares a CHECK
 -- expression again for every INSERT statement, a cost a one-row INSERT pays in full. ALWAYS, so
 -- that it applies like a constraint whatever session_replication_role says.
@@ -33,10 +29,23 @@ CREATE TRIGGER broadcaster_outbox_accept
     FOR EACH ROW EXECUTE FUNCTION broadcaster_outbox_accept();
 ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 
--- Rows being retried or dead: the relay checks it for every row it claims, so that a key's
--- later events wait for them. Empty while nothing fails.
-CREATE INDEX broadcaster_outbox_held ON broadcaster_outbox (partition_key, seq)
-    WHERE attempts > 0 OR state = 'dead';
+-- Events whose delivery failed, written by the relay: one row per outbox row (same seq) that
+-- Redis refused at least once, deleted with it. Empty while nothing fails; the relay checks it
+-- once per claim, and row by row only while it holds something. A row here waits until
+-- next_attempt_at, or for good once dead; the later events of its key wait behind it (behind a
+-- dead one only with broadcaster.on_dead_event = hold).
+CREATE TABLE broadcaster_failures (
+    seq             bigint      PRIMARY KEY,
+    partition_key   text,
+    attempts        integer     NOT NULL,
+    next_attempt_at timestamptz NOT NULL,
+    dead            boolean     NOT NULL,
+    last_error      text        NOT NULL
+);
+CREATE INDEX broadcaster_failures_key ON broadcaster_failures (partition_key, seq);
+CREATE TRIGGER broadcaster_failures_cleared
+    AFTER DELETE ON broadcaster_failures
+    FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_failures_cleared();
 
 COMMENT ON TABLE broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';
@@ -144,11 +153,14 @@ $$;
 
 -- Dead events: retried broadcaster.max_attempts times and refused each time.
 CREATE VIEW broadcaster_dead_events AS
-    SELECT id, type, source, subject, time, partition_key, stream, attempts, last_error
-      FROM @extschema@.broadcaster_outbox
-     WHERE state = 'dead';
+    SELECT o.id, o.type, o.source, o.subject, o.time, o.partition_key, o.stream,
+           f.attempts, f.last_error
+      FROM @extschema@.broadcaster_outbox o
+      JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq
+     WHERE f.dead;
 
--- Sends dead events again, with a fresh attempt count; returns how many were requeued.
+-- Sends dead events again, with a fresh attempt count; returns how many were requeued. The
+-- relay is woken when the transaction commits (broadcaster_failures_cleared).
 CREATE FUNCTION broadcaster_requeue(ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -159,9 +171,9 @@ BEGIN
         RAISE EXCEPTION 'broadcaster_requeue: ids must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'To requeue every dead event, call broadcaster_requeue_all().';
     END IF;
-    UPDATE @extschema@.broadcaster_outbox
-       SET state = 'pending', attempts = 0, next_attempt_at = '-infinity'
-     WHERE state = 'dead' AND id = ANY (ids);
+    DELETE FROM @extschema@.broadcaster_failures f
+     USING @extschema@.broadcaster_outbox o
+     WHERE f.dead AND o.seq = f.seq AND o.id = ANY (ids);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -173,9 +185,9 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    UPDATE @extschema@.broadcaster_outbox
-       SET state = 'pending', attempts = 0, next_attempt_at = '-infinity'
-     WHERE state = 'dead';
+    DELETE FROM @extschema@.broadcaster_failures f
+     USING @extschema@.broadcaster_outbox o
+     WHERE f.dead AND o.seq = f.seq;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -192,7 +204,13 @@ BEGIN
         RAISE EXCEPTION 'broadcaster_discard: ids must not be NULL'
             USING ERRCODE = 'null_value_not_allowed', HINT = 'To discard every dead event, call broadcaster_discard_all().';
     END IF;
-    DELETE FROM @extschema@.broadcaster_outbox WHERE state = 'dead' AND id = ANY (ids);
+    WITH discarded AS (
+        DELETE FROM @extschema@.broadcaster_outbox o
+         USING @extschema@.broadcaster_failures f
+         WHERE f.dead AND o.seq = f.seq AND o.id = ANY (ids)
+        RETURNING o.seq)
+    DELETE FROM @extschema@.broadcaster_failures f
+     WHERE f.seq IN (SELECT seq FROM discarded);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -204,7 +222,13 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    DELETE FROM @extschema@.broadcaster_outbox WHERE state = 'dead';
+    WITH discarded AS (
+        DELETE FROM @extschema@.broadcaster_outbox o
+         USING @extschema@.broadcaster_failures f
+         WHERE f.dead AND o.seq = f.seq
+        RETURNING o.seq)
+    DELETE FROM @extschema@.broadcaster_failures f
+     WHERE f.seq IN (SELECT seq FROM discarded);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -248,10 +272,12 @@ AS $$
       JOIN pg_database d ON d.oid = r.database
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
       LEFT JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
-                   now() - min(time) FILTER (WHERE state = 'pending') AS oldest_pending_age,
-                   count(*) FILTER (WHERE state = 'dead') AS dead
-              FROM @extschema@.broadcaster_outbox) o ON d.datname = current_database()
+            SELECT count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
+                   now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
+                   count(*) FILTER (WHERE f.dead) AS dead
+              FROM @extschema@.broadcaster_outbox o
+              LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq) o
+           ON d.datname = current_database()
 $$;
 
 CREATE VIEW broadcaster_status AS SELECT * FROM broadcaster_status();

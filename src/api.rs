@@ -33,11 +33,11 @@ pub(crate) const TIME_END: i64 = 252_455_616_000_000_000;
 
 /// The outbox's row trigger (BEFORE INSERT OR UPDATE, enabled ALWAYS), so a raw INSERT from
 /// any ORM takes the same path as `broadcaster_publish`: validates the row, raising SQLSTATE
-/// 22023 naming the column at fault (23514 for a `time` RFC 3339 can't carry or an unknown
-/// `state`; a NULL `type` passes here and NOT NULL answers, 23502), then arranges for the relay
-/// to be woken when the transaction commits. A trigger rather than a CHECK constraint: Postgres
-/// reads and prepares a CHECK expression again for every INSERT statement, about 7 µs of a
-/// one-row INSERT's 30; calling a trigger costs about 1.
+/// 22023 naming the column at fault (23514 for a `time` RFC 3339 can't carry; a NULL `type`
+/// passes here and NOT NULL answers, 23502), then arranges for the relay to be woken when the
+/// transaction commits. A trigger rather than a CHECK constraint: Postgres reads and prepares a
+/// CHECK expression again for every INSERT statement, about 7 µs of a one-row INSERT's 30;
+/// calling a trigger costs about 1.
 #[pg_trigger]
 fn broadcaster_outbox_accept<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -46,56 +46,29 @@ fn broadcaster_outbox_accept<'a>(
         return Ok(None);
     };
     let column = |name: &str| row.get_by_name::<&str>(name);
-    check_state(column("state")?);
-    // An UPDATE that leaves the event as it was (the relay counting a failed attempt, an
-    // operator requeueing) is not checked again: a row written while the trigger was disabled
-    // can still be failed, dead-lettered and discarded.
-    let unchanged = match trigger.old() {
-        Some(old) => event_unchanged(&old, &row)?,
-        None => false,
-    };
-    if !unchanged {
-        accept(
-            column("type")?,
-            column("source")?,
-            column("datacontenttype")?,
-            column("dataschema")?,
-            row.get_by_name::<JsonB>("extensions")?,
-            column("stream")?,
-            column("partition_key")?,
-            row.get_by_name::<TimestampWithTimeZone>("time")?,
-        );
-    }
+    accept(
+        column("type")?,
+        column("source")?,
+        column("datacontenttype")?,
+        column("dataschema")?,
+        row.get_by_name::<JsonB>("extensions")?,
+        column("stream")?,
+        column("partition_key")?,
+        row.get_by_name::<TimestampWithTimeZone>("time")?,
+    );
     shared::wake_at_commit();
     Ok(Some(row))
 }
 
-/// Whether the event's own columns are the same in both rows.
-fn event_unchanged(
-    old: &PgHeapTuple<'_, AllocatedByPostgres>,
-    new: &PgHeapTuple<'_, AllocatedByPostgres>,
-) -> Result<bool, TryFromDatumError> {
-    for name in [
-        "type",
-        "source",
-        "datacontenttype",
-        "dataschema",
-        "stream",
-        "partition_key",
-    ] {
-        if old.get_by_name::<&str>(name)? != new.get_by_name::<&str>(name)? {
-            return Ok(false);
-        }
-    }
-    let time = |row: &PgHeapTuple<'_, AllocatedByPostgres>| {
-        row.get_by_name::<TimestampWithTimeZone>("time")
-            .map(|t| t.map(pg_sys::TimestampTz::from))
-    };
-    let extensions = |row: &PgHeapTuple<'_, AllocatedByPostgres>| {
-        row.get_by_name::<JsonB>("extensions")
-            .map(|j| j.map(|j| j.0))
-    };
-    Ok(time(old)? == time(new)? && extensions(old)? == extensions(new)?)
+/// `broadcaster_failures`' statement trigger (AFTER DELETE): rows leaving it are events
+/// requeued or discarded, or delivered at last; the relay is woken when the transaction
+/// commits, so a requeued event goes at once.
+#[pg_trigger]
+fn broadcaster_failures_cleared<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, TryFromDatumError> {
+    shared::wake_at_commit();
+    Ok(None)
 }
 
 /// The checks of [`broadcaster_outbox_accept`] on an event's values.
@@ -148,20 +121,6 @@ fn accept(
     };
     if let Err(e) = checks() {
         ErrorReport::from(e).report(PgLogLevel::ERROR);
-    }
-}
-
-/// `state` is `pending` or `dead` (SQLSTATE 23514 otherwise).
-fn check_state(state: Option<&str>) {
-    if let Some(state) = state {
-        if state != "pending" && state != "dead" {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-                format!("broadcaster: state {state:?} is neither 'pending' nor 'dead'"),
-                "broadcaster_outbox_accept",
-            )
-            .report(PgLogLevel::ERROR);
-        }
     }
 }
 
@@ -376,10 +335,6 @@ mod tests {
                 "23514",
             ),
             (
-                "INSERT INTO broadcaster_outbox (type, state) VALUES ('t', 'sent')",
-                "23514",
-            ),
-            (
                 "SELECT broadcaster_publish('t', extensions => \
                  (SELECT jsonb_object_agg('e' || g, g) FROM generate_series(1, 101) g))",
                 "22023",
@@ -429,7 +384,6 @@ mod tests {
              VALUES ('t', 'https://example.com/s.json', 'text/plain', '\"hi\"')",
             "INSERT INTO broadcaster_outbox (type, time) VALUES ('t', '0001-01-01 00:00:00+00')",
             "INSERT INTO broadcaster_outbox (type, time) VALUES ('t', '9999-12-31 23:59:59.999999+00')",
-            "INSERT INTO broadcaster_outbox (type, state) VALUES ('t', 'dead')",
         ] {
             assert_eq!(sqlstate_of(sql), None, "{sql}");
         }
@@ -438,10 +392,13 @@ mod tests {
     #[pg_test]
     fn requeue_and_discard_touch_only_dead_events() {
         Spi::run(
-            "INSERT INTO broadcaster_outbox (id, type, state, attempts, last_error) VALUES \
-             ('00000000-0000-0000-0000-000000000001', 'a', 'dead', 10, 'WRONGTYPE'), \
-             ('00000000-0000-0000-0000-000000000002', 'b', 'dead', 10, 'WRONGTYPE'), \
-             ('00000000-0000-0000-0000-000000000003', 'c', 'pending', 0, NULL)",
+            "INSERT INTO broadcaster_outbox (id, type) VALUES \
+             ('00000000-0000-0000-0000-000000000001', 'a'), \
+             ('00000000-0000-0000-0000-000000000002', 'b'), \
+             ('00000000-0000-0000-0000-000000000003', 'c'); \
+             INSERT INTO broadcaster_failures \
+                    (seq, attempts, next_attempt_at, dead, last_error) \
+             SELECT seq, 10, now(), type <> 'c', 'WRONGTYPE' FROM broadcaster_outbox",
         )
         .expect("rows");
         let listed =
@@ -453,17 +410,22 @@ mod tests {
         )
         .expect("requeue");
         assert_eq!(requeued, Some(1), "the pending row is not dead");
-        let reset = Spi::get_one::<bool>(
-            "SELECT state = 'pending' AND attempts = 0 FROM broadcaster_outbox \
-             WHERE id = '00000000-0000-0000-0000-000000000001'",
+        let reset = Spi::get_one::<i64>(
+            "SELECT count(*) FROM broadcaster_failures f JOIN broadcaster_outbox o USING (seq) \
+             WHERE o.id = '00000000-0000-0000-0000-000000000001'",
         )
         .expect("row");
-        assert_eq!(reset, Some(true));
+        assert_eq!(reset, Some(0), "requeued: no failure left against it");
         assert_eq!(
             Spi::get_one::<i64>("SELECT broadcaster_discard_all()").expect("discard"),
             Some(1)
         );
         assert_eq!(count(), 2);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM broadcaster_failures").expect("count"),
+            Some(1),
+            "the discarded event's failure went with it; the pending one's stays"
+        );
         assert_eq!(
             Spi::get_one::<i64>("SELECT broadcaster_requeue_all()").expect("requeue"),
             Some(0)
@@ -491,7 +453,7 @@ mod tests {
         assert_eq!(public_grants, Some(0));
         let table_grants = Spi::get_one::<i64>(
             "SELECT count(*) FROM information_schema.role_table_grants \
-             WHERE grantee = 'PUBLIC' AND table_name = 'broadcaster_outbox'",
+             WHERE grantee = 'PUBLIC' AND table_name IN ('broadcaster_outbox', 'broadcaster_failures')",
         )
         .expect("query");
         assert_eq!(table_grants, Some(0));

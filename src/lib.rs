@@ -24,6 +24,7 @@ extension_sql_file!(
     name = "outbox",
     requires = [
         api::broadcaster_outbox_accept,
+        api::broadcaster_failures_cleared,
         api::broadcaster_default_source
     ]
 );

@@ -243,7 +243,8 @@ pub fn relay_of(database: pg_sys::Oid) -> Option<RelayState> {
 /// Arranges for this database's relay to be woken when the current transaction commits. Cheap
 /// enough for every row: one flag, and a callback registered once per backend.
 pub fn wake_at_commit() {
-    if !available() {
+    // The relay never needs waking by its own writes.
+    if !available() || MY_SLOT.load(Ordering::Relaxed) != usize::MAX {
         return;
     }
     if !XACT_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {

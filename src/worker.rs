@@ -35,52 +35,56 @@ const COALESCE: Duration = Duration::from_millis(1);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Committed, pending rows whose turn has come, oldest first (by tuple id, for [`claim_sql`]). A row
-/// waits while an earlier row of its partition key is being retried (or is dead, when `$2`:
-/// broadcaster.on_dead_event = hold), so a key's events never overtake each other. That check
-/// runs only when some row is retried or dead: the first arm is evaluated once per query (an
-/// InitPlan on the partial index `broadcaster_outbox_held`, empty while nothing fails).
+/// Committed rows whose turn has come, oldest first (by tuple id, for [`claim_sql`]): all of
+/// them while `broadcaster_failures` is empty, its first arm evaluated once per query (an
+/// InitPlan). Otherwise a row waits while it has failed and its retry is not due, or is dead;
+/// and while an earlier row of its partition key has failed and is not dead (or is dead, when
+/// `$2`: broadcaster.on_dead_event = hold), so a key's events never overtake each other. A
+/// failure whose row is gone (deleted by hand) holds nothing.
 const READY: &str = r#"
 SELECT o.ctid
   FROM broadcaster_outbox o
- WHERE o.state = 'pending' AND o.next_attempt_at <= now()
-   AND (NOT (SELECT EXISTS (SELECT 1 FROM broadcaster_outbox h
-                             WHERE h.attempts > 0 OR h.state = 'dead'))
-        OR NOT EXISTS (SELECT 1 FROM broadcaster_outbox b
-                        WHERE b.partition_key = o.partition_key
-                          AND b.seq < o.seq
-                          AND ((b.state = 'pending' AND b.attempts > 0)
-                               OR (b.state = 'dead' AND $2))))
+ WHERE NOT (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
+    OR (NOT EXISTS (SELECT 1 FROM broadcaster_failures f
+                     WHERE f.seq = o.seq AND (f.dead OR f.next_attempt_at > now()))
+        AND NOT EXISTS (SELECT 1 FROM broadcaster_failures b
+                          JOIN broadcaster_outbox h ON h.seq = b.seq
+                         WHERE b.partition_key = o.partition_key AND b.seq < o.seq
+                           AND (NOT b.dead OR $2)))
  ORDER BY o.seq LIMIT $1"#;
 
-/// What the claim returns of each row, [`CLAIM_COLUMNS`] columns. `id`, `time` and `data` as
-/// they are stored (uuid, timestamptz, json: text inside), read without output functions.
-const CLAIMED: &str = r#"seq, id, type, source, subject, "time", datacontenttype, dataschema,
-       data, partition_key, extensions::text, stream, attempts"#;
+/// What the claim returns of each row of `rel`, [`CLAIM_COLUMNS`] columns. `id`, `time` and
+/// `data` as they are stored (uuid, timestamptz, json: text inside), read without output
+/// functions; the attempts so far looked up only while some event has failed.
+fn claimed(rel: &str) -> String {
+    format!(
+        r#"{rel}.seq, id, type, source, subject, "time", datacontenttype, dataschema, data,
+       partition_key, extensions::text, stream,
+       CASE WHEN (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
+            THEN coalesce((SELECT f.attempts FROM broadcaster_failures f
+                            WHERE f.seq = {rel}.seq), 0)
+            ELSE 0 END"#
+    )
+}
 
 /// Claims the ready rows by deleting them, in one statement: the relay's subtransaction undoes
 /// the delete unless every event went out (see [`relay_batch`]). Meanwhile the rows are locked
 /// by the delete: a second relay waits for them and then finds them gone, so no row goes out
-/// twice. A row another session changed meanwhile is checked again for [`STILL_READY`]. Rows
-/// come back in tuple order; the relay puts them in `seq` order.
+/// twice. Rows come back in tuple order; the relay puts them in `seq` order.
 fn claim_sql() -> String {
     format!(
-        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) AND {STILL_READY} \
-         RETURNING {CLAIMED}"
+        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) RETURNING {}",
+        claimed("broadcaster_outbox")
     )
 }
-
-/// Checked again on the version of a row that another session updated while the claim waited
-/// for it.
-const STILL_READY: &str = "state = 'pending' AND next_attempt_at <= now()";
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
 fn claim_and_keep_sql() -> String {
     format!(
         "WITH claimed AS (
-    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) AND {STILL_READY}
+    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY}))
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
-              partition_key, extensions, stream, attempts),
+              partition_key, extensions, stream),
 kept AS (
     INSERT INTO broadcaster_published
            (seq, id, type, source, subject, time, datacontenttype, dataschema, data,
@@ -88,7 +92,8 @@ kept AS (
     SELECT seq, id, type, source, subject, time, datacontenttype, dataschema, data,
            partition_key, extensions, stream
       FROM claimed)
-SELECT {CLAIMED} FROM claimed"
+SELECT {} FROM claimed",
+        claimed("claimed")
     )
 }
 
@@ -132,13 +137,28 @@ const PURGE_BATCH: i64 = 1000;
 /// How often an idle relay purges.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
+/// Counts a failed attempt against the event `$1` (error `$2`), to be retried in `$3` seconds
+/// or dead at `$4` attempts. Nothing when its row is gone.
 const FAIL: &str = "
-UPDATE broadcaster_outbox
-   SET attempts = attempts + 1,
-       last_error = $2,
-       next_attempt_at = now() + make_interval(secs => $3),
-       state = CASE WHEN attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
- WHERE seq = $1";
+INSERT INTO broadcaster_failures AS f
+       (seq, partition_key, attempts, next_attempt_at, dead, last_error)
+SELECT o.seq, o.partition_key, 1, now() + make_interval(secs => $3), 1 >= $4, $2
+  FROM broadcaster_outbox o
+ WHERE o.seq = $1
+    ON CONFLICT (seq) DO UPDATE
+   SET attempts = f.attempts + 1,
+       next_attempt_at = EXCLUDED.next_attempt_at,
+       dead = f.attempts + 1 >= $4,
+       last_error = EXCLUDED.last_error";
+
+/// Forgets the failures of events delivered at last.
+const CLEAR: &str = "DELETE FROM broadcaster_failures WHERE seq = ANY ($1)";
+
+/// Forgets failures whose row is gone (deleted by hand): they hold nothing, but keep the claim
+/// on its slower path.
+const FORGET: &str = "
+DELETE FROM broadcaster_failures f
+ WHERE NOT EXISTS (SELECT 1 FROM broadcaster_outbox o WHERE o.seq = f.seq)";
 
 /// Registers the launcher: a worker connected to no database that waits for
 /// `broadcaster.database` to exist, then starts the relay for it, and starts it again whenever it
@@ -501,7 +521,10 @@ impl Relay {
         }
         if matches!(tick, Tick::Idle) {
             if self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-                BackgroundWorker::transaction(|| purge(statements));
+                BackgroundWorker::transaction(|| {
+                    purge(statements);
+                    forget_orphan_failures(statements);
+                });
                 self.last_purge = Some(Instant::now());
             }
             self.check_health_when_idle()
@@ -615,6 +638,8 @@ struct Statements {
     retire_and_keep: OwnedPreparedStatement,
     purge: OwnedPreparedStatement,
     fail: OwnedPreparedStatement,
+    clear: OwnedPreparedStatement,
+    forget: OwnedPreparedStatement,
 }
 
 /// Finds the extension's schema, readies the session and prepares the relay's statements;
@@ -670,6 +695,8 @@ fn prepare_session() -> Option<Statements> {
                     &[oid(INT8OID), oid(TEXTOID), oid(FLOAT8OID), oid(INT4OID)],
                 )?
                 .keep(),
+            clear: client.prepare_mut(CLEAR, &[oid(INT8ARRAYOID)])?.keep(),
+            forget: client.prepare_mut(FORGET, &[])?.keep(),
         })
     })
     .ok()
@@ -761,7 +788,7 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
     let subxact = SubTransaction::begin();
     let mut claimed = claim(statements, batch_size);
     // Rows of the batches delivered whole so far.
-    let mut delivered: Vec<i64> = Vec::new();
+    let mut delivered = Delivered::default();
     let mut full = false;
     for round in 1..=BATCHES_PER_TRANSACTION {
         if claimed.seqs.is_empty() {
@@ -793,16 +820,36 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
             return settle(statements, backend, delivered, claimed, full, outcome);
         }
         shared::record_success(claimed.seqs.len());
-        delivered.extend(&claimed.seqs);
+        for (&seq, &attempts) in claimed.seqs.iter().zip(&claimed.attempts) {
+            delivered.add(seq, attempts);
+        }
         claimed = next.unwrap_or_default();
     }
     subxact.commit();
-    if delivered.is_empty() {
-        Tick::Idle
-    } else {
-        Tick::Published {
-            full,
-            retired: delivered.len(),
+    if delivered.seqs.is_empty() {
+        return Tick::Idle;
+    }
+    if !delivered.recovered.is_empty() {
+        clear_failures(statements, &delivered.recovered);
+    }
+    Tick::Published {
+        full,
+        retired: delivered.seqs.len(),
+    }
+}
+
+/// Rows delivered in this transaction, and those of them that had failed before.
+#[derive(Default)]
+struct Delivered {
+    seqs: Vec<i64>,
+    recovered: Vec<i64>,
+}
+
+impl Delivered {
+    fn add(&mut self, seq: i64, attempts: i32) {
+        self.seqs.push(seq);
+        if attempts > 0 {
+            self.recovered.push(seq);
         }
     }
 }
@@ -813,7 +860,7 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
 fn settle(
     statements: &Statements,
     backend: &mut dyn PublisherBackend,
-    mut delivered: Vec<i64>,
+    mut delivered: Delivered,
     batch: Claimed,
     full: bool,
     outcome: Result<BatchOutcome, BackendError>,
@@ -826,7 +873,7 @@ fn settle(
         unreadable: mut failed,
         ..
     } = batch;
-    let before = delivered.len();
+    let before = delivered.seqs.len();
     let outcome = match outcome {
         Ok(outcome) => Ok(outcome),
         // Not the events' fault: the batch stays pending.
@@ -841,7 +888,7 @@ fn settle(
         Ok(outcome) => {
             for (i, result) in sent.into_iter().zip(outcome) {
                 match result {
-                    Ok(()) => delivered.push(seqs[i]),
+                    Ok(()) => delivered.add(seqs[i], attempts[i]),
                     // Behind a failed event of its key: stays pending, untouched.
                     Err(BackendError::Held) => {}
                     // Not this event's fault: it stays pending, untouched.
@@ -856,16 +903,16 @@ fn settle(
         .map(|(i, e)| (seqs[i], attempts[i], e))
         .collect();
     retire(statements, &delivered, &failed);
-    shared::record_success(delivered.len() - before);
+    shared::record_success(delivered.seqs.len() - before);
     if let Some((_, _, error)) = failed.last() {
         shared::record_failure(failed.len(), error);
     }
     match outage {
         Some(e) => Tick::Outage(e),
-        None if delivered.is_empty() && failed.is_empty() => Tick::Idle,
+        None if delivered.seqs.is_empty() && failed.is_empty() => Tick::Idle,
         None => Tick::Published {
             full,
-            retired: delivered.len(),
+            retired: delivered.seqs.len(),
         },
     }
 }
@@ -945,7 +992,7 @@ fn vacuum_outbox(outbox: pg_sys::Oid) {
     }
 }
 
-/// Columns of [`CLAIMED`].
+/// Columns of [`claimed`].
 const CLAIM_COLUMNS: usize = 13;
 
 /// Claims up to `limit` ready rows (see [`claim_sql`]).
@@ -989,7 +1036,7 @@ fn claim(statements: &Statements, limit: usize) -> Claimed {
                     nulls.as_mut_ptr(),
                 );
             }
-            // SAFETY: the columns are text (or json) where read as text (see CLAIMED), and
+            // SAFETY: the columns are text (or json) where read as text (see `claimed`), and
             // live until SPI_finish, after this loop.
             let text = |c: usize| (!nulls[c]).then(|| unsafe { text_datum(values[c]) });
             // int8, int4 and timestamptz, passed by value.
@@ -1118,19 +1165,50 @@ fn purge(statements: &Statements) {
     }
 }
 
+/// Forgets the failures of `seqs`, events delivered at last.
+fn clear_failures(statements: &Statements, seqs: &[i64]) {
+    let result = Spi::connect_mut(|client| {
+        client.update(&statements.clear, None, &[seqs.to_vec().into()])?;
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        // Abort: the batch goes out again (same ids) rather than leave a failure that holds
+        // its key.
+        error!("broadcaster: recording delivery results failed: {e}");
+    }
+}
+
+/// Forgets failures whose row is gone: see [`FORGET`].
+fn forget_orphan_failures(statements: &Statements) {
+    let result = Spi::connect_mut(|client| {
+        client.update(&statements.forget, None, &[])?;
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        warning!("broadcaster: forgetting failures of deleted events failed: {e}");
+    }
+}
+
 /// Deletes what was published (by `seq`); counts an attempt against each failed row (seq,
 /// attempts so far, error), scheduling its retry or marking it dead.
-fn retire(statements: &Statements, published: &[i64], failed: &[(i64, i32, String)]) {
+fn retire(statements: &Statements, published: &Delivered, failed: &[(i64, i32, String)]) {
     let max_attempts = guc::max_attempts();
     let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
     let result = Spi::connect_mut(|client| {
-        if !published.is_empty() {
+        if !published.seqs.is_empty() {
             let retire = if guc::retention().is_zero() {
                 &statements.retire
             } else {
                 &statements.retire_and_keep
             };
-            client.update(retire, None, &[published.to_vec().into()])?;
+            client.update(retire, None, &[published.seqs.clone().into()])?;
+        }
+        if !published.recovered.is_empty() {
+            client.update(
+                &statements.clear,
+                None,
+                &[published.recovered.clone().into()],
+            )?;
         }
         for (seq, attempts, error) in failed {
             // The event's own backoff: 1 s, 2 s, 4 s ... up to the cap.
