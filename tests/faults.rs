@@ -580,6 +580,40 @@ fn skip_mode_lets_a_key_flow_past_its_dead_event_and_discard_drops_it() {
 }
 
 #[test]
+fn a_failing_event_deleted_by_hand_stops_holding_its_key() {
+    // Failures are kept beside the outbox: one whose event a user deletes must not hold the
+    // event's key, and is forgotten.
+    let s = Setup::new(&[
+        ("broadcaster.max_attempts", "1000"),
+        ("broadcaster.poll_interval", "200ms"),
+    ]);
+    let mut r = s.redis.connection();
+    poison(&mut r, "poisoned");
+    let mut c = s.cluster.connect();
+    let failing = publish(&mut c, "k", 1, Some("poisoned"));
+    let failures = |c: &mut PgClient| -> i64 {
+        c.query_one("SELECT count(*) FROM broadcaster_failures", &[])
+            .expect("count")
+            .get(0)
+    };
+    common::wait_for("a failed attempt", common::DEADLINE, || {
+        (failures(&mut c) == 1).then_some(())
+    });
+    let after = publish(&mut c, "k", 2, None);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(s.redis.len(DEFAULT_STREAM), 0, "k's next event waits");
+    c.execute(
+        "DELETE FROM broadcaster_outbox WHERE id::text = $1",
+        &[&failing],
+    )
+    .expect("delete");
+    assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), after);
+    common::wait_for("the failure forgotten", common::DEADLINE, || {
+        (failures(&mut c) == 0).then_some(())
+    });
+}
+
+#[test]
 fn oversized_event_goes_dead_without_reaching_redis() {
     let s = Setup::new(&[
         ("broadcaster.max_attempts", "1"),
