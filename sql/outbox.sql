@@ -51,7 +51,8 @@ COMMENT ON TABLE broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';
 
 -- Writes one event in the caller's transaction and returns its id. Runs with the caller's
--- rights: INSERT on broadcaster_outbox (the id is made here, so no SELECT is needed).
+-- rights: INSERT on broadcaster_outbox (the id is made by the function, so no SELECT is
+-- needed). Written in Rust (src/api.rs): one INSERT through a plan kept for the session.
 CREATE FUNCTION broadcaster_publish(
     type          text,
     data          json  DEFAULT NULL,
@@ -61,26 +62,8 @@ CREATE FUNCTION broadcaster_publish(
     extensions    jsonb DEFAULT NULL,
     stream        text  DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-    event_id uuid := gen_random_uuid();
-BEGIN
-    INSERT INTO @extschema@.broadcaster_outbox
-        (id, type, data, source, subject, partition_key, extensions, stream)
-    VALUES (
-        event_id,
-        broadcaster_publish.type,
-        broadcaster_publish.data,
-        coalesce(broadcaster_publish.source, @extschema@.broadcaster_default_source()),
-        broadcaster_publish.subject,
-        broadcaster_publish.partition_key,
-        coalesce(broadcaster_publish.extensions, '{}'),
-        broadcaster_publish.stream
-    );
-    RETURN event_id;
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
 
 -- Published events, kept for broadcaster.retention (0: none are kept) so they can be replayed.
 -- The relay purges them in small batches.

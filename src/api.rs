@@ -124,6 +124,113 @@ fn accept(
     }
 }
 
+/// `broadcaster_publish(type, data, source, subject, partition_key, extensions, stream)`,
+/// declared in `sql/outbox.sql` as a C function: one INSERT through a plan kept for the session.
+/// A producer usually publishes once per transaction, and a PL/pgSQL function pays at the first
+/// call of each transaction to set up and revalidate its expressions and plans. Runs with the
+/// caller's rights (INSERT on the outbox); values are checked by the outbox's trigger, as for a
+/// raw INSERT.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn broadcaster_publish(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let fcinfo = &mut *fcinfo;
+        if usize::try_from(fcinfo.nargs) != Ok(PUBLISH_ARGS) {
+            error!("broadcaster_publish: expected {PUBLISH_ARGS} arguments");
+        }
+        // The INSERT's parameters: the arguments, then the id. It is made here, in the
+        // caller's memory, and returned: RETURNING it would need SELECT rights.
+        let mut values = [pg_sys::Datum::from(0usize); PUBLISH_ARGS + 1];
+        let mut nulls = [b' ' as std::ffi::c_char; PUBLISH_ARGS + 1];
+        for (i, arg) in fcinfo.args.as_slice(PUBLISH_ARGS).iter().enumerate() {
+            values[i] = arg.value;
+            if arg.isnull {
+                nulls[i] = b'n' as std::ffi::c_char;
+            }
+        }
+        let Some(id) = pgrx::direct_function_call_as_datum(pg_sys::gen_random_uuid, &[]) else {
+            error!("broadcaster_publish: gen_random_uuid returned NULL");
+        };
+        values[PUBLISH_ARGS] = id;
+        if pg_sys::SPI_connect() < 0 {
+            error!("broadcaster_publish: SPI_connect failed");
+        }
+        let plan = publish_plan((*fcinfo.flinfo).fn_oid);
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            error!("broadcaster_publish: the INSERT failed (SPI code {rc})");
+        }
+        pg_sys::SPI_finish();
+        id
+    }
+}
+
+/// Version-1 calling convention for [`broadcaster_publish`].
+#[no_mangle]
+pub extern "C" fn pg_finfo_broadcaster_publish() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `broadcaster_publish`'s arguments.
+const PUBLISH_ARGS: usize = 7;
+
+thread_local! {
+    /// `broadcaster_publish`'s INSERT, planned once per session, for the function it was made
+    /// for (a new one after DROP and CREATE EXTENSION, maybe in another schema). Postgres plans
+    /// it again when the table changes.
+    static PUBLISH_PLAN: std::cell::Cell<(pg_sys::Oid, pg_sys::SPIPlanPtr)> =
+        const { std::cell::Cell::new((pg_sys::InvalidOid, std::ptr::null_mut())) };
+}
+
+/// The kept plan of `broadcaster_publish` (`function`), prepared at its first call: the
+/// arguments as `$1` to `$7`, the id as `$8`. Inside SPI_connect.
+unsafe fn publish_plan(function: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
+    let (made_for, plan) = PUBLISH_PLAN.get();
+    if made_for == function && !plan.is_null() {
+        return plan;
+    }
+    unsafe {
+        if !plan.is_null() {
+            pg_sys::SPI_freeplan(plan);
+        }
+        let schema = pg_sys::get_namespace_name(pg_sys::get_func_namespace(function));
+        if schema.is_null() {
+            error!("broadcaster_publish: its schema is gone");
+        }
+        let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
+            .to_string_lossy()
+            .into_owned();
+        let sql = format!(
+            "INSERT INTO {schema}.broadcaster_outbox \
+                    (type, data, source, subject, partition_key, extensions, stream, id) \
+             VALUES ($1, $2, coalesce($3, {schema}.broadcaster_default_source()), $4, $5, \
+                     coalesce($6, '{{}}'), $7, $8)"
+        );
+        let mut types = [
+            pg_sys::TEXTOID,
+            pg_sys::JSONOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::TEXTOID,
+            pg_sys::JSONBOID,
+            pg_sys::TEXTOID,
+            pg_sys::UUIDOID,
+        ];
+        let Ok(sql) = std::ffi::CString::new(sql) else {
+            error!("broadcaster_publish: its schema's name holds a NUL");
+        };
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+            error!("broadcaster_publish: could not prepare its INSERT");
+        }
+        PUBLISH_PLAN.set((function, plan));
+        plan
+    }
+}
+
 /// The `source` of events written without one: `broadcaster.default_source`, or
 /// `postgresql:///<database>`.
 #[pg_extern(stable, parallel_safe)]
@@ -229,8 +336,8 @@ mod tests {
         assert_eq!(row.0.as_deref(), Some("postgresql:///pgrx_tests"));
         assert_eq!(row.1.as_deref(), Some("application/json"));
         let pending = Spi::get_one::<bool>(
-            "SELECT state = 'pending' AND attempts = 0 AND extensions = '{}' \
-             AND id IS NOT NULL AND time IS NOT NULL FROM broadcaster_outbox",
+            "SELECT extensions = '{}' AND id IS NOT NULL AND time IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM broadcaster_failures) FROM broadcaster_outbox",
         )
         .expect("row");
         assert_eq!(pending, Some(true));
