@@ -1,6 +1,6 @@
 //! The SQL surface written in Rust: row validation and commit-time wake-up (the outbox's row
-//! trigger), the default `source`, and `broadcaster_health()`. The table and
-//! `broadcaster_publish` are in `sql/outbox.sql`.
+//! trigger), `broadcaster_publish`, the default `source`, and `broadcaster_health()`. The tables,
+//! and the declaration of `broadcaster_publish`, are in `sql/outbox.sql`.
 
 use std::sync::OnceLock;
 
