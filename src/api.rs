@@ -194,6 +194,8 @@ unsafe fn publish_plan(function: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
     }
     unsafe {
         if !plan.is_null() {
+            // Forgotten before anything below can raise an error.
+            PUBLISH_PLAN.set((pg_sys::InvalidOid, std::ptr::null_mut()));
             pg_sys::SPI_freeplan(plan);
         }
         let schema = pg_sys::get_namespace_name(pg_sys::get_func_namespace(function));
