@@ -30,7 +30,8 @@ CREATE TRIGGER broadcaster_outbox_accept
 ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 
 -- Events whose delivery failed, written by the relay: one row per outbox row (same seq) that
--- Redis refused at least once, deleted with it. Empty while nothing fails; the relay checks it
+-- Redis refused at least once, deleted with it when it is delivered or discarded (and within a
+-- second when the row is deleted by hand; with the outbox when it is truncated). Empty while nothing fails; the relay checks it
 -- once per claim, and row by row only while it holds something. A row here waits until
 -- next_attempt_at, or for good once dead; the later events of its key wait behind it (behind a
 -- dead one only with broadcaster.on_dead_event = hold).
@@ -46,6 +47,21 @@ CREATE INDEX broadcaster_failures_key ON broadcaster_failures (partition_key, se
 CREATE TRIGGER broadcaster_failures_cleared
     AFTER DELETE ON broadcaster_failures
     FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_failures_cleared();
+
+-- TRUNCATE broadcaster_outbox (RESTART IDENTITY, say) takes the failures with it: a new event
+-- must never meet an old failure under a reused seq. As the extension's owner: whoever may
+-- truncate the outbox may forget its failures.
+CREATE FUNCTION broadcaster_outbox_truncated() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    TRUNCATE @extschema@.broadcaster_failures;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER broadcaster_outbox_truncated
+    AFTER TRUNCATE ON broadcaster_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_outbox_truncated();
 
 COMMENT ON TABLE broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';

@@ -40,7 +40,8 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// InitPlan). Otherwise a row waits while it has failed and its retry is not due, or is dead;
 /// and while an earlier row of its partition key has failed and is not dead (or is dead, when
 /// `$2`: broadcaster.on_dead_event = hold), so a key's events never overtake each other. A
-/// failure whose row is gone (deleted by hand) holds nothing.
+/// failure whose row is gone (deleted by hand) holds nothing, nor one whose row's key changed
+/// since (its next failed attempt records the new key).
 const READY: &str = r#"
 SELECT o.ctid
   FROM broadcaster_outbox o
@@ -50,6 +51,7 @@ SELECT o.ctid
         AND NOT EXISTS (SELECT 1 FROM broadcaster_failures b
                           JOIN broadcaster_outbox h ON h.seq = b.seq
                          WHERE b.partition_key = o.partition_key AND b.seq < o.seq
+                           AND h.partition_key = o.partition_key
                            AND (NOT b.dead OR $2)))
  ORDER BY o.seq LIMIT $1"#;
 
@@ -132,6 +134,9 @@ const VACUUM_DURING_BACKLOG: u64 = 100_000;
 /// rows would stall a batch every 0.1 s.
 const VACUUM_EVERY: Duration = Duration::from_secs(1);
 
+/// How often the relay forgets failures whose row is gone ([`FORGET`]).
+const FORGET_EVERY: Duration = Duration::from_secs(1);
+
 /// Most rows one purge statement deletes.
 const PURGE_BATCH: i64 = 1000;
 /// How often an idle relay purges.
@@ -146,7 +151,8 @@ SELECT o.seq, o.partition_key, 1, now() + make_interval(secs => $3), 1 >= $4, $2
   FROM broadcaster_outbox o
  WHERE o.seq = $1
     ON CONFLICT (seq) DO UPDATE
-   SET attempts = f.attempts + 1,
+   SET partition_key = EXCLUDED.partition_key,
+       attempts = f.attempts + 1,
        next_attempt_at = EXCLUDED.next_attempt_at,
        dead = f.attempts + 1 >= $4,
        last_error = EXCLUDED.last_error";
@@ -386,6 +392,7 @@ struct Relay {
     /// When the last batch that emptied the queue started.
     last_small_batch: Option<Instant>,
     last_purge: Option<Instant>,
+    last_forget: Option<Instant>,
     /// Outbox rows deleted since the relay's last VACUUM of it, and when that was.
     retired_since_vacuum: u64,
     last_vacuum: Option<Instant>,
@@ -406,6 +413,7 @@ impl Relay {
             last_contact: None,
             last_small_batch: None,
             last_purge: None,
+            last_forget: None,
             retired_since_vacuum: 0,
             last_vacuum: None,
             last_log: None,
@@ -519,12 +527,14 @@ impl Relay {
             self.retired_since_vacuum = 0;
             self.last_vacuum = Some(Instant::now());
         }
+        // Busy or idle: a relay that never idles must still forget them.
+        if self.last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY) {
+            BackgroundWorker::transaction(|| forget_orphan_failures(statements));
+            self.last_forget = Some(Instant::now());
+        }
         if matches!(tick, Tick::Idle) {
             if self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-                BackgroundWorker::transaction(|| {
-                    purge(statements);
-                    forget_orphan_failures(statements);
-                });
+                BackgroundWorker::transaction(|| purge(statements));
                 self.last_purge = Some(Instant::now());
             }
             self.check_health_when_idle()
@@ -1234,7 +1244,7 @@ fn retire(statements: &Statements, published: &Delivered, failed: &[(i64, i32, S
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     #[test]
     fn timestamps_become_rfc3339_in_utc() {
         use super::rfc3339;
@@ -1274,6 +1284,66 @@ mod tests {
         assert_eq!(
             super::uuid_text(&bytes),
             "7d2c5bd4-4f7e-4a53-8d4c-5d1d7a1c0e11"
+        );
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// How many rows [`super::READY`] finds, 10 at most, dead events holding their key.
+    fn ready() -> i64 {
+        Spi::get_one_with_args::<i64>(
+            &format!("SELECT count(*) FROM ({}) r", super::READY),
+            &[10_i64.into(), true.into()],
+        )
+        .expect("query")
+        .unwrap_or(-1)
+    }
+
+    #[pg_test]
+    fn a_failure_holds_its_key_only_while_its_row_is_there() {
+        Spi::run("INSERT INTO broadcaster_outbox (type, partition_key) VALUES ('a', 'k'), ('b', 'k'), ('c', 'j')")
+            .expect("rows");
+        assert_eq!(ready(), 3);
+        // The first row of k failed, its retry not due: k waits, j goes.
+        Spi::run(
+            "INSERT INTO broadcaster_failures (seq, partition_key, attempts, next_attempt_at, dead, last_error) \
+             SELECT seq, 'k', 1, now() + interval '1 hour', false, 'WRONGTYPE' \
+               FROM broadcaster_outbox WHERE type = 'a'",
+        )
+        .expect("failure");
+        assert_eq!(ready(), 1);
+        // Deleted by hand: its failure, until forgotten, holds nothing.
+        Spi::run("DELETE FROM broadcaster_outbox WHERE type = 'a'").expect("delete");
+        assert_eq!(ready(), 2);
+        // Nor one whose row took another key since.
+        Spi::run(
+            "INSERT INTO broadcaster_outbox (type, partition_key) VALUES ('d', 'k'); \
+             INSERT INTO broadcaster_failures (seq, partition_key, attempts, next_attempt_at, dead, last_error) \
+             SELECT seq, 'k', 1, now() - interval '1 hour', true, 'WRONGTYPE' \
+               FROM broadcaster_outbox WHERE type = 'b'; \
+             UPDATE broadcaster_outbox SET partition_key = 'moved' WHERE type = 'b'",
+        )
+        .expect("moved");
+        // b is dead (not ready); d, of k, no longer waits behind it; c goes.
+        assert_eq!(ready(), 2);
+    }
+
+    #[pg_test]
+    fn truncating_the_outbox_forgets_its_failures() {
+        Spi::run(
+            "INSERT INTO broadcaster_outbox (type) VALUES ('a'); \
+             INSERT INTO broadcaster_failures (seq, attempts, next_attempt_at, dead, last_error) \
+             SELECT seq, 1, now(), true, 'x' FROM broadcaster_outbox; \
+             TRUNCATE broadcaster_outbox RESTART IDENTITY",
+        )
+        .expect("truncate");
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM broadcaster_failures").expect("count"),
+            Some(0)
         );
     }
 }

@@ -430,6 +430,28 @@ fn cure(r: &mut redis::Connection, key: &str) {
     redis::cmd("DEL").arg(key).query::<()>(r).expect("DEL");
 }
 
+/// A role `ops` granted what the README grants operators, connected.
+fn operator(c: &mut PgClient, port: u16) -> PgClient {
+    c.batch_execute(
+        "CREATE ROLE ops LOGIN; \
+         GRANT SELECT ON broadcaster_outbox, broadcaster_failures, broadcaster_dead_events, \
+                         broadcaster_status, broadcaster_published TO ops; \
+         GRANT EXECUTE ON FUNCTION broadcaster_health(), broadcaster_status(), broadcaster_relays(), \
+                                   broadcaster_requeue(uuid[]), broadcaster_requeue_all(), \
+                                   broadcaster_discard(uuid[]), broadcaster_discard_all(), \
+                                   broadcaster_replay(uuid[]), \
+                                   broadcaster_replay(timestamptz, timestamptz, text) TO ops; \
+         GRANT INSERT, DELETE ON broadcaster_outbox TO ops; \
+         GRANT DELETE ON broadcaster_failures TO ops;",
+    )
+    .expect("ops role");
+    PgClient::connect(
+        &format!("host=127.0.0.1 port={port} user=ops dbname=postgres"),
+        postgres::NoTls,
+    )
+    .expect("ops connects")
+}
+
 fn ids_in(redis: &Redis, stream: &str) -> Vec<String> {
     redis.entries(stream).iter().map(Entry::event_id).collect()
 }
@@ -471,9 +493,19 @@ fn poison_event_is_dead_lettered_and_holds_only_its_key() {
         "k3 waits behind the dead event"
     );
 
-    // Remove the cause, requeue: the poison event goes out, then the key moves on.
+    // Remove the cause, requeue as an operator granted what the README says: the poison event
+    // goes out, then the key moves on.
     cure(&mut r, "poisoned");
-    let requeued: i64 = c
+    let mut ops = operator(&mut c, s.cluster.port);
+    let dead_seen: i64 = ops
+        .query_one(
+            "SELECT dead FROM broadcaster_status WHERE dead IS NOT NULL",
+            &[],
+        )
+        .expect("status as ops")
+        .get(0);
+    assert_eq!(dead_seen, 1);
+    let requeued: i64 = ops
         .query_one(
             "SELECT broadcaster_requeue(ARRAY[$1::text::uuid])",
             &[&poison],
@@ -564,7 +596,8 @@ fn skip_mode_lets_a_key_flow_past_its_dead_event_and_discard_drops_it() {
         .expect("count")
         .get(0);
     assert_eq!(dead, 1);
-    let discarded: i64 = c
+    let mut ops = operator(&mut c, s.cluster.port);
+    let discarded: i64 = ops
         .query_one(
             "SELECT broadcaster_discard(ARRAY[$1::text::uuid])",
             &[&poison],
