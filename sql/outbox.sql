@@ -29,12 +29,13 @@ CREATE TRIGGER broadcaster_outbox_accept
     FOR EACH ROW EXECUTE FUNCTION broadcaster_outbox_accept();
 ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 
--- Events whose delivery failed, written by the relay: one row per outbox row (same seq) that
--- Redis refused at least once, deleted with it when it is delivered or discarded (and within a
--- second when the row is deleted by hand; with the outbox when it is truncated). Empty while nothing fails; the relay checks it
--- once per claim, and row by row only while it holds something. A row here waits until
--- next_attempt_at, or for good once dead; the later events of its key wait behind it (behind a
--- dead one only with broadcaster.on_dead_event = hold).
+-- Events whose delivery failed: one row per outbox row (same seq) that Redis refused at least
+-- once, deleted with it when it is delivered or discarded (within a second when the row is
+-- deleted by hand; with the outbox when that is truncated). Only the relay writes it (others
+-- only delete from it, as requeue and discard do): once the relay has seen it empty, it claims
+-- without looking at it until it records a failure. A row here waits until next_attempt_at, or
+-- for good once dead; the later events of its key wait behind it (behind a dead one only with
+-- broadcaster.on_dead_event = hold).
 CREATE TABLE broadcaster_failures (
     seq             bigint      PRIMARY KEY,
     partition_key   text,

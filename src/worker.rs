@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,34 +58,61 @@ SELECT o.ctid
 
 /// What the claim returns of each row of `rel`, [`CLAIM_COLUMNS`] columns. `id`, `time` and
 /// `data` as they are stored (uuid, timestamptz, json: text inside), read without output
-/// functions; the attempts so far looked up only while some event has failed.
-fn claimed(rel: &str) -> String {
-    format!(
-        r#"{rel}.seq, id, type, source, subject, "time", datacontenttype, dataschema, data,
-       partition_key, extensions::text, stream,
-       CASE WHEN (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
+/// functions; the attempts so far looked up only when `checked` and some event has failed.
+fn claimed(rel: &str, checked: bool) -> String {
+    let attempts = if checked {
+        format!(
+            "CASE WHEN (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
             THEN coalesce((SELECT f.attempts FROM broadcaster_failures f
                             WHERE f.seq = {rel}.seq), 0)
-            ELSE 0 END"#
+            ELSE 0 END"
+        )
+    } else {
+        "0".to_string()
+    };
+    format!(
+        r#"{rel}.seq, id, type, source, subject, "time", datacontenttype, dataschema, data,
+       partition_key, extensions::text, stream, {attempts}"#
     )
+}
+
+/// Every committed row, oldest first: what [`READY`] finds while `broadcaster_failures` is
+/// empty, without its checks. Their cost is paid by each claim, a commit's single event too.
+const ALL: &str = "SELECT o.ctid FROM broadcaster_outbox o ORDER BY o.seq LIMIT $1";
+
+/// Whether `broadcaster_failures` holds anything; see [`FAILURES_POSSIBLE`].
+const ANY_FAILURE: &str = "SELECT EXISTS (SELECT 1 FROM broadcaster_failures)";
+
+/// False once the relay has seen `broadcaster_failures` empty, until it records a failure: only
+/// the relay writes that table (others only delete from it), so until then it claims with
+/// [`ALL`] rather than [`READY`]. True at start.
+static FAILURES_POSSIBLE: AtomicBool = AtomicBool::new(true);
+
+fn ready(checked: bool) -> &'static str {
+    if checked {
+        READY
+    } else {
+        ALL
+    }
 }
 
 /// Claims the ready rows by deleting them, in one statement: the relay's subtransaction undoes
 /// the delete unless every event went out (see [`relay_batch`]). Meanwhile the rows are locked
 /// by the delete: a second relay waits for them and then finds them gone, so no row goes out
 /// twice. Rows come back in tuple order; the relay puts them in `seq` order.
-fn claim_sql() -> String {
+fn claim_sql(checked: bool) -> String {
     format!(
-        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY})) RETURNING {}",
-        claimed("broadcaster_outbox")
+        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({})) RETURNING {}",
+        ready(checked),
+        claimed("broadcaster_outbox", checked)
     )
 }
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
-fn claim_and_keep_sql() -> String {
+fn claim_and_keep_sql(checked: bool) -> String {
     format!(
         "WITH claimed AS (
-    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({READY}))
+    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({}))
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
               partition_key, extensions, stream),
 kept AS (
@@ -95,7 +123,8 @@ kept AS (
            partition_key, extensions, stream
       FROM claimed)
 SELECT {} FROM claimed",
-        claimed("claimed")
+        ready(checked),
+        claimed("claimed", checked)
     )
 }
 
@@ -642,8 +671,10 @@ fn build_backend(database: &str) -> Result<Box<dyn PublisherBackend>, BackendErr
 struct Statements {
     /// broadcaster_outbox, for VACUUM.
     outbox: pg_sys::Oid,
-    claim: OwnedPreparedStatement,
-    claim_and_keep: OwnedPreparedStatement,
+    /// Indexed by `checked`: with [`READY`] (true) or [`ALL`] (false).
+    claim: [OwnedPreparedStatement; 2],
+    claim_and_keep: [OwnedPreparedStatement; 2],
+    any_failure: OwnedPreparedStatement,
     retire: OwnedPreparedStatement,
     retire_and_keep: OwnedPreparedStatement,
     purge: OwnedPreparedStatement,
@@ -686,12 +717,26 @@ fn prepare_session() -> Option<Statements> {
     Spi::connect(|client| {
         Ok::<_, pgrx::spi::Error>(Statements {
             outbox,
-            claim: client
-                .prepare_mut(claim_sql().as_str(), &[oid(INT8OID), oid(BOOLOID)])?
-                .keep(),
-            claim_and_keep: client
-                .prepare_mut(claim_and_keep_sql().as_str(), &[oid(INT8OID), oid(BOOLOID)])?
-                .keep(),
+            claim: [
+                client
+                    .prepare_mut(claim_sql(false).as_str(), &[oid(INT8OID)])?
+                    .keep(),
+                client
+                    .prepare_mut(claim_sql(true).as_str(), &[oid(INT8OID), oid(BOOLOID)])?
+                    .keep(),
+            ],
+            claim_and_keep: [
+                client
+                    .prepare_mut(claim_and_keep_sql(false).as_str(), &[oid(INT8OID)])?
+                    .keep(),
+                client
+                    .prepare_mut(
+                        claim_and_keep_sql(true).as_str(),
+                        &[oid(INT8OID), oid(BOOLOID)],
+                    )?
+                    .keep(),
+            ],
+            any_failure: client.prepare_mut(ANY_FAILURE, &[])?.keep(),
             retire: client.prepare_mut(RETIRE, &[oid(INT8ARRAYOID)])?.keep(),
             retire_and_keep: client
                 .prepare_mut(RETIRE_AND_KEEP, &[oid(INT8ARRAYOID)])?
@@ -795,8 +840,9 @@ const BATCHES_PER_TRANSACTION: usize = 4;
 /// and the rows known to be delivered are deleted and the failures recorded one by one.
 fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> Tick {
     let batch_size = guc::batch_size();
+    let checked = failures_possible(statements);
     let subxact = SubTransaction::begin();
-    let mut claimed = claim(statements, batch_size);
+    let mut claimed = claim(statements, batch_size, checked);
     // Rows of the batches delivered whole so far.
     let mut delivered = Delivered::default();
     let mut full = false;
@@ -814,7 +860,7 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         } else {
             backend.publish_batch_overlapped(claimed.events.as_slice(), prepared, &mut |prepare| {
                 if ahead {
-                    let mut batch = claim(statements, batch_size);
+                    let mut batch = claim(statements, batch_size, checked);
                     if !batch.events.is_empty() {
                         batch.prepared = prepare.prepare(&batch.events);
                     }
@@ -1005,20 +1051,21 @@ fn vacuum_outbox(outbox: pg_sys::Oid) {
 /// Columns of [`claimed`].
 const CLAIM_COLUMNS: usize = 13;
 
-/// Claims up to `limit` ready rows (see [`claim_sql`]).
-fn claim(statements: &Statements, limit: usize) -> Claimed {
+/// Claims up to `limit` ready rows (see [`claim_sql`]), checking `broadcaster_failures` when
+/// `checked`.
+fn claim(statements: &Statements, limit: usize, checked: bool) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let statement = if guc::retention().is_zero() {
-        &statements.claim
+        &statements.claim[usize::from(checked)]
     } else {
-        &statements.claim_and_keep
+        &statements.claim_and_keep[usize::from(checked)]
     };
     Spi::connect_mut(|client| {
         let hold = guc::dead_event_holds_key();
+        let args = [limit.into(), hold.into()];
+        let args = if checked { &args[..] } else { &args[..1] };
         // Read below through SPI_tuptable, which lives until SPI_finish.
-        let n = client
-            .update(statement, None, &[limit.into(), hold.into()])?
-            .len();
+        let n = client.update(statement, None, args)?.len();
         let table = unsafe { pg_sys::SPI_tuptable };
         if n == 0 || table.is_null() {
             return Ok(Claimed::default());
@@ -1175,6 +1222,24 @@ fn purge(statements: &Statements) {
     }
 }
 
+/// Whether the claim must check `broadcaster_failures` ([`FAILURES_POSSIBLE`]): asks the table
+/// only while it may hold something.
+fn failures_possible(statements: &Statements) -> bool {
+    if !FAILURES_POSSIBLE.load(Ordering::Relaxed) {
+        return false;
+    }
+    let any = Spi::connect(|client| {
+        client
+            .select(&statements.any_failure, None, &[])?
+            .first()
+            .get_one::<bool>()
+    });
+    // Unknown counts as possible: checking costs time, not correctness.
+    let possible = !matches!(any, Ok(Some(false)));
+    FAILURES_POSSIBLE.store(possible, Ordering::Relaxed);
+    possible
+}
+
 /// Forgets the failures of `seqs`, events delivered at last.
 fn clear_failures(statements: &Statements, seqs: &[i64]) {
     let result = Spi::connect_mut(|client| {
@@ -1219,6 +1284,9 @@ fn retire(statements: &Statements, published: &Delivered, failed: &[(i64, i32, S
                 None,
                 &[published.recovered.clone().into()],
             )?;
+        }
+        if !failed.is_empty() {
+            FAILURES_POSSIBLE.store(true, Ordering::Relaxed);
         }
         for (seq, attempts, error) in failed {
             // The event's own backoff: 1 s, 2 s, 4 s ... up to the cap.
