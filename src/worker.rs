@@ -556,8 +556,10 @@ impl Relay {
             self.retired_since_vacuum = 0;
             self.last_vacuum = Some(Instant::now());
         }
-        // Busy or idle: a relay that never idles must still forget them.
-        if self.last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY) {
+        // Busy or idle: a relay that never idles must still forget them. None to forget while
+        // the table is known empty.
+        let due = self.last_forget.is_none_or(|t| t.elapsed() >= FORGET_EVERY);
+        if due && FAILURES_POSSIBLE.load(Ordering::Relaxed) {
             BackgroundWorker::transaction(|| forget_orphan_failures(statements));
             self.last_forget = Some(Instant::now());
         }
@@ -886,7 +888,7 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         return Tick::Idle;
     }
     if !delivered.recovered.is_empty() {
-        clear_failures(statements, &delivered.recovered);
+        retire(statements, &[], &delivered.recovered, &[]);
     }
     Tick::Published {
         full,
@@ -958,7 +960,7 @@ fn settle(
         .into_iter()
         .map(|(i, e)| (seqs[i], attempts[i], e))
         .collect();
-    retire(statements, &delivered, &failed);
+    retire(statements, &delivered.seqs, &delivered.recovered, &failed);
     shared::record_success(delivered.seqs.len() - before);
     if let Some((_, _, error)) = failed.last() {
         shared::record_failure(failed.len(), error);
@@ -1240,19 +1242,6 @@ fn failures_possible(statements: &Statements) -> bool {
     possible
 }
 
-/// Forgets the failures of `seqs`, events delivered at last.
-fn clear_failures(statements: &Statements, seqs: &[i64]) {
-    let result = Spi::connect_mut(|client| {
-        client.update(&statements.clear, None, &[seqs.to_vec().into()])?;
-        Ok::<_, pgrx::spi::Error>(())
-    });
-    if let Err(e) = result {
-        // Abort: the batch goes out again (same ids) rather than leave a failure that holds
-        // its key.
-        error!("broadcaster: recording delivery results failed: {e}");
-    }
-}
-
 /// Forgets failures whose row is gone: see [`FORGET`].
 fn forget_orphan_failures(statements: &Statements) {
     let result = Spi::connect_mut(|client| {
@@ -1264,26 +1253,28 @@ fn forget_orphan_failures(statements: &Statements) {
     }
 }
 
-/// Deletes what was published (by `seq`); counts an attempt against each failed row (seq,
-/// attempts so far, error), scheduling its retry or marking it dead.
-fn retire(statements: &Statements, published: &Delivered, failed: &[(i64, i32, String)]) {
+/// Deletes what was published (by `seq`), forgets the failures of the `recovered` among them,
+/// and counts an attempt against each failed row (seq, attempts so far, error), scheduling its
+/// retry or marking it dead.
+fn retire(
+    statements: &Statements,
+    published: &[i64],
+    recovered: &[i64],
+    failed: &[(i64, i32, String)],
+) {
     let max_attempts = guc::max_attempts();
     let cap = guc::retry_max_delay().max(RETRY_BASE_DELAY);
     let result = Spi::connect_mut(|client| {
-        if !published.seqs.is_empty() {
+        if !published.is_empty() {
             let retire = if guc::retention().is_zero() {
                 &statements.retire
             } else {
                 &statements.retire_and_keep
             };
-            client.update(retire, None, &[published.seqs.clone().into()])?;
+            client.update(retire, None, &[published.to_vec().into()])?;
         }
-        if !published.recovered.is_empty() {
-            client.update(
-                &statements.clear,
-                None,
-                &[published.recovered.clone().into()],
-            )?;
+        if !recovered.is_empty() {
+            client.update(&statements.clear, None, &[recovered.to_vec().into()])?;
         }
         if !failed.is_empty() {
             FAILURES_POSSIBLE.store(true, Ordering::Relaxed);
