@@ -78,7 +78,15 @@ fn claimed(rel: &str, checked: bool) -> String {
 
 /// Every committed row, oldest first: what [`READY`] finds while `broadcaster_failures` is
 /// empty, without its checks. Their cost is paid by each claim, a commit's single event too.
-const ALL: &str = "SELECT o.ctid FROM broadcaster_outbox o ORDER BY o.seq LIMIT $1";
+/// Rows `$2` to `$3` are passed over without being read: the relay deleted them earlier in its
+/// transaction (see [`Deleted`]), and an index scan would fetch each of them to find it gone,
+/// for every batch after the first.
+const ALL: &str = "
+SELECT ctid FROM (
+    (SELECT o.ctid, o.seq FROM broadcaster_outbox o WHERE o.seq < $2 ORDER BY o.seq LIMIT $1)
+    UNION ALL
+    (SELECT o.ctid, o.seq FROM broadcaster_outbox o WHERE o.seq > $3 ORDER BY o.seq LIMIT $1)
+) r ORDER BY seq LIMIT $1";
 
 /// Whether `broadcaster_failures` holds anything; see [`FAILURES_POSSIBLE`].
 const ANY_FAILURE: &str = "SELECT EXISTS (SELECT 1 FROM broadcaster_failures)";
@@ -721,7 +729,10 @@ fn prepare_session() -> Option<Statements> {
             outbox,
             claim: [
                 client
-                    .prepare_mut(claim_sql(false).as_str(), &[oid(INT8OID)])?
+                    .prepare_mut(
+                        claim_sql(false).as_str(),
+                        &[oid(INT8OID), oid(INT8OID), oid(INT8OID)],
+                    )?
                     .keep(),
                 client
                     .prepare_mut(claim_sql(true).as_str(), &[oid(INT8OID), oid(BOOLOID)])?
@@ -729,7 +740,10 @@ fn prepare_session() -> Option<Statements> {
             ],
             claim_and_keep: [
                 client
-                    .prepare_mut(claim_and_keep_sql(false).as_str(), &[oid(INT8OID)])?
+                    .prepare_mut(
+                        claim_and_keep_sql(false).as_str(),
+                        &[oid(INT8OID), oid(INT8OID), oid(INT8OID)],
+                    )?
                     .keep(),
                 client
                     .prepare_mut(
@@ -830,8 +844,16 @@ struct Claimed {
 }
 
 /// Batches in one transaction: at most this many, so that a crash sends at most this many
-/// again, and the transaction never holds back VACUUM for long.
-const BATCHES_PER_TRANSACTION: usize = 4;
+/// again (16,000 events with the default batch size), and the transaction never holds back
+/// VACUUM for long (about 0.2 s while draining a backlog). Each transaction's first batch is
+/// claimed and encoded while the broker waits, and its last is sent while the relay waits:
+/// more batches per transaction spread that over more events, once the claims pass over the
+/// rows the transaction deleted ([`Deleted`]). A/B drains against 4 batches without that: 16
+/// with it, median 1.14 (10 pairs won of 11); 16 without it, 1.04; 4 with it, 1.0.
+const BATCHES_PER_TRANSACTION: usize = 16;
+/// While `broadcaster_failures` may hold rows: the checked claim reads every row the
+/// transaction deleted again, at each claim.
+const CHECKED_BATCHES_PER_TRANSACTION: usize = 4;
 
 /// Up to [`BATCHES_PER_TRANSACTION`] batches in one transaction. Each is claimed by deleting
 /// its rows, inside one subtransaction that is kept when every batch went in whole. While the
@@ -844,17 +866,23 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
     let batch_size = guc::batch_size();
     let checked = failures_possible(statements);
     let subxact = SubTransaction::begin();
-    let mut claimed = claim(statements, batch_size, checked);
+    let mut claimed = claim(statements, batch_size, checked, Deleted::NONE);
+    let mut deleted = Deleted::NONE.after(&claimed.seqs);
+    let rounds = if checked {
+        CHECKED_BATCHES_PER_TRANSACTION
+    } else {
+        BATCHES_PER_TRANSACTION
+    };
     // Rows of the batches delivered whole so far.
     let mut delivered = Delivered::default();
     let mut full = false;
-    for round in 1..=BATCHES_PER_TRANSACTION {
+    for round in 1..=rounds {
         if claimed.seqs.is_empty() {
             break;
         }
         full = claimed.seqs.len() >= batch_size;
         // Claim ahead only after a full batch of events, never past the transaction's last.
-        let ahead = full && round < BATCHES_PER_TRANSACTION && claimed.unreadable.is_empty();
+        let ahead = full && round < rounds && claimed.unreadable.is_empty();
         let prepared = claimed.prepared.take();
         let mut next = None;
         let outcome = if claimed.events.is_empty() {
@@ -862,7 +890,8 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         } else {
             backend.publish_batch_overlapped(claimed.events.as_slice(), prepared, &mut |prepare| {
                 if ahead {
-                    let mut batch = claim(statements, batch_size, checked);
+                    let mut batch = claim(statements, batch_size, checked, deleted);
+                    deleted = deleted.after(&batch.seqs);
                     if !batch.events.is_empty() {
                         batch.prepared = prepare.prepare(&batch.events);
                     }
@@ -893,6 +922,63 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
     Tick::Published {
         full,
         retired: delivered.seqs.len(),
+    }
+}
+
+/// A run of `seq`s, `lo` to `hi`, every one of which the relay has deleted in its current
+/// transaction, so none can be ready: its next claim passes over them without reading their
+/// rows. Only the relay's own deletes: a row below `lo` that was not visible to one claim (its
+/// transaction still running) may be to the next, and is found there in its place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Deleted {
+    lo: i64,
+    hi: i64,
+}
+
+impl Deleted {
+    /// No row: below `i64::MAX` and above the one below it is everything.
+    const NONE: Deleted = Deleted {
+        lo: i64::MAX,
+        hi: i64::MAX - 1,
+    };
+
+    fn len(self) -> i64 {
+        self.hi.saturating_sub(self.lo).saturating_add(1).max(0)
+    }
+
+    /// The run after a claim also deleted `seqs` (ascending): this one grown by those that
+    /// follow on from its end, or the longest run in `seqs` when that is longer.
+    fn after(self, seqs: &[i64]) -> Deleted {
+        let mut grown = self;
+        if self.len() > 0 {
+            let next = |hi: i64| hi.checked_add(1);
+            let start = seqs.partition_point(|&s| Some(s) < next(self.hi));
+            for &seq in &seqs[start..] {
+                if Some(seq) != next(grown.hi) {
+                    break;
+                }
+                grown.hi = seq;
+            }
+        }
+        let mut longest = Deleted::NONE;
+        let mut run_start = 0;
+        for i in 0..seqs.len() {
+            if i > 0 && seqs[i - 1].checked_add(1) != Some(seqs[i]) {
+                run_start = i;
+            }
+            let run = Deleted {
+                lo: seqs[run_start],
+                hi: seqs[i],
+            };
+            if run.len() > longest.len() {
+                longest = run;
+            }
+        }
+        if longest.len() > grown.len() {
+            longest
+        } else {
+            grown
+        }
     }
 }
 
@@ -1054,8 +1140,8 @@ fn vacuum_outbox(outbox: pg_sys::Oid) {
 const CLAIM_COLUMNS: usize = 13;
 
 /// Claims up to `limit` ready rows (see [`claim_sql`]), checking `broadcaster_failures` when
-/// `checked`.
-fn claim(statements: &Statements, limit: usize, checked: bool) -> Claimed {
+/// `checked`, otherwise passing over the rows `deleted` earlier in this transaction.
+fn claim(statements: &Statements, limit: usize, checked: bool, deleted: Deleted) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let statement = if guc::retention().is_zero() {
         &statements.claim[usize::from(checked)]
@@ -1063,9 +1149,12 @@ fn claim(statements: &Statements, limit: usize, checked: bool) -> Claimed {
         &statements.claim_and_keep[usize::from(checked)]
     };
     Spi::connect_mut(|client| {
-        let hold = guc::dead_event_holds_key();
-        let args = [limit.into(), hold.into()];
-        let args = if checked { &args[..] } else { &args[..1] };
+        let args = if checked {
+            vec![limit.into(), guc::dead_event_holds_key().into()]
+        } else {
+            vec![limit.into(), deleted.lo.into(), deleted.hi.into()]
+        };
+        let args = args.as_slice();
         // Read below through SPI_tuptable, which lives until SPI_finish.
         let n = client.update(statement, None, args)?.len();
         let table = unsafe { pg_sys::SPI_tuptable };
@@ -1304,6 +1393,33 @@ fn retire(
 
 #[cfg(test)]
 mod unit_tests {
+    use super::Deleted;
+
+    fn run(lo: i64, hi: i64) -> Deleted {
+        Deleted { lo, hi }
+    }
+
+    #[test]
+    fn the_deleted_run_grows_only_by_seqs_that_follow_on() {
+        // A first claim: the longest run, not the first.
+        let first = Deleted::NONE.after(&[3, 10, 11, 12, 20]);
+        assert_eq!(first, run(10, 12));
+        // A next claim continuing it grows it, up to its first gap.
+        assert_eq!(first.after(&[13, 14, 16]), run(10, 14));
+        // Rows below the run (committed since) and a gap right after it leave it as it is.
+        assert_eq!(first.after(&[1, 2, 14, 15]), run(10, 12));
+        // A longer run elsewhere replaces it.
+        assert_eq!(first.after(&[30, 31, 32, 33]), run(30, 33));
+        // Nothing claimed: nothing passed over; and no overflow at the end of bigint.
+        assert_eq!(Deleted::NONE.after(&[]), Deleted::NONE);
+        assert_eq!(Deleted::NONE.after(&[7]), run(7, 7));
+        assert_eq!(
+            run(i64::MAX - 1, i64::MAX).after(&[1]),
+            run(i64::MAX - 1, i64::MAX)
+        );
+        assert_eq!(Deleted::NONE.len(), 0);
+    }
+
     #[test]
     fn timestamps_become_rfc3339_in_utc() {
         use super::rfc3339;
@@ -1389,6 +1505,36 @@ mod tests {
         .expect("moved");
         // b is dead (not ready); d, of k, no longer waits behind it; c goes.
         assert_eq!(ready(), 2);
+    }
+
+    /// The seqs [`super::ALL`] finds, 10 at most, passing over `lo` to `hi`.
+    fn all_but(lo: i64, hi: i64) -> Vec<i64> {
+        let sql = format!(
+            "SELECT array_agg(o.seq ORDER BY o.seq) FROM broadcaster_outbox o \
+              WHERE o.ctid = ANY (ARRAY({}))",
+            super::ALL
+        );
+        Spi::get_one_with_args::<Vec<i64>>(&sql, &[10_i64.into(), lo.into(), hi.into()])
+            .expect("query")
+            .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn the_claim_passes_over_only_the_rows_named() {
+        Spi::run(
+            "INSERT INTO broadcaster_outbox (seq, type) OVERRIDING SYSTEM VALUE \
+             SELECT g, 'e' FROM generate_series(1, 12) g",
+        )
+        .expect("rows");
+        let none = super::Deleted::NONE;
+        assert_eq!(all_but(none.lo, none.hi), (1..=10).collect::<Vec<_>>());
+        // Rows before the run (a transaction that committed late) come first, in order.
+        assert_eq!(all_but(3, 6), vec![1, 2, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(all_but(1, 12), Vec::<i64>::new());
+        assert_eq!(
+            all_but(i64::MAX - 1, i64::MAX),
+            (1..=10).collect::<Vec<_>>()
+        );
     }
 
     #[pg_test]

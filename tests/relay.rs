@@ -195,10 +195,21 @@ fn rolled_back_events_never_leave() {
 
 #[test]
 fn ten_thousand_events_from_concurrent_producers_arrive_exactly_once() {
+    concurrent_producers_arrive_exactly_once_in_order(&[]);
+}
+
+/// The same with batches of 20: the relay's transactions carry many full batches, each claim
+/// passing over the rows its transaction deleted, while producers commit rows around them.
+#[test]
+fn concurrent_producers_arrive_exactly_once_in_order_in_small_batches() {
+    concurrent_producers_arrive_exactly_once_in_order(&[("broadcaster.batch_size", "20")]);
+}
+
+fn concurrent_producers_arrive_exactly_once_in_order(settings: &[(&str, &str)]) {
     const PRODUCERS: usize = 4;
     const PER_PRODUCER: usize = 2_500;
     const PER_TX: usize = 25;
-    let s = Setup::new(&[]);
+    let s = Setup::new(settings);
     let handles: Vec<_> = (0..PRODUCERS)
         .map(|p| {
             let mut c = s.cluster.connect();
