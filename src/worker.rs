@@ -78,10 +78,12 @@ fn claimed(rel: &str, checked: bool) -> String {
 
 /// Every committed row, oldest first: what [`READY`] finds while `broadcaster_failures` is
 /// empty, without its checks. Their cost is paid by each claim, a commit's single event too.
-/// Rows `$2` to `$3` are passed over without being read: the relay deleted them earlier in its
-/// transaction (see [`Deleted`]), and an index scan would fetch each of them to find it gone,
-/// for every batch after the first.
-const ALL: &str = "
+const ALL: &str = "SELECT o.ctid FROM broadcaster_outbox o ORDER BY o.seq LIMIT $1";
+
+/// The same, passing over rows `$2` to `$3` without reading them: the relay deleted them
+/// earlier in its transaction (see [`Deleted`]), and an index scan would fetch each of them to
+/// find it gone, at every claim after the first.
+const ALL_PAST: &str = "
 SELECT ctid FROM (
     (SELECT o.ctid, o.seq FROM broadcaster_outbox o WHERE o.seq < $2 ORDER BY o.seq LIMIT $1)
     UNION ALL
@@ -93,14 +95,39 @@ const ANY_FAILURE: &str = "SELECT EXISTS (SELECT 1 FROM broadcaster_failures)";
 
 /// False once the relay has seen `broadcaster_failures` empty, until it records a failure: only
 /// the relay writes that table (others only delete from it), so until then it claims with
-/// [`ALL`] rather than [`READY`]. True at start.
+/// [`ALL`] (and [`ALL_PAST`]) rather than [`READY`]. True at start.
 static FAILURES_POSSIBLE: AtomicBool = AtomicBool::new(true);
 
-fn ready(checked: bool) -> &'static str {
-    if checked {
-        READY
-    } else {
-        ALL
+/// How a claim finds its rows; the relay keeps a prepared claim for each.
+#[derive(Clone, Copy, PartialEq)]
+enum Find {
+    /// [`ALL`]: while `broadcaster_failures` is known to be empty.
+    All = 0,
+    /// [`READY`]: while failures may exist.
+    Ready = 1,
+    /// [`ALL_PAST`]: the next claims of a transaction, while no failures exist.
+    AllPast = 2,
+}
+
+impl Find {
+    const EACH: [Find; 3] = [Find::All, Find::Ready, Find::AllPast];
+
+    fn rows(self) -> &'static str {
+        match self {
+            Find::All => ALL,
+            Find::Ready => READY,
+            Find::AllPast => ALL_PAST,
+        }
+    }
+
+    fn arg_types(self) -> Vec<PgOid> {
+        use pg_sys::BuiltinOid::{BOOLOID, INT8OID};
+        let types: &[pg_sys::BuiltinOid] = match self {
+            Find::All => &[INT8OID],
+            Find::Ready => &[INT8OID, BOOLOID],
+            Find::AllPast => &[INT8OID, INT8OID, INT8OID],
+        };
+        types.iter().map(|&t| PgOid::BuiltIn(t)).collect()
     }
 }
 
@@ -108,16 +135,16 @@ fn ready(checked: bool) -> &'static str {
 /// the delete unless every event went out (see [`relay_batch`]). Meanwhile the rows are locked
 /// by the delete: a second relay waits for them and then finds them gone, so no row goes out
 /// twice. Rows come back in tuple order; the relay puts them in `seq` order.
-fn claim_sql(checked: bool) -> String {
+fn claim_sql(find: Find) -> String {
     format!(
         "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({})) RETURNING {}",
-        ready(checked),
-        claimed("broadcaster_outbox", checked)
+        find.rows(),
+        claimed("broadcaster_outbox", find == Find::Ready)
     )
 }
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
-fn claim_and_keep_sql(checked: bool) -> String {
+fn claim_and_keep_sql(find: Find) -> String {
     format!(
         "WITH claimed AS (
     DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({}))
@@ -131,8 +158,8 @@ kept AS (
            partition_key, extensions, stream
       FROM claimed)
 SELECT {} FROM claimed",
-        ready(checked),
-        claimed("claimed", checked)
+        find.rows(),
+        claimed("claimed", find == Find::Ready)
     )
 }
 
@@ -681,9 +708,9 @@ fn build_backend(database: &str) -> Result<Box<dyn PublisherBackend>, BackendErr
 struct Statements {
     /// broadcaster_outbox, for VACUUM.
     outbox: pg_sys::Oid,
-    /// Indexed by `checked`: with [`READY`] (true) or [`ALL`] (false).
-    claim: [OwnedPreparedStatement; 2],
-    claim_and_keep: [OwnedPreparedStatement; 2],
+    /// One per [`Find`], indexed by it.
+    claim: Vec<OwnedPreparedStatement>,
+    claim_and_keep: Vec<OwnedPreparedStatement>,
     any_failure: OwnedPreparedStatement,
     retire: OwnedPreparedStatement,
     retire_and_keep: OwnedPreparedStatement,
@@ -723,35 +750,26 @@ fn prepare_session() -> Option<Statements> {
         .ok()
         .flatten()?;
     let oid = |o: pg_sys::BuiltinOid| PgOid::BuiltIn(o);
-    use pg_sys::BuiltinOid::{BOOLOID, FLOAT8OID, INT4OID, INT8ARRAYOID, INT8OID, TEXTOID};
+    use pg_sys::BuiltinOid::{FLOAT8OID, INT4OID, INT8ARRAYOID, INT8OID, TEXTOID};
     Spi::connect(|client| {
         Ok::<_, pgrx::spi::Error>(Statements {
             outbox,
-            claim: [
-                client
-                    .prepare_mut(
-                        claim_sql(false).as_str(),
-                        &[oid(INT8OID), oid(INT8OID), oid(INT8OID)],
-                    )?
-                    .keep(),
-                client
-                    .prepare_mut(claim_sql(true).as_str(), &[oid(INT8OID), oid(BOOLOID)])?
-                    .keep(),
-            ],
-            claim_and_keep: [
-                client
-                    .prepare_mut(
-                        claim_and_keep_sql(false).as_str(),
-                        &[oid(INT8OID), oid(INT8OID), oid(INT8OID)],
-                    )?
-                    .keep(),
-                client
-                    .prepare_mut(
-                        claim_and_keep_sql(true).as_str(),
-                        &[oid(INT8OID), oid(BOOLOID)],
-                    )?
-                    .keep(),
-            ],
+            claim: Find::EACH
+                .iter()
+                .map(|&find| {
+                    Ok(client
+                        .prepare_mut(claim_sql(find).as_str(), &find.arg_types())?
+                        .keep())
+                })
+                .collect::<Result<_, pgrx::spi::Error>>()?,
+            claim_and_keep: Find::EACH
+                .iter()
+                .map(|&find| {
+                    Ok(client
+                        .prepare_mut(claim_and_keep_sql(find).as_str(), &find.arg_types())?
+                        .keep())
+                })
+                .collect::<Result<_, pgrx::spi::Error>>()?,
             any_failure: client.prepare_mut(ANY_FAILURE, &[])?.keep(),
             retire: client.prepare_mut(RETIRE, &[oid(INT8ARRAYOID)])?.keep(),
             retire_and_keep: client
@@ -1143,16 +1161,23 @@ const CLAIM_COLUMNS: usize = 13;
 /// `checked`, otherwise passing over the rows `deleted` earlier in this transaction.
 fn claim(statements: &Statements, limit: usize, checked: bool, deleted: Deleted) -> Claimed {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let statement = if guc::retention().is_zero() {
-        &statements.claim[usize::from(checked)]
+    let find = if checked {
+        Find::Ready
+    } else if deleted.len() > 0 {
+        Find::AllPast
     } else {
-        &statements.claim_and_keep[usize::from(checked)]
+        Find::All
+    };
+    let statement = if guc::retention().is_zero() {
+        &statements.claim[find as usize]
+    } else {
+        &statements.claim_and_keep[find as usize]
     };
     Spi::connect_mut(|client| {
-        let args = if checked {
-            vec![limit.into(), guc::dead_event_holds_key().into()]
-        } else {
-            vec![limit.into(), deleted.lo.into(), deleted.hi.into()]
+        let args = match find {
+            Find::All => vec![limit.into()],
+            Find::Ready => vec![limit.into(), guc::dead_event_holds_key().into()],
+            Find::AllPast => vec![limit.into(), deleted.lo.into(), deleted.hi.into()],
         };
         let args = args.as_slice();
         // Read below through SPI_tuptable, which lives until SPI_finish.
@@ -1507,12 +1532,12 @@ mod tests {
         assert_eq!(ready(), 2);
     }
 
-    /// The seqs [`super::ALL`] finds, 10 at most, passing over `lo` to `hi`.
+    /// The seqs [`super::ALL_PAST`] finds, 10 at most, passing over `lo` to `hi`.
     fn all_but(lo: i64, hi: i64) -> Vec<i64> {
         let sql = format!(
             "SELECT array_agg(o.seq ORDER BY o.seq) FROM broadcaster_outbox o \
               WHERE o.ctid = ANY (ARRAY({}))",
-            super::ALL
+            super::ALL_PAST
         );
         Spi::get_one_with_args::<Vec<i64>>(&sql, &[10_i64.into(), lo.into(), hi.into()])
             .expect("query")
