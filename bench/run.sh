@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark, one command: builds and installs the release extension, starts its own
 # PostgreSQL cluster (tuned as below) and redis-server, runs bench/driver.py, prints the table
-# with the machine it ran on. Takes about 6 minutes. Not part of CI: timing goals live here.
+# with the machine it ran on. Takes about 5 minutes. Not part of CI: timing goals live here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
