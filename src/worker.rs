@@ -873,7 +873,8 @@ const BATCHES_PER_TRANSACTION: usize = 16;
 /// transaction deleted again, at each claim.
 const CHECKED_BATCHES_PER_TRANSACTION: usize = 4;
 
-/// Up to [`BATCHES_PER_TRANSACTION`] batches in one transaction. Each is claimed by deleting
+/// Up to [`BATCHES_PER_TRANSACTION`] batches in one transaction
+/// ([`CHECKED_BATCHES_PER_TRANSACTION`] while failures may exist). Each is claimed by deleting
 /// its rows, inside one subtransaction that is kept when every batch went in whole. While the
 /// broker works on a full batch, the relay already claims the next one and hands it to the
 /// backend to encode; it is sent once the batch before it is known to be in, so a key keeps its
@@ -1556,6 +1557,9 @@ mod tests {
         // Rows before the run (a transaction that committed late) come first, in order.
         assert_eq!(all_but(3, 6), vec![1, 2, 7, 8, 9, 10, 11, 12]);
         assert_eq!(all_but(1, 12), Vec::<i64>::new());
+        // Both scans together find more than the limit: the first 10 in order.
+        assert_eq!(all_but(11, 11), (1..=10).collect::<Vec<_>>());
+        assert_eq!(all_but(2, 2), vec![1, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         assert_eq!(
             all_but(i64::MAX - 1, i64::MAX),
             (1..=10).collect::<Vec<_>>()
