@@ -752,24 +752,17 @@ fn prepare_session() -> Option<Statements> {
     let oid = |o: pg_sys::BuiltinOid| PgOid::BuiltIn(o);
     use pg_sys::BuiltinOid::{FLOAT8OID, INT4OID, INT8ARRAYOID, INT8OID, TEXTOID};
     Spi::connect(|client| {
+        // One statement per way of finding rows, in `Find` order.
+        let each_find = |sql: fn(Find) -> String| {
+            Find::EACH
+                .iter()
+                .map(|&find| Ok(client.prepare_mut(&sql(find), &find.arg_types())?.keep()))
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        };
         Ok::<_, pgrx::spi::Error>(Statements {
             outbox,
-            claim: Find::EACH
-                .iter()
-                .map(|&find| {
-                    Ok(client
-                        .prepare_mut(claim_sql(find).as_str(), &find.arg_types())?
-                        .keep())
-                })
-                .collect::<Result<_, pgrx::spi::Error>>()?,
-            claim_and_keep: Find::EACH
-                .iter()
-                .map(|&find| {
-                    Ok(client
-                        .prepare_mut(claim_and_keep_sql(find).as_str(), &find.arg_types())?
-                        .keep())
-                })
-                .collect::<Result<_, pgrx::spi::Error>>()?,
+            claim: each_find(claim_sql)?,
+            claim_and_keep: each_find(claim_and_keep_sql)?,
             any_failure: client.prepare_mut(ANY_FAILURE, &[])?.keep(),
             retire: client.prepare_mut(RETIRE, &[oid(INT8ARRAYOID)])?.keep(),
             retire_and_keep: client
