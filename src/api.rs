@@ -45,6 +45,12 @@ fn broadcaster_outbox_accept<'a>(
     let Some(row) = trigger.new() else {
         return Ok(None);
     };
+    // A row a logical replication subscriber applies is an event of the publisher, whose relay
+    // sends it: kept here too, it would be sent twice. Dropped instead (and its DELETE, when
+    // the publisher's relay delivers it, then finds nothing).
+    if applied_by_replication() {
+        return Ok(None);
+    }
     let column = |name: &str| row.get_by_name::<&str>(name);
     accept(
         column("type")?,
@@ -58,6 +64,16 @@ fn broadcaster_outbox_accept<'a>(
     );
     shared::wake_at_commit();
     Ok(Some(row))
+}
+
+/// Whether this process applies rows replicated from elsewhere: a background worker (never a
+/// client's session) running with `session_replication_role = replica`, as PostgreSQL's
+/// logical replication apply and table-sync workers (and pglogical's) do.
+fn applied_by_replication() -> bool {
+    unsafe {
+        pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
+            && !pg_sys::MyBgworkerEntry.is_null()
+    }
 }
 
 /// `broadcaster_failures`' statement trigger (AFTER DELETE): rows leaving it are events
@@ -265,7 +281,10 @@ fn broadcaster_health() -> bool {
     shared::relay_of(unsafe { pg_sys::MyDatabaseId }).is_some_and(|r| r.healthy(timeout_us))
 }
 
-/// The relays' shared-memory state, raw; `broadcaster_status` presents it.
+/// The relays' shared-memory state, raw; `broadcaster_status` presents it. `state` is
+/// `running`, `read only` (running, but waiting: its database is read-only), `stopped`, or, on
+/// a hot standby, `standby` for each database `broadcaster.database` lists (no relay runs there
+/// until promotion).
 // pgrx reads the column names from `name!` in the signature, so it can't be a type alias.
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
@@ -274,6 +293,7 @@ fn broadcaster_relays() -> TableIterator<
     (
         name!(database, pg_sys::Oid),
         name!(pid, Option<i32>),
+        name!(state, &'static str),
         name!(healthy, bool),
         name!(last_success_us, Option<i64>),
         name!(last_error, Option<String>),
@@ -286,10 +306,30 @@ fn broadcaster_relays() -> TableIterator<
 > {
     let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
     let nonzero = |v: i64| (v != 0).then_some(v);
-    TableIterator::new(shared::relays().into_iter().map(move |r| {
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let mut relays = shared::relays();
+    if standby {
+        // Shared memory holds nothing of a primary's relays here: one row per listed database.
+        relays = guc::databases()
+            .iter()
+            .filter_map(|name| {
+                let name = std::ffi::CString::new(name.as_str()).ok()?;
+                let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
+                (oid != pg_sys::InvalidOid).then(|| shared::RelayState::of(oid))
+            })
+            .collect();
+    }
+    TableIterator::new(relays.into_iter().map(move |r| {
+        let state = match () {
+            _ if standby => "standby",
+            _ if r.pid == 0 => "stopped",
+            _ if r.read_only => "read only",
+            _ => "running",
+        };
         (
             pg_sys::Oid::from(r.database),
             (r.pid != 0).then_some(r.pid),
+            state,
             r.healthy(timeout_us),
             nonzero(r.last_ok),
             r.last_error(),

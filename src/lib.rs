@@ -11,6 +11,7 @@ mod api;
 pub mod backend;
 pub mod event;
 mod guc;
+mod hooks;
 mod shared;
 mod worker;
 
@@ -28,14 +29,26 @@ extension_sql_file!(
         api::broadcaster_default_source
     ]
 );
+extension_sql_file!("../sql/dump.sql", name = "dump", requires = ["outbox"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    // The servers pg_upgrade starts (old and new) must run nothing of ours: a relay there would
+    // claim events in a cluster whose transaction ids the new one reuses, and its connection
+    // would stop pg_upgrade from dropping and re-creating the database.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        if preloading {
+            log!("broadcaster: binary upgrade in progress; no relay runs in this server");
+        }
+        return;
+    }
+    hooks::install();
     // Shared memory and the worker exist only when preloaded; a plain LOAD (or the first call
     // of a function) gets the SQL surface and the settings, and health reports false.
-    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+    if !preloading {
         return;
     }
     shared::init();

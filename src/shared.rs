@@ -3,6 +3,10 @@
 //! producer sets so the relay of its database works at once instead of at the next poll. One
 //! slot per served database.
 //!
+//! It also carries what the launcher must hear about from other processes: a database whose
+//! relay found no extension (and a `CREATE EXTENSION` that ended that), and databases a backend
+//! needs left alone while it drops, renames or copies them.
+//!
 //! Shared memory exists only when the library is in `shared_preload_libraries`; without it
 //! every function here is a harmless no-op (and health is false).
 
@@ -13,6 +17,8 @@ use pgrx::{pg_guard, pg_shmem_init, pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock
 
 /// Most databases one cluster's relays serve.
 pub const MAX_RELAYS: usize = 16;
+/// Most `DROP`/`RENAME`/`CREATE DATABASE ... TEMPLATE` commands stepping a relay aside at once.
+const MAX_ASIDE: usize = 8;
 const ERROR_TEXT: usize = 256;
 
 /// One relay's view of itself.
@@ -39,6 +45,8 @@ pub struct RelayState {
     rate_base: u64,
     /// Events per second over the last completed window of `RATE_WINDOW_US`.
     pub recent_rate: f64,
+    /// The relay runs but waits: its database is read-only.
+    pub read_only: bool,
 }
 
 /// Length of the window the recent publish rate is measured over.
@@ -59,11 +67,21 @@ impl Default for RelayState {
             rate_since: 0,
             rate_base: 0,
             recent_rate: 0.0,
+            read_only: false,
         }
     }
 }
 
 impl RelayState {
+    /// No relay's state yet: what a hot standby reports for a database it will serve once
+    /// promoted.
+    pub fn of(database: pg_sys::Oid) -> RelayState {
+        RelayState {
+            database: database.to_u32(),
+            ..Default::default()
+        }
+    }
+
     pub fn last_error(&self) -> Option<String> {
         (self.last_error_len > 0)
             .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
@@ -72,6 +90,7 @@ impl RelayState {
     /// Running, and its last contact with the broker succeeded less than `timeout_us` ago.
     pub fn healthy(&self, timeout_us: i64) -> bool {
         self.pid != 0
+            && !self.read_only
             && self.last_ok > 0
             && self.last_ok >= self.last_error_at
             && now() - self.last_ok <= timeout_us
@@ -92,11 +111,27 @@ struct Latch {
     procno: AtomicI32,
     /// The relay is waiting out a broker outage: a commit need not wake it.
     backing_off: AtomicBool,
+    /// A backend asks the relay to leave its database (see [`step_aside`]).
+    leave: AtomicBool,
+}
+
+/// What the launcher hears from other processes, lock-free: commit callbacks write here.
+#[derive(Default)]
+pub struct LauncherMail {
+    /// PGPROC number of the launcher plus one; 0 when none runs (shared memory starts zeroed).
+    launcher: AtomicI32,
+    /// Databases whose relay found the extension missing, until a `CREATE EXTENSION` commits
+    /// there.
+    absent: [AtomicU32; MAX_RELAYS],
+    /// Databases a backend is dropping, renaming or copying: (database, that backend's pid).
+    aside: [(AtomicU32, AtomicI32); MAX_ASIDE],
 }
 unsafe impl PGRXSharedMemory for Latches {}
+unsafe impl PGRXSharedMemory for LauncherMail {}
 
 static STATE: PgLwLock<Relays> = unsafe { PgLwLock::new(c"broadcaster_relays") };
 static LATCHES: PgAtomic<Latches> = unsafe { PgAtomic::new(c"broadcaster_latches") };
+static MAIL: PgAtomic<LauncherMail> = unsafe { PgAtomic::new(c"broadcaster_launcher_mail") };
 
 /// Set in the postmaster's `_PG_init` and inherited by every process it forks.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -104,12 +139,15 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// This backend's transaction wrote outbox rows: wake the relay when it commits.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// This backend's transaction created the extension: tell the launcher when it commits.
+static INSTALLED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static XACT_CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// Called from `_PG_init` while preloading.
 pub fn init() {
     pg_shmem_init!(STATE);
     pg_shmem_init!(LATCHES);
+    pg_shmem_init!(MAIL);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -126,7 +164,7 @@ pub fn now() -> i64 {
 /// serve other databases: the relay then works without health reports or commit wake-ups.
 pub fn relay_started(database: pg_sys::Oid) -> bool {
     let db = database.to_u32();
-    let (procno, pid) = unsafe { ((*pg_sys::MyProc).pgprocno, pg_sys::MyProcPid) };
+    let (procno, pid) = (my_procno(), unsafe { pg_sys::MyProcPid });
     let mut relays = STATE.exclusive();
     let slot = relays
         .0
@@ -159,6 +197,7 @@ pub fn relay_started(database: pg_sys::Oid) -> bool {
     relays.0[slot].rate_base = relays.0[slot].published;
     let latch = &LATCHES.get().0[slot];
     latch.backing_off.store(false, Ordering::Release);
+    latch.leave.store(false, Ordering::Release);
     latch.procno.store(procno, Ordering::Release);
     latch.database.store(db, Ordering::Release);
     MY_SLOT.store(slot, Ordering::Relaxed);
@@ -247,30 +286,55 @@ pub fn wake_at_commit() {
     if !available() || MY_SLOT.load(Ordering::Relaxed) != usize::MAX {
         return;
     }
-    if !XACT_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
-        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
-    }
+    register_xact_callback();
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
 }
 
+/// Arranges for the launcher to hear, when the current transaction commits, that the extension
+/// now exists in this database: its relay then starts at once, not at the next re-check.
+pub fn installed_at_commit() {
+    if !available() {
+        return;
+    }
+    register_xact_callback();
+    INSTALLED_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+fn register_xact_callback() {
+    if !XACT_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+    }
+}
+
 /// Runs after the commit record is written, where an ERROR would become a PANIC: it only reads
-/// atomics and sets a latch, none of which can fail.
+/// and writes atomics and sets latches, none of which can fail.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) => {
-            wake_relay(unsafe { pg_sys::MyDatabaseId });
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                wake_relay(database);
+            }
+            if INSTALLED_AT_COMMIT.swap(false, Ordering::Relaxed) {
+                let mail = MAIL.get();
+                for absent in &mail.absent {
+                    let _ =
+                        absent.compare_exchange(database, 0, Ordering::AcqRel, Ordering::Relaxed);
+                }
+                wake_launcher(mail);
+            }
         }
         // A prepared transaction commits elsewhere; the relay's poll picks it up.
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            INSTALLED_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         _ => {}
     }
 }
 
-fn wake_relay(database: pg_sys::Oid) {
-    let db = database.to_u32();
+fn wake_relay(db: u32) {
     let Some(latch) = LATCHES
         .get()
         .0
@@ -282,7 +346,22 @@ fn wake_relay(database: pg_sys::Oid) {
     if latch.backing_off.load(Ordering::Acquire) {
         return;
     }
-    let Ok(index) = u32::try_from(latch.procno.load(Ordering::Acquire)) else {
+    set_latch_of(latch.procno.load(Ordering::Acquire));
+}
+
+fn wake_launcher(mail: &LauncherMail) {
+    set_latch_of(mail.launcher.load(Ordering::Acquire) - 1);
+}
+
+/// This process's PGPROC number, by which others set its latch.
+fn my_procno() -> i32 {
+    unsafe { (*pg_sys::MyProc).pgprocno }
+}
+
+/// Sets the latch of the process with PGPROC number `procno`; nothing for -1. A stale number
+/// only wakes some other process once: latches tolerate spurious sets.
+fn set_latch_of(procno: i32) {
+    let Ok(index) = u32::try_from(procno) else {
         return;
     };
     unsafe {
@@ -290,8 +369,131 @@ fn wake_relay(database: pg_sys::Oid) {
         if global.is_null() || index >= (*global).allProcCount {
             return;
         }
-        // A stale number only wakes some other process once: latches tolerate spurious sets.
         let proc_ = (*global).allProcs.add(index as usize);
         pg_sys::SetLatch(&raw mut (*proc_).procLatch);
     }
+}
+
+/// The relay's database is read-only (or writable again): `broadcaster_status` says so, and
+/// health is false meanwhile.
+pub fn set_read_only(read_only: bool) {
+    with_my_slot(|s| s.read_only = read_only);
+}
+
+/// A backend asked this relay to leave its database ([`step_aside`]).
+pub fn asked_to_leave() -> bool {
+    let slot = MY_SLOT.load(Ordering::Relaxed);
+    slot < MAX_RELAYS && LATCHES.get().0[slot].leave.load(Ordering::Acquire)
+}
+
+/// The launcher is running in this process: others may wake it.
+pub fn launcher_started() {
+    if available() {
+        MAIL.get()
+            .launcher
+            .store(my_procno() + 1, Ordering::Release);
+    }
+}
+
+pub fn launcher_stopped() {
+    if available() {
+        MAIL.get().launcher.store(0, Ordering::Release);
+    }
+}
+
+/// The relay of `database` found no extension there; the launcher waits for a `CREATE
+/// EXTENSION` (or its next re-check) before it connects again.
+pub fn note_extension_absent(database: pg_sys::Oid) {
+    if !available() {
+        return;
+    }
+    let db = database.to_u32();
+    let absent = &MAIL.get().absent;
+    if absent.iter().any(|a| a.load(Ordering::Acquire) == db) {
+        return;
+    }
+    for a in absent {
+        if a.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Whether `database`'s relay found no extension, and no `CREATE EXTENSION` has committed there
+/// since. `forget`: the launcher is about to look again, so the note goes.
+pub fn extension_absent(database: pg_sys::Oid, forget: bool) -> bool {
+    if !available() {
+        return false;
+    }
+    let db = database.to_u32();
+    MAIL.get().absent.iter().any(|a| {
+        if forget {
+            a.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        } else {
+            a.load(Ordering::Acquire) == db
+        }
+    })
+}
+
+/// Keeps the relays away from a database while this backend drops, renames or copies it; see
+/// [`step_aside`]. Dropping it lets the launcher serve the database again (if it still should).
+pub struct Aside {
+    slot: usize,
+}
+
+impl Drop for Aside {
+    fn drop(&mut self) {
+        let mail = MAIL.get();
+        let (database, pid) = &mail.aside[self.slot];
+        pid.store(0, Ordering::Release);
+        database.store(0, Ordering::Release);
+        wake_launcher(mail);
+    }
+}
+
+/// Asks the relay of `database` to leave it and the launcher to start none there until the
+/// returned mark is dropped, or this backend exits. PostgreSQL refuses to drop, rename or copy a
+/// database another process is connected to (after waiting 5 s for it to leave). None when
+/// shared memory is unavailable or every mark is taken (the command then meets the relay, as
+/// before).
+pub fn step_aside(database: pg_sys::Oid) -> Option<Aside> {
+    if !available() {
+        return None;
+    }
+    let db = database.to_u32();
+    let mail = MAIL.get();
+    let slot = mail.aside.iter().position(|(d, pid)| {
+        let taken = d
+            .compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if taken {
+            pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        }
+        taken
+    })?;
+    for latch in &LATCHES.get().0 {
+        if latch.database.load(Ordering::Acquire) == db {
+            latch.leave.store(true, Ordering::Release);
+            set_latch_of(latch.procno.load(Ordering::Acquire));
+        }
+    }
+    Some(Aside { slot })
+}
+
+/// Whether a backend has `database` stepped aside ([`step_aside`]) and is still running.
+pub fn is_aside(database: pg_sys::Oid) -> bool {
+    if !available() {
+        return false;
+    }
+    let db = database.to_u32();
+    MAIL.get().aside.iter().any(|(d, pid)| {
+        d.load(Ordering::Acquire) == db && {
+            let pid = pid.load(Ordering::Acquire);
+            // A backend that died mid-command left its mark: it holds nothing.
+            pid == 0 || !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+        }
+    })
 }

@@ -35,6 +35,11 @@ const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 const COALESCE: Duration = Duration::from_millis(1);
 /// At most one log line per this interval for a repeating failure.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// At most one log line per this interval while the database is read-only.
+const READ_ONLY_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Why a read-only database's events wait: `broadcaster_status.last_error` and the log.
+const READ_ONLY: &str =
+    "the database is read-only (default_transaction_read_only is on); events wait until it is writable";
 
 /// Committed rows whose turn has come, oldest first (by tuple id, for [`claim_sql`]): all of
 /// them while `broadcaster_failures` is empty, its first arm evaluated once per query (an
@@ -230,9 +235,10 @@ const FORGET: &str = "
 DELETE FROM broadcaster_failures f
  WHERE NOT EXISTS (SELECT 1 FROM broadcaster_outbox o WHERE o.seq = f.seq)";
 
-/// Registers the launcher: a worker connected to no database that waits for
-/// `broadcaster.database` to exist, then starts the relay for it, and starts it again whenever it
-/// stops. A missing database costs one log line, not a crash loop.
+/// Registers the launcher: a worker connected to no database that waits for each database of
+/// `broadcaster.database` to exist and accept connections, then starts its relay, and starts it
+/// again whenever it stops. A missing, closed or invalid database costs one log line, not a
+/// crash loop. Restarted by the postmaster after any exit but a shutdown.
 pub fn register() {
     BackgroundWorkerBuilder::new("broadcaster launcher")
         .set_type("broadcaster launcher")
@@ -250,6 +256,7 @@ pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // No database: the shared catalogs only, which is all it takes to find one by name.
     BackgroundWorker::connect_worker_to_spi(None, None);
+    shared::launcher_started();
     let mut relays: Vec<Launched> = Vec::new();
     follow_settings(&mut relays);
     let mut wait = Duration::ZERO;
@@ -263,6 +270,15 @@ pub extern "C-unwind" fn broadcaster_launcher_main(_arg: pg_sys::Datum) {
             launched.check();
         }
     }
+    shared::launcher_stopped();
+    // Terminated (pg_terminate_backend) or the server is stopping. A worker that exits with
+    // code 0 is forgotten by the postmaster; with 1 it is started again after its restart time,
+    // unless the server is shutting down.
+    log!(
+        "broadcaster: launcher stopping; unless the server is shutting down, it starts again in {} s",
+        RESTART_DELAY.as_secs()
+    );
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Serves the databases `broadcaster.database` lists now: adding one needs only a reload;
@@ -287,7 +303,7 @@ fn follow_settings(relays: &mut Vec<Launched>) {
                 "broadcaster: no longer serving database \"{}\"",
                 launched.name
             );
-            if let Some((worker, _)) = launched.relay.take() {
+            if let Some((worker, ..)) = launched.relay.take() {
                 worker.terminate();
             }
         }
@@ -298,50 +314,93 @@ fn follow_settings(relays: &mut Vec<Launched>) {
             relays.push(Launched {
                 name,
                 relay: None,
-                said_waiting: false,
+                said: None,
                 said_no_slot: false,
+                probed_at: None,
             });
         }
     }
 }
 
+/// How often the launcher looks again at a database whose relay found no extension, in case the
+/// `CREATE EXTENSION` that would have told it went unheard (made while no launcher ran): a
+/// relay connects, looks, and leaves.
+const EXTENSION_RECHECK: Duration = Duration::from_secs(10);
+
 /// One served database, from the launcher's side.
 struct Launched {
     name: String,
-    relay: Option<(DynamicBackgroundWorker, Instant)>,
-    said_waiting: bool,
+    /// The relay started last, when, and for which database oid.
+    relay: Option<(DynamicBackgroundWorker, Instant, pg_sys::Oid)>,
+    /// Why the relay can't run, as last logged: said once, again only once it changed.
+    said: Option<Waiting>,
     said_no_slot: bool,
+    /// When a relay last started only to find the extension missing.
+    probed_at: Option<Instant>,
+}
+
+/// Why a database's relay is not started.
+#[derive(Clone, Copy, PartialEq)]
+enum Waiting {
+    NoDatabase,
+    NoConnections,
+    Invalid,
+    NoExtension,
 }
 
 impl Launched {
-    /// Starts the relay if the database exists and its relay is not running.
+    /// Starts the relay if the database can be served and its relay is not running.
     fn check(&mut self) {
-        if let Some((worker, started)) = &self.relay {
+        if let Some((worker, started, oid)) = &self.relay {
             let stopped = matches!(worker.pid(), Err(BackgroundWorkerStatus::Stopped));
-            // A relay that stopped soon after its start is not started again at once.
-            if !stopped || started.elapsed() < RESTART_DELAY {
+            if !stopped {
                 return;
+            }
+            let absent = shared::extension_absent(*oid, false);
+            // A relay that stopped soon after its start is not started again at once, unless it
+            // only found the extension missing: that wait is `EXTENSION_RECHECK`'s.
+            if !absent && started.elapsed() < RESTART_DELAY {
+                return;
+            }
+            if absent {
+                self.probed_at = Some(Instant::now());
             }
             self.relay = None;
         }
-        let name = self.name.as_str();
-        let Some(oid) = BackgroundWorker::transaction(|| database_oid(name)) else {
-            if !self.said_waiting {
-                log!("broadcaster: waiting for database \"{name}\" to exist");
-                self.said_waiting = true;
-            }
-            return;
+        let name = self.name.clone();
+        let database = BackgroundWorker::transaction(|| find_database(&name));
+        let oid = match database {
+            Database::Missing => return self.say(Waiting::NoDatabase),
+            Database::Closed => return self.say(Waiting::NoConnections),
+            Database::Invalid => return self.say(Waiting::Invalid),
+            Database::Open(oid) => oid,
         };
-        self.said_waiting = false;
+        // A backend is dropping, renaming or copying it: connecting now would make that fail.
+        if shared::is_aside(oid) {
+            return;
+        }
         // One left from an earlier launcher (restarted after an error) still runs: one relay per
         // database, never two.
         if shared::relay_of(oid).is_some_and(|r| r.pid != 0) {
             return;
         }
+        if shared::extension_absent(oid, false) {
+            self.say(Waiting::NoExtension);
+            let due = self
+                .probed_at
+                .is_none_or(|t| t.elapsed() >= EXTENSION_RECHECK);
+            if !due {
+                return;
+            }
+            shared::extension_absent(oid, true);
+        }
         match launch_relay(oid) {
             Ok(worker) => {
-                self.relay = Some((worker, Instant::now()));
+                self.relay = Some((worker, Instant::now(), oid));
                 self.said_no_slot = false;
+                if self.said != Some(Waiting::NoExtension) {
+                    self.said = None;
+                }
             }
             Err(_) if !self.said_no_slot => {
                 warning!(
@@ -352,12 +411,47 @@ impl Launched {
             Err(_) => {}
         }
     }
+
+    /// Logs why the relay waits, once for each new reason.
+    fn say(&mut self, why: Waiting) {
+        if self.said == Some(why) {
+            return;
+        }
+        let name = &self.name;
+        match why {
+            Waiting::NoDatabase => log!("broadcaster: waiting for database \"{name}\" to exist"),
+            Waiting::NoConnections => log!(
+                "broadcaster: database \"{name}\" does not allow connections; waiting until it does"
+            ),
+            Waiting::Invalid => log!(
+                "broadcaster: database \"{name}\" is invalid (an interrupted DROP DATABASE); waiting until it is dropped or re-created"
+            ),
+            Waiting::NoExtension => log!(
+                "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{name}\""
+            ),
+        }
+        self.said = Some(why);
+    }
 }
+
+/// What pg_database says of a database the launcher is to serve.
+enum Database {
+    Missing,
+    /// `ALLOW_CONNECTIONS false`: a relay would be refused.
+    Closed,
+    /// Left half-dropped by an interrupted `DROP DATABASE` (`datconnlimit` = -2).
+    Invalid,
+    Open(pg_sys::Oid),
+}
+
+/// `datconnlimit` of a database an interrupted `DROP DATABASE` left invalid (PostgreSQL
+/// 15.4 and later: `DATCONNLIMIT_INVALID_DB`).
+const DATCONNLIMIT_INVALID_DB: i32 = -2;
 
 /// Looks `name` up in pg_database with a plain heap scan, as Postgres's autovacuum launcher
 /// does: a process connected to no database can read shared catalogs, not their indexes.
-fn database_oid(name: &str) -> Option<pg_sys::Oid> {
-    let mut found = None;
+fn find_database(name: &str) -> Database {
+    let mut found = Database::Missing;
     unsafe {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
@@ -370,7 +464,13 @@ fn database_oid(name: &str) -> Option<pg_sys::Oid> {
             let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
             let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
             if datname.to_bytes() == name.as_bytes() {
-                found = Some((*form).oid);
+                found = if (*form).datconnlimit == DATCONNLIMIT_INVALID_DB {
+                    Database::Invalid
+                } else if !(*form).datallowconn {
+                    Database::Closed
+                } else {
+                    Database::Open((*form).oid)
+                };
                 break;
             }
         }
@@ -412,6 +512,13 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
                 .into_owned()
         }
     });
+    // Without the extension, the relay leaves at once: waiting connected would hold the
+    // database (no CREATE DATABASE ... TEMPLATE of it, no DROP). The launcher starts it again
+    // when a CREATE EXTENSION commits there, or after a while.
+    let Some(statements) = BackgroundWorker::transaction(prepare_session) else {
+        shared::note_extension_absent(unsafe { pg_sys::MyDatabaseId });
+        return;
+    };
     // However this process ends (an ERROR included), its slot stops claiming a live relay.
     unsafe { pg_sys::before_shmem_exit(Some(on_relay_exit), pg_sys::Datum::from(0usize)) };
     if !shared::relay_started(unsafe { pg_sys::MyDatabaseId }) {
@@ -419,7 +526,7 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
     }
     log!("broadcaster: relay worker serving database \"{database}\"");
 
-    let mut relay = Relay::new(database);
+    let mut relay = Relay::new(database, statements);
     relay.run();
 
     shared::relay_stopped();
@@ -437,8 +544,8 @@ enum Tick {
     Idle,
     /// A batch went out (`retired` rows deleted); there may be more when it was `full`.
     Published { full: bool, retired: usize },
-    /// The extension isn't installed in the database yet.
-    NotInstalled,
+    /// The database is read-only (`default_transaction_read_only`): nothing can be claimed.
+    ReadOnly,
     /// The broker is unavailable or the backend misconfigured: back off.
     Outage(BackendError),
 }
@@ -446,9 +553,12 @@ enum Tick {
 struct Relay {
     database: String,
     backend: Option<Box<dyn PublisherBackend>>,
-    /// The relay's statements, prepared once the extension is installed.
-    statements: Option<Statements>,
-    said_waiting: bool,
+    /// The relay's statements, prepared when it started.
+    statements: Statements,
+    /// When the relay last said its database is read-only; None while it is writable.
+    said_read_only: Option<Instant>,
+    /// Whether [`check_origin`] has run: once, at the first writable pass.
+    origin_checked: bool,
     /// Consecutive outages, for the backoff.
     outages: u32,
     retry_at: Option<Instant>,
@@ -466,12 +576,13 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(database: String) -> Self {
+    fn new(database: String, statements: Statements) -> Self {
         Relay {
             database,
             backend: None,
-            statements: None,
-            said_waiting: false,
+            statements,
+            said_read_only: None,
+            origin_checked: false,
             outages: 0,
             retry_at: None,
             last_contact: None,
@@ -495,6 +606,13 @@ impl Relay {
                 self.backend = None;
                 self.retry_at = None;
             }
+            if shared::asked_to_leave() {
+                log!(
+                    "broadcaster: relay leaves database \"{}\" while a command needs it alone (DROP, RENAME or copy of the database)",
+                    self.database
+                );
+                break;
+            }
             if self.retry_at.is_some_and(|t| Instant::now() < t) {
                 more = false;
                 continue;
@@ -513,7 +631,11 @@ impl Relay {
                     }
                     full
                 }
-                Tick::Idle | Tick::NotInstalled => false,
+                Tick::Idle => false,
+                Tick::ReadOnly => {
+                    self.wait_read_only();
+                    false
+                }
                 Tick::Outage(e) => {
                     self.back_off(&e);
                     false
@@ -548,18 +670,19 @@ impl Relay {
     }
 
     fn tick(&mut self) -> Tick {
-        if self.statements.is_none() {
-            self.statements = BackgroundWorker::transaction(prepare_session);
-            let Some(_) = &self.statements else {
-                if !self.said_waiting {
-                    log!(
-                        "broadcaster: waiting for CREATE EXTENSION broadcaster in database \"{}\"",
-                        self.database
-                    );
-                    self.said_waiting = true;
-                }
-                return Tick::NotInstalled;
-            };
+        if unsafe { pg_sys::DefaultXactReadOnly } {
+            return Tick::ReadOnly;
+        }
+        if self.said_read_only.take().is_some() {
+            shared::set_read_only(false);
+            log!(
+                "broadcaster: database \"{}\" is writable again; relaying",
+                self.database
+            );
+        }
+        if !self.origin_checked {
+            BackgroundWorker::transaction(|| check_origin(&self.database));
+            self.origin_checked = true;
         }
         let backend = match self.backend.take() {
             Some(b) => b,
@@ -569,9 +692,7 @@ impl Relay {
             },
         };
         let mut backend = backend;
-        let Some(statements) = &self.statements else {
-            return Tick::NotInstalled;
-        };
+        let statements = &self.statements;
         let tick = BackgroundWorker::transaction(AssertUnwindSafe(|| {
             relay_batch(statements, &mut *backend)
         }));
@@ -624,7 +745,11 @@ impl Relay {
         let Some(backend) = self.backend.as_mut() else {
             return Tick::Idle;
         };
-        match backend.health_check() {
+        let checked = {
+            let _held = SignalsHeld::new();
+            backend.health_check()
+        };
+        match checked {
             Ok(()) => {
                 self.last_contact = Some(Instant::now());
                 shared::record_success(0);
@@ -635,6 +760,23 @@ impl Relay {
                 Tick::Idle
             }
             Err(e) => Tick::Outage(e),
+        }
+    }
+
+    /// The database is read-only (what managed services switch on when a disk fills): the relay
+    /// could send events but not delete them, so it sends none and looks again at each poll
+    /// (a reload wakes it). Said in the log once a minute at most, and in `broadcaster_status`.
+    fn wait_read_only(&mut self) {
+        if self.said_read_only.is_none() {
+            shared::set_read_only(true);
+            shared::record_failure(0, READ_ONLY);
+        }
+        if self
+            .said_read_only
+            .is_none_or(|t| t.elapsed() >= READ_ONLY_LOG_EVERY)
+        {
+            warning!("broadcaster: database \"{}\": {READ_ONLY}", self.database);
+            self.said_read_only = Some(Instant::now());
         }
     }
 
@@ -689,19 +831,96 @@ impl Relay {
     }
 }
 
-/// Builds the configured backend with Postgres's signals blocked. A thread the backend starts
+/// Says so when this database is a copy of the one its outbox was written in
+/// (`broadcaster_origin` holds another oid): `CREATE DATABASE ... TEMPLATE` of a served database,
+/// or a restore of a dump. Its events are relayed all the same: after a restore they are the
+/// ones the original never sent; from a clone of a served database, events the original sends
+/// too go out twice, with the same ids, for consumers to de-duplicate on `ce_id`. Then records
+/// this database as the outbox's own.
+fn check_origin(database: &str) {
+    let mine = unsafe { pg_sys::MyDatabaseId };
+    let result = Spi::connect_mut(|client| {
+        let copied = client
+            .select(
+                "SELECT count(*) FROM broadcaster_origin WHERE database <> $1",
+                None,
+                &[mine.into()],
+            )?
+            .first()
+            .get_one::<i64>()?
+            .unwrap_or(0);
+        if copied > 0 {
+            let pending = client
+                .select("SELECT count(*) FROM broadcaster_outbox", None, &[])?
+                .first()
+                .get_one::<i64>()?
+                .unwrap_or(0);
+            warning!(
+                "broadcaster: database \"{database}\" is a copy of another database (CREATE DATABASE ... TEMPLATE, or a restore); its {pending} events are relayed from here, so events its original also relays go out twice, with the same ids (ce_id)"
+            );
+            client.update(
+                "DELETE FROM broadcaster_origin WHERE database <> $1",
+                None,
+                &[mine.into()],
+            )?;
+        }
+        client.update(
+            "INSERT INTO broadcaster_origin SELECT $1 \
+             WHERE NOT EXISTS (SELECT 1 FROM broadcaster_origin)",
+            None,
+            &[mine.into()],
+        )?;
+        Ok::<_, pgrx::spi::Error>(())
+    });
+    if let Err(e) = result {
+        warning!("broadcaster: checking whether \"{database}\" is a copy failed: {e}");
+    }
+}
+
+/// Builds the configured backend with Postgres's signals held. A thread the backend starts
 /// inherits that mask, so that the signals keep going to the relay's own thread, where Postgres
 /// handles them.
 fn build_backend(database: &str) -> Result<Box<dyn PublisherBackend>, BackendError> {
-    struct Unblock;
-    impl Drop for Unblock {
-        fn drop(&mut self) {
-            unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
-        }
-    }
-    unsafe { pg_sys::BackgroundWorkerBlockSignals() };
-    let _unblock = Unblock;
+    let _held = SignalsHeld::new();
     backend::build(&guc::backend_name(), &guc::backend_config(database))
+}
+
+/// Postgres's signals held (blocked) in this thread while this lives, released (delivered) when
+/// it drops, an unwinding ERROR included. Around the backend's network calls: a signal handled
+/// during a socket read or write that has a timeout makes it fail with EINTR whatever
+/// SA_RESTART says (signal(7)), and every `DROP DATABASE` (a ProcSignalBarrier), reload or
+/// commit wake-up sends one; read as an outage, that would send the whole batch again. Held,
+/// they wait at most the backend's network timeout.
+struct SignalsHeld;
+
+impl SignalsHeld {
+    fn new() -> SignalsHeld {
+        unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+        SignalsHeld
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    }
+}
+
+/// Inside [`SignalsHeld`], signals released again while this lives: for work in Postgres (the
+/// next claim, overlapping the send) that must stay interruptible, since it can wait for a lock.
+struct SignalsReleased;
+
+impl SignalsReleased {
+    fn new() -> SignalsReleased {
+        unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+        SignalsReleased
+    }
+}
+
+impl Drop for SignalsReleased {
+    fn drop(&mut self) {
+        unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+    }
 }
 
 /// The relay's statements, planned once per worker process.
@@ -900,7 +1119,9 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         let outcome = if claimed.events.is_empty() {
             Ok(Vec::new())
         } else {
+            let _held = SignalsHeld::new();
             backend.publish_batch_overlapped(claimed.events.as_slice(), prepared, &mut |prepare| {
+                let _released = SignalsReleased::new();
                 if ahead {
                     let mut batch = claim(statements, batch_size, checked, deleted);
                     deleted = deleted.after(&batch.seqs);

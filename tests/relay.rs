@@ -344,13 +344,25 @@ fn health_follows_redis_and_events_written_during_an_outage_arrive_after_it() {
 fn worker_waits_for_the_extension_and_follows_reloads() {
     let redis = Redis::start();
     let cluster = Cluster::start(&redis.url(), &[("broadcaster.poll_interval", "200ms")]);
-    cluster.worker_pid();
-    std::thread::sleep(Duration::from_secs(1));
+    // The relay looks, finds no extension, and leaves: the launcher says so once.
+    common::wait_for("the launcher's note", common::DEADLINE, || {
+        cluster
+            .log()
+            .contains("waiting for CREATE EXTENSION broadcaster in database \"postgres\"")
+            .then_some(())
+    });
     let mut c = cluster.connect();
     c.batch_execute("CREATE EXTENSION broadcaster")
         .expect("create extension");
+    // The CREATE EXTENSION's commit starts the relay, well before the launcher's re-check.
+    let created = std::time::Instant::now();
     let first = publish(&mut c, "first");
     assert_eq!(redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), first);
+    assert!(
+        created.elapsed() < Duration::from_secs(5),
+        "relayed {:?} after CREATE EXTENSION",
+        created.elapsed()
+    );
 
     cluster.set_and_reload("broadcaster.stream", "renamed");
     // The reload reaches the worker asynchronously: publish until an event lands in the new stream.

@@ -1,0 +1,228 @@
+//! The one hook broadcaster sets, on utility commands, for what a relay's connection would
+//! otherwise break or lose:
+//!
+//! - `DROP DATABASE`, `ALTER DATABASE ... RENAME`, `ALTER DATABASE ... SET TABLESPACE` and
+//!   `CREATE DATABASE ... TEMPLATE`: PostgreSQL refuses them while another process is connected
+//!   to the database, so its relay steps aside for the command and the launcher starts it again
+//!   afterwards, if the database is still to be served (TimescaleDB stops its schedulers the
+//!   same way).
+//! - `DROP EXTENSION broadcaster` is refused (SQLSTATE 55006) while the outbox holds events.
+//! - `CREATE EXTENSION broadcaster` tells the launcher when it commits, so the relay starts at
+//!   once rather than at the launcher's next re-check.
+
+use std::ffi::{c_char, CStr};
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use crate::shared;
+
+/// The hook that was set before ours, called in turn.
+static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
+
+/// Sets the hook; from `_PG_init`, once per process.
+pub fn install() {
+    unsafe {
+        PREVIOUS = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// What a utility statement means to broadcaster.
+enum Command {
+    /// Needs the named database to itself.
+    NeedsDatabaseAlone(String),
+    DropExtension,
+    CreateExtension,
+    Other,
+}
+
+impl Command {
+    /// # Safety
+    /// `stmt` is a parsed utility statement (or null).
+    unsafe fn of(stmt: *mut pg_sys::Node) -> Command {
+        if stmt.is_null() {
+            return Command::Other;
+        }
+        unsafe {
+            match (*stmt).type_ {
+                pg_sys::NodeTag::T_DropdbStmt => {
+                    let drop = stmt.cast::<pg_sys::DropdbStmt>();
+                    text((*drop).dbname).map_or(Command::Other, Command::NeedsDatabaseAlone)
+                }
+                pg_sys::NodeTag::T_RenameStmt => {
+                    let rename = stmt.cast::<pg_sys::RenameStmt>();
+                    if (*rename).renameType != pg_sys::ObjectType::OBJECT_DATABASE {
+                        return Command::Other;
+                    }
+                    text((*rename).subname).map_or(Command::Other, Command::NeedsDatabaseAlone)
+                }
+                pg_sys::NodeTag::T_CreatedbStmt => {
+                    let create = stmt.cast::<pg_sys::CreatedbStmt>();
+                    // Without a TEMPLATE option, the copy is of template1.
+                    let template = option((*create).options, "template")
+                        .unwrap_or_else(|| "template1".to_string());
+                    Command::NeedsDatabaseAlone(template)
+                }
+                pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                    let alter = stmt.cast::<pg_sys::AlterDatabaseStmt>();
+                    if option((*alter).options, "tablespace").is_none() {
+                        return Command::Other;
+                    }
+                    text((*alter).dbname).map_or(Command::Other, Command::NeedsDatabaseAlone)
+                }
+                pg_sys::NodeTag::T_DropStmt => {
+                    let drop = stmt.cast::<pg_sys::DropStmt>();
+                    if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+                        return Command::Other;
+                    }
+                    let names = PgList::<pg_sys::Node>::from_pg((*drop).objects);
+                    let ours = names
+                        .iter_ptr()
+                        .any(|name| string_node(name).as_deref() == Some("broadcaster"));
+                    if ours {
+                        Command::DropExtension
+                    } else {
+                        Command::Other
+                    }
+                }
+                pg_sys::NodeTag::T_CreateExtensionStmt => {
+                    let create = stmt.cast::<pg_sys::CreateExtensionStmt>();
+                    if text((*create).extname).as_deref() == Some("broadcaster") {
+                        Command::CreateExtension
+                    } else {
+                        Command::Other
+                    }
+                }
+                _ => Command::Other,
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let command = unsafe { Command::of((*pstmt).utilityStmt) };
+    // Held until the command is over, however it ends (an ERROR unwinds through here).
+    let _aside = match &command {
+        Command::NeedsDatabaseAlone(name) => database_oid(name).and_then(shared::step_aside),
+        _ => None,
+    };
+    if matches!(command, Command::DropExtension) {
+        refuse_drop_with_undelivered_events();
+    }
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| match PREVIOUS {
+            Some(previous) => previous(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        });
+    }
+    if matches!(command, Command::CreateExtension) {
+        shared::installed_at_commit();
+    }
+}
+
+/// `DROP EXTENSION broadcaster` would drop the outbox with every event not yet delivered, dead
+/// ones included: refused while there are any, so that losing them is a deliberate
+/// `DELETE FROM broadcaster_outbox` first.
+fn refuse_drop_with_undelivered_events() {
+    let schema = Spi::get_one::<String>(
+        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
+         WHERE e.extname OPERATOR(pg_catalog.=) 'broadcaster'",
+    );
+    // Not installed (DROP EXTENSION IF EXISTS): PostgreSQL answers as usual.
+    let Ok(Some(schema)) = schema else {
+        return;
+    };
+    let sql = format!(
+        "SELECT pg_catalog.count(*) FROM {}.broadcaster_outbox",
+        pgrx::spi::quote_identifier(&schema)
+    );
+    let undelivered = Spi::get_one::<i64>(&sql).ok().flatten().unwrap_or(0);
+    if undelivered > 0 {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!(
+                "broadcaster: {undelivered} events in broadcaster_outbox are not delivered yet; \
+                 dropping the extension would lose them"
+            ),
+            "broadcaster",
+        )
+        .set_hint(
+            "Let the relay deliver them (broadcaster_status shows what is pending), or discard \
+             them first with DELETE FROM broadcaster_outbox.",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+/// The oid of the database named `name`, if there is one.
+fn database_oid(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// # Safety
+/// `ptr` is null or a NUL-terminated string.
+unsafe fn text(ptr: *const c_char) -> Option<String> {
+    (!ptr.is_null()).then(|| {
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// The value of option `name` in a list of `DefElem`s, as text.
+///
+/// # Safety
+/// `options` is a list of `DefElem` nodes (or null).
+unsafe fn option(options: *mut pg_sys::List, name: &str) -> Option<String> {
+    let options = unsafe { PgList::<pg_sys::DefElem>::from_pg(options) };
+    let found = options
+        .iter_ptr()
+        .find(|&def| unsafe { text((*def).defname) }.as_deref() == Some(name))?;
+    // PostgreSQL's own reading of the option: raises on a value it would refuse too.
+    unsafe { text(pg_sys::defGetString(found)) }
+}
+
+/// The text of a `String` node (a name in a parse tree).
+///
+/// # Safety
+/// `node` is a `String` node (or null).
+unsafe fn string_node(node: *mut pg_sys::Node) -> Option<String> {
+    if node.is_null() || unsafe { (*node).type_ } != pg_sys::NodeTag::T_String {
+        return None;
+    }
+    unsafe { text((*node.cast::<pg_sys::String>()).sval) }
+}
