@@ -18,3 +18,4 @@ REVOKE ALL ON broadcaster_status FROM PUBLIC;
 REVOKE ALL ON broadcaster_published FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_replay(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION broadcaster_replay(timestamptz, timestamptz, text) FROM PUBLIC;
+REVOKE ALL ON broadcaster_origin FROM PUBLIC;

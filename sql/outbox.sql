@@ -256,7 +256,7 @@ LANGUAGE sql VOLATILE
 AS $$
     SELECT d.datname,
            r.pid,
-           CASE WHEN r.pid IS NULL THEN 'stopped' ELSE 'running' END,
+           r.state,
            current_setting('broadcaster.backend'),
            r.healthy,
            pg_epoch + r.last_success_us * interval '1 microsecond',
@@ -281,3 +281,11 @@ AS $$
 $$;
 
 CREATE VIEW broadcaster_status AS SELECT * FROM broadcaster_status();
+
+-- The database this outbox belongs to, by oid. A relay that finds another oid here serves a
+-- copy, made by CREATE DATABASE ... TEMPLATE or by a restore: it says so in the log, with the
+-- number of events it is about to relay from the copy, then records its own. Only the relay
+-- writes it after this.
+CREATE TABLE broadcaster_origin (database oid NOT NULL);
+INSERT INTO broadcaster_origin
+    SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
