@@ -123,6 +123,8 @@ pub struct LauncherMail {
     /// Databases whose relay found the extension missing, until a `CREATE EXTENSION` commits
     /// there.
     absent: [AtomicU32; MAX_RELAYS],
+    /// Databases whose relay left for that reason, until the launcher has seen it stop.
+    probed: [AtomicU32; MAX_RELAYS],
     /// Databases a backend is dropping, renaming or copying: (database, that backend's pid).
     aside: [(AtomicU32, AtomicI32); MAX_ASIDE],
 }
@@ -401,23 +403,13 @@ pub fn launcher_stopped() {
     }
 }
 
-/// The relay of `database` found no extension there; the launcher waits for a `CREATE
-/// EXTENSION` (or its next re-check) before it connects again.
+/// The relay of `database` found no extension there and leaves; the launcher waits for a
+/// `CREATE EXTENSION` (or its next re-check) before it connects again.
 pub fn note_extension_absent(database: pg_sys::Oid) {
-    if !available() {
-        return;
-    }
-    let db = database.to_u32();
-    let absent = &MAIL.get().absent;
-    if absent.iter().any(|a| a.load(Ordering::Acquire) == db) {
-        return;
-    }
-    for a in absent {
-        if a.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            return;
-        }
+    if available() {
+        let mail = MAIL.get();
+        add(&mail.absent, database);
+        add(&mail.probed, database);
     }
 }
 
@@ -427,14 +419,43 @@ pub fn extension_absent(database: pg_sys::Oid, forget: bool) -> bool {
     if !available() {
         return false;
     }
+    let absent = &MAIL.get().absent;
+    if forget {
+        remove(absent, database)
+    } else {
+        absent
+            .iter()
+            .any(|a| a.load(Ordering::Acquire) == database.to_u32())
+    }
+}
+
+/// Whether the relay of `database` that stopped last left because it found no extension (not
+/// an error): it is started again without the delay after a crash. Taken once.
+pub fn take_probe(database: pg_sys::Oid) -> bool {
+    available() && remove(&MAIL.get().probed, database)
+}
+
+/// Adds `database` to a set of oids (0: a free place); nothing when it is there already, or full.
+fn add(set: &[AtomicU32], database: pg_sys::Oid) {
     let db = database.to_u32();
-    MAIL.get().absent.iter().any(|a| {
-        if forget {
-            a.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        } else {
-            a.load(Ordering::Acquire) == db
+    if set.iter().any(|a| a.load(Ordering::Acquire) == db) {
+        return;
+    }
+    for a in set {
+        if a.compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
         }
+    }
+}
+
+/// Removes `database` from a set of oids; whether it was there.
+fn remove(set: &[AtomicU32], database: pg_sys::Oid) -> bool {
+    let db = database.to_u32();
+    set.iter().any(|a| {
+        a.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     })
 }
 

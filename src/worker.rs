@@ -50,12 +50,12 @@ const READ_ONLY: &str =
 /// since (its next failed attempt records the new key).
 const READY: &str = r#"
 SELECT o.ctid
-  FROM broadcaster_outbox o
- WHERE NOT (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
-    OR (NOT EXISTS (SELECT 1 FROM broadcaster_failures f
+  FROM @extschema@.broadcaster_outbox o
+ WHERE NOT (SELECT EXISTS (SELECT 1 FROM @extschema@.broadcaster_failures))
+    OR (NOT EXISTS (SELECT 1 FROM @extschema@.broadcaster_failures f
                      WHERE f.seq = o.seq AND (f.dead OR f.next_attempt_at > now()))
-        AND NOT EXISTS (SELECT 1 FROM broadcaster_failures b
-                          JOIN broadcaster_outbox h ON h.seq = b.seq
+        AND NOT EXISTS (SELECT 1 FROM @extschema@.broadcaster_failures b
+                          JOIN @extschema@.broadcaster_outbox h ON h.seq = b.seq
                          WHERE b.partition_key = o.partition_key AND b.seq < o.seq
                            AND h.partition_key = o.partition_key
                            AND (NOT b.dead OR $2)))
@@ -67,8 +67,8 @@ SELECT o.ctid
 fn claimed(rel: &str, checked: bool) -> String {
     let attempts = if checked {
         format!(
-            "CASE WHEN (SELECT EXISTS (SELECT 1 FROM broadcaster_failures))
-            THEN coalesce((SELECT f.attempts FROM broadcaster_failures f
+            "CASE WHEN (SELECT EXISTS (SELECT 1 FROM @extschema@.broadcaster_failures))
+            THEN coalesce((SELECT f.attempts FROM @extschema@.broadcaster_failures f
                             WHERE f.seq = {rel}.seq), 0)
             ELSE 0 END"
         )
@@ -83,20 +83,20 @@ fn claimed(rel: &str, checked: bool) -> String {
 
 /// Every committed row, oldest first: what [`READY`] finds while `broadcaster_failures` is
 /// empty, without its checks. Their cost is paid by each claim, a commit's single event too.
-const ALL: &str = "SELECT o.ctid FROM broadcaster_outbox o ORDER BY o.seq LIMIT $1";
+const ALL: &str = "SELECT o.ctid FROM @extschema@.broadcaster_outbox o ORDER BY o.seq LIMIT $1";
 
 /// The same, passing over rows `$2` to `$3` without reading them: the relay deleted them
 /// earlier in its transaction (see [`Deleted`]), and an index scan would fetch each of them to
 /// find it gone, at every claim after the first.
 const ALL_PAST: &str = "
 SELECT ctid FROM (
-    (SELECT o.ctid, o.seq FROM broadcaster_outbox o WHERE o.seq < $2 ORDER BY o.seq LIMIT $1)
+    (SELECT o.ctid, o.seq FROM @extschema@.broadcaster_outbox o WHERE o.seq < $2 ORDER BY o.seq LIMIT $1)
     UNION ALL
-    (SELECT o.ctid, o.seq FROM broadcaster_outbox o WHERE o.seq > $3 ORDER BY o.seq LIMIT $1)
+    (SELECT o.ctid, o.seq FROM @extschema@.broadcaster_outbox o WHERE o.seq > $3 ORDER BY o.seq LIMIT $1)
 ) r ORDER BY seq LIMIT $1";
 
 /// Whether `broadcaster_failures` holds anything; see [`FAILURES_POSSIBLE`].
-const ANY_FAILURE: &str = "SELECT EXISTS (SELECT 1 FROM broadcaster_failures)";
+const ANY_FAILURE: &str = "SELECT EXISTS (SELECT 1 FROM @extschema@.broadcaster_failures)";
 
 /// False once the relay has seen `broadcaster_failures` empty, until it records a failure: only
 /// the relay writes that table (others only delete from it), so until then it claims with
@@ -142,9 +142,9 @@ impl Find {
 /// twice. Rows come back in tuple order; the relay puts them in `seq` order.
 fn claim_sql(find: Find) -> String {
     format!(
-        "DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({})) RETURNING {}",
+        "DELETE FROM @extschema@.broadcaster_outbox o WHERE ctid = ANY (ARRAY({})) RETURNING {}",
         find.rows(),
-        claimed("broadcaster_outbox", find == Find::Ready)
+        claimed("o", find == Find::Ready)
     )
 }
 
@@ -152,11 +152,11 @@ fn claim_sql(find: Find) -> String {
 fn claim_and_keep_sql(find: Find) -> String {
     format!(
         "WITH claimed AS (
-    DELETE FROM broadcaster_outbox WHERE ctid = ANY (ARRAY({}))
+    DELETE FROM @extschema@.broadcaster_outbox WHERE ctid = ANY (ARRAY({}))
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
               partition_key, extensions, stream),
 kept AS (
-    INSERT INTO broadcaster_published
+    INSERT INTO @extschema@.broadcaster_published
            (seq, id, type, source, subject, time, datacontenttype, dataschema, data,
             partition_key, extensions, stream)
     SELECT seq, id, type, source, subject, time, datacontenttype, dataschema, data,
@@ -170,15 +170,15 @@ SELECT {} FROM claimed",
 
 /// Deletes published rows after a batch that did not go out whole (by `seq`: the claim's delete
 /// was undone).
-const RETIRE: &str = "DELETE FROM broadcaster_outbox WHERE seq = ANY ($1)";
+const RETIRE: &str = "DELETE FROM @extschema@.broadcaster_outbox WHERE seq = ANY ($1)";
 
 /// With `broadcaster.retention` set: the same, keeping a copy for replay.
 const RETIRE_AND_KEEP: &str = "
 WITH published AS (
-    DELETE FROM broadcaster_outbox WHERE seq = ANY ($1)
+    DELETE FROM @extschema@.broadcaster_outbox WHERE seq = ANY ($1)
     RETURNING seq, id, type, source, subject, time, datacontenttype, dataschema, data,
               partition_key, extensions, stream)
-INSERT INTO broadcaster_published
+INSERT INTO @extschema@.broadcaster_published
        (seq, id, type, source, subject, time, datacontenttype, dataschema, data,
         partition_key, extensions, stream)
 SELECT * FROM published";
@@ -186,8 +186,8 @@ SELECT * FROM published";
 /// Drops up to $2 published events older than the retention: small batches, never one huge
 /// DELETE.
 const PURGE: &str = "
-DELETE FROM broadcaster_published
- WHERE ctid = ANY (ARRAY(SELECT ctid FROM broadcaster_published
+DELETE FROM @extschema@.broadcaster_published
+ WHERE ctid = ANY (ARRAY(SELECT ctid FROM @extschema@.broadcaster_published
                           WHERE published_at < now() - make_interval(secs => $1)
                           LIMIT $2))";
 
@@ -214,10 +214,10 @@ const PURGE_EVERY: Duration = Duration::from_secs(1);
 /// Counts a failed attempt against the event `$1` (error `$2`), to be retried in `$3` seconds
 /// or dead at `$4` attempts. Nothing when its row is gone.
 const FAIL: &str = "
-INSERT INTO broadcaster_failures AS f
+INSERT INTO @extschema@.broadcaster_failures AS f
        (seq, partition_key, attempts, next_attempt_at, dead, last_error)
 SELECT o.seq, o.partition_key, 1, now() + make_interval(secs => $3), 1 >= $4, $2
-  FROM broadcaster_outbox o
+  FROM @extschema@.broadcaster_outbox o
  WHERE o.seq = $1
     ON CONFLICT (seq) DO UPDATE
    SET partition_key = EXCLUDED.partition_key,
@@ -227,13 +227,18 @@ SELECT o.seq, o.partition_key, 1, now() + make_interval(secs => $3), 1 >= $4, $2
        last_error = EXCLUDED.last_error";
 
 /// Forgets the failures of events delivered at last.
-const CLEAR: &str = "DELETE FROM broadcaster_failures WHERE seq = ANY ($1)";
+const CLEAR: &str = "DELETE FROM @extschema@.broadcaster_failures WHERE seq = ANY ($1)";
 
 /// Forgets failures whose row is gone (deleted by hand): they hold nothing, but keep the claim
-/// on its slower path.
+/// on its slower path. Only those of `seq`s the outbox has handed out: a restore (pg_restore)
+/// loads `broadcaster_failures` before `broadcaster_outbox`, and in between every failure looks
+/// orphaned; its sequence is set after both, until then it is as new (`is_called` false).
+/// `@outbox_seq@`: that sequence, by the name PostgreSQL gave it.
 const FORGET: &str = "
-DELETE FROM broadcaster_failures f
- WHERE NOT EXISTS (SELECT 1 FROM broadcaster_outbox o WHERE o.seq = f.seq)";
+DELETE FROM @extschema@.broadcaster_failures f
+ WHERE NOT EXISTS (SELECT 1 FROM @extschema@.broadcaster_outbox o WHERE o.seq = f.seq)
+   AND f.seq <= (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END
+                   FROM @outbox_seq@ s)";
 
 /// Registers the launcher: a worker connected to no database that waits for each database of
 /// `broadcaster.database` to exist and accept connections, then starts its relay, and starts it
@@ -356,13 +361,14 @@ impl Launched {
             if !stopped {
                 return;
             }
-            let absent = shared::extension_absent(*oid, false);
+            let probe = shared::take_probe(*oid);
             // A relay that stopped soon after its start is not started again at once, unless it
-            // only found the extension missing: that wait is `EXTENSION_RECHECK`'s.
-            if !absent && started.elapsed() < RESTART_DELAY {
+            // only found the extension missing: that wait is `EXTENSION_RECHECK`'s (or none, if
+            // a CREATE EXTENSION has committed since).
+            if !probe && started.elapsed() < RESTART_DELAY {
                 return;
             }
-            if absent {
+            if probe {
                 self.probed_at = Some(Instant::now());
             }
             self.relay = None;
@@ -681,7 +687,8 @@ impl Relay {
             );
         }
         if !self.origin_checked {
-            BackgroundWorker::transaction(|| check_origin(&self.database));
+            let schema = &self.statements.schema;
+            BackgroundWorker::transaction(|| check_origin(&self.database, schema));
             self.origin_checked = true;
         }
         let backend = match self.backend.take() {
@@ -837,12 +844,13 @@ impl Relay {
 /// ones the original never sent; from a clone of a served database, events the original sends
 /// too go out twice, with the same ids, for consumers to de-duplicate on `ce_id`. Then records
 /// this database as the outbox's own.
-fn check_origin(database: &str) {
+fn check_origin(database: &str, schema: &str) {
     let mine = unsafe { pg_sys::MyDatabaseId };
+    let q = |sql: &str| in_schema(sql, schema);
     let result = Spi::connect_mut(|client| {
         let copied = client
             .select(
-                "SELECT count(*) FROM broadcaster_origin WHERE database <> $1",
+                &q("SELECT count(*) FROM @extschema@.broadcaster_origin WHERE database <> $1"),
                 None,
                 &[mine.into()],
             )?
@@ -851,7 +859,11 @@ fn check_origin(database: &str) {
             .unwrap_or(0);
         if copied > 0 {
             let pending = client
-                .select("SELECT count(*) FROM broadcaster_outbox", None, &[])?
+                .select(
+                    &q("SELECT count(*) FROM @extschema@.broadcaster_outbox"),
+                    None,
+                    &[],
+                )?
                 .first()
                 .get_one::<i64>()?
                 .unwrap_or(0);
@@ -859,14 +871,14 @@ fn check_origin(database: &str) {
                 "broadcaster: database \"{database}\" is a copy of another database (CREATE DATABASE ... TEMPLATE, or a restore); its {pending} events are relayed from here, so events its original also relays go out twice, with the same ids (ce_id)"
             );
             client.update(
-                "DELETE FROM broadcaster_origin WHERE database <> $1",
+                &q("DELETE FROM @extschema@.broadcaster_origin WHERE database <> $1"),
                 None,
                 &[mine.into()],
             )?;
         }
         client.update(
-            "INSERT INTO broadcaster_origin SELECT $1 \
-             WHERE NOT EXISTS (SELECT 1 FROM broadcaster_origin)",
+            &q("INSERT INTO @extschema@.broadcaster_origin SELECT $1 \
+                WHERE NOT EXISTS (SELECT 1 FROM @extschema@.broadcaster_origin)"),
             None,
             &[mine.into()],
         )?;
@@ -925,6 +937,8 @@ impl Drop for SignalsReleased {
 
 /// The relay's statements, planned once per worker process.
 struct Statements {
+    /// The extension's schema, quoted as an identifier.
+    schema: String,
     /// broadcaster_outbox, for VACUUM.
     outbox: pg_sys::Oid,
     /// One per [`Find`], indexed by it.
@@ -939,65 +953,88 @@ struct Statements {
     forget: OwnedPreparedStatement,
 }
 
+/// `sql` with `@extschema@` replaced by `schema` (an identifier, quoted), as in an extension's
+/// script.
+fn in_schema(sql: &str, schema: &str) -> String {
+    sql.replace("@extschema@", schema)
+}
+
 /// Finds the extension's schema, readies the session and prepares the relay's statements;
 /// None while the extension is not installed.
 fn prepare_session() -> Option<Statements> {
+    // Nothing the relay runs resolves a name through a schema: the extension's may be writable
+    // by other roles (public, often), and the relay runs as a superuser. So the path holds
+    // pg_catalog only, and the statements name the extension's schema ([`in_schema`]). And a
+    // lost commit of this session only un-deletes rows Redis already has, which are then sent
+    // again with the same ids: at-least-once holds without waiting for the WAL flush of each
+    // batch. And the claim stays on the primary key whatever the statistics say: planned while
+    // the outbox is empty, it would otherwise become a sort of the whole table, kept for a
+    // backlog. Its plan does not depend on the parameters' values: planned once, not at each
+    // claim, and never compiled (a generic plan's estimates for a backlog would have JIT compile
+    // it at each run: milliseconds per claim).
+    Spi::run(
+        "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false), \
+                pg_catalog.set_config('synchronous_commit', 'off', false), \
+                pg_catalog.set_config('enable_seqscan', 'off', false), \
+                pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', false), \
+                pg_catalog.set_config('jit', 'off', false)",
+    )
+    .ok()?;
     let schema = Spi::get_one::<String>(
-        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
-         WHERE e.extname = 'broadcaster'",
+        "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+           JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
+          WHERE e.extname = 'broadcaster'",
     )
     .ok()
     .flatten()?;
-    // The queries name the outbox unqualified. And a lost
-    // commit of this session only un-deletes rows Redis already has, which are then sent again
-    // with the same ids: at-least-once holds without waiting for the WAL flush of each batch.
-    // And the claim stays on the primary key whatever the statistics say: planned while the
-    // outbox is empty, it would otherwise become a sort of the whole table, kept for a backlog.
-    // Its plan does not depend on the parameters' values: planned once, not at each claim, and
-    // never compiled (a generic plan's estimates for a backlog would have JIT compile it at
-    // each run: milliseconds per claim).
-    Spi::run_with_args(
-        "SELECT set_config('search_path', quote_ident($1), false), \
-                set_config('synchronous_commit', 'off', false), \
-                set_config('enable_seqscan', 'off', false), \
-                set_config('plan_cache_mode', 'force_generic_plan', false), \
-                set_config('jit', 'off', false)",
-        &[schema.into()],
+    let outbox = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+        &[format!("{schema}.broadcaster_outbox").into()],
     )
-    .ok()?;
-    let outbox = Spi::get_one::<pg_sys::Oid>("SELECT 'broadcaster_outbox'::regclass::oid")
-        .ok()
-        .flatten()?;
+    .ok()
+    .flatten()?;
     let oid = |o: pg_sys::BuiltinOid| PgOid::BuiltIn(o);
     use pg_sys::BuiltinOid::{FLOAT8OID, INT4OID, INT8ARRAYOID, INT8OID, TEXTOID};
+    let sequence = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.pg_get_serial_sequence($1, 'seq')",
+        &[format!("{schema}.broadcaster_outbox").into()],
+    )
+    .ok()
+    .flatten()?;
+    let q = |sql: &str| in_schema(sql, &schema).replace("@outbox_seq@", &sequence);
     Spi::connect(|client| {
         // One statement per way of finding rows, in `Find` order.
         let each_find = |sql: fn(Find) -> String| {
             Find::EACH
                 .iter()
-                .map(|&find| Ok(client.prepare_mut(&sql(find), &find.arg_types())?.keep()))
+                .map(|&find| {
+                    Ok(client
+                        .prepare_mut(&in_schema(&sql(find), &schema), &find.arg_types())?
+                        .keep())
+                })
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         };
         Ok::<_, pgrx::spi::Error>(Statements {
+            schema: schema.clone(),
             outbox,
             claim: each_find(claim_sql)?,
             claim_and_keep: each_find(claim_and_keep_sql)?,
-            any_failure: client.prepare_mut(ANY_FAILURE, &[])?.keep(),
-            retire: client.prepare_mut(RETIRE, &[oid(INT8ARRAYOID)])?.keep(),
+            any_failure: client.prepare_mut(&q(ANY_FAILURE), &[])?.keep(),
+            retire: client.prepare_mut(&q(RETIRE), &[oid(INT8ARRAYOID)])?.keep(),
             retire_and_keep: client
-                .prepare_mut(RETIRE_AND_KEEP, &[oid(INT8ARRAYOID)])?
+                .prepare_mut(&q(RETIRE_AND_KEEP), &[oid(INT8ARRAYOID)])?
                 .keep(),
             purge: client
-                .prepare_mut(PURGE, &[oid(FLOAT8OID), oid(INT8OID)])?
+                .prepare_mut(&q(PURGE), &[oid(FLOAT8OID), oid(INT8OID)])?
                 .keep(),
             fail: client
                 .prepare_mut(
-                    FAIL,
+                    &q(FAIL),
                     &[oid(INT8OID), oid(TEXTOID), oid(FLOAT8OID), oid(INT4OID)],
                 )?
                 .keep(),
-            clear: client.prepare_mut(CLEAR, &[oid(INT8ARRAYOID)])?.keep(),
-            forget: client.prepare_mut(FORGET, &[])?.keep(),
+            clear: client.prepare_mut(&q(CLEAR), &[oid(INT8ARRAYOID)])?.keep(),
+            forget: client.prepare_mut(&q(FORGET), &[])?.keep(),
         })
     })
     .ok()
@@ -1708,10 +1745,21 @@ mod unit_tests {
 mod tests {
     use pgrx::prelude::*;
 
+    /// The relay's statement `sql`, naming the extension's schema as the relay does.
+    fn ours(sql: &str) -> String {
+        let schema = Spi::get_one::<String>(
+            "SELECT quote_ident(n.nspname) FROM pg_extension e \
+               JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'broadcaster'",
+        )
+        .expect("query")
+        .expect("the extension's schema");
+        super::in_schema(sql, &schema)
+    }
+
     /// How many rows [`super::READY`] finds, 10 at most, dead events holding their key.
     fn ready() -> i64 {
         Spi::get_one_with_args::<i64>(
-            &format!("SELECT count(*) FROM ({}) r", super::READY),
+            &format!("SELECT count(*) FROM ({}) r", ours(super::READY)),
             &[10_i64.into(), true.into()],
         )
         .expect("query")
@@ -1752,7 +1800,7 @@ mod tests {
         let sql = format!(
             "SELECT array_agg(o.seq ORDER BY o.seq) FROM broadcaster_outbox o \
               WHERE o.ctid = ANY (ARRAY({}))",
-            super::ALL_PAST
+            ours(super::ALL_PAST)
         );
         Spi::get_one_with_args::<Vec<i64>>(&sql, &[10_i64.into(), lo.into(), hi.into()])
             .expect("query")

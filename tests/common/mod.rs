@@ -4,7 +4,7 @@
 //! (default `postgres`): PostgreSQL refuses to run as root.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -175,6 +175,106 @@ impl Redis {
         redis::cmd("XLEN").arg(stream).query(&mut c).unwrap_or(0)
     }
 
+    /// Stops every client's writes (`CLIENT PAUSE 600000 WRITE`): the relay's XADDs wait, its
+    /// reads and PINGs don't.
+    pub fn pause_writes(&self) {
+        let mut c = self.connection();
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(600_000)
+            .arg("WRITE")
+            .query::<()>(&mut c)
+            .expect("CLIENT PAUSE");
+    }
+
+    /// Ends [`Redis::pause_writes`].
+    pub fn unpause(&self) {
+        let mut c = self.connection();
+        redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query::<()>(&mut c)
+            .expect("CLIENT UNPAUSE");
+    }
+
+    /// Makes `key` a plain string: every XADD to it is refused with WRONGTYPE.
+    pub fn set_string(&self, key: &str) {
+        let mut c = self.connection();
+        redis::cmd("SET")
+            .arg(key)
+            .arg("not a stream")
+            .query::<()>(&mut c)
+            .expect("SET");
+    }
+
+    /// The event id of every entry of `stream`, oldest first, read 10,000 entries at a time.
+    pub fn event_ids(&self, stream: &str) -> Vec<String> {
+        let mut c = self.connection();
+        let mut ids = Vec::new();
+        let mut start = "-".to_string();
+        // Bounded: far more chunks than any test writes.
+        for _ in 0..10_000 {
+            let reply: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(10_000)
+                .query(&mut c)
+                .expect("XRANGE");
+            let Some(last) = reply.ids.last() else {
+                break;
+            };
+            start = format!("({}", last.id);
+            ids.extend(reply.ids.iter().map(|e| {
+                e.map
+                    .get("ce_id")
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .unwrap_or_else(|| {
+                        let fields = e
+                            .map
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                redis::from_redis_value_ref::<String>(v)
+                                    .ok()
+                                    .map(|v| (k.clone(), v))
+                            })
+                            .collect();
+                        Entry {
+                            id: e.id.clone(),
+                            fields,
+                        }
+                        .event_id()
+                    })
+            }));
+        }
+        ids
+    }
+
+    /// Waits until every id of `expected` is in `stream`, or `deadline` passes, and returns the
+    /// stream's event ids either way: a [`Tally`] of them says what is missing.
+    pub fn wait_for_ids(
+        &self,
+        stream: &str,
+        expected: &[String],
+        deadline: Duration,
+    ) -> Vec<String> {
+        let want: HashSet<&String> = expected.iter().collect();
+        let start = Instant::now();
+        loop {
+            if self.len(stream) >= want.len() {
+                let ids = self.event_ids(stream);
+                let have: HashSet<&String> = ids.iter().collect();
+                if want.iter().all(|id| have.contains(*id)) {
+                    return ids;
+                }
+            }
+            if start.elapsed() >= deadline {
+                return self.event_ids(stream);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `stream` holds at least `n` entries and returns them all.
     pub fn wait_entries(&self, stream: &str, n: usize) -> Vec<Entry> {
         wait_for(&format!("{n} entries in {stream}"), DEADLINE, || {
@@ -220,12 +320,45 @@ pub struct Cluster {
     dir: PathBuf,
     bindir: PathBuf,
     runas: Option<String>,
+    /// What [`Cluster::start`] adds to postgresql.conf after the port and socket lines: a
+    /// cluster made [`Cluster::init_like`] this one gets the same.
+    additions: String,
 }
 
 impl Cluster {
     /// A new cluster with broadcaster preloaded, serving database `postgres` and publishing to
     /// `redis_url`; `settings` are added to postgresql.conf. The extension is not created.
     pub fn start(redis_url: &str, settings: &[(&str, &str)]) -> Cluster {
+        let cluster = Self::init(redis_url, settings);
+        cluster.start_server();
+        cluster
+    }
+
+    /// The cluster [`Cluster::start`] makes, initialized and configured but not started.
+    pub fn init(redis_url: &str, settings: &[(&str, &str)]) -> Cluster {
+        let mut additions = format!(
+            "shared_preload_libraries = 'broadcaster'\n\
+             fsync = off\n\
+             shared_buffers = '32MB'\n\
+             max_connections = 40\n\
+             log_line_prefix = '%m [%p] %b '\n\
+             broadcaster.redis_url = '{redis_url}'\n"
+        );
+        for (name, value) in settings {
+            additions.push_str(&format!("{name} = '{value}'\n"));
+        }
+        Self::init_with(additions)
+    }
+
+    /// A second cluster, not started, in its own folder and on its own port, whose
+    /// postgresql.conf has the same additions as this one's (shared_preload_libraries and
+    /// every broadcaster setting included): the target of a `pg_upgrade`.
+    pub fn init_like(&self) -> Cluster {
+        Self::init_with(self.additions.clone())
+    }
+
+    /// A fresh folder owned by the cluster's user and a free port; nothing in it yet.
+    fn empty(additions: String) -> Cluster {
         let runas = std::env::var("BROADCASTER_TEST_RUNAS").ok().or_else(|| {
             // PostgreSQL refuses to run as root.
             (nix_uid() == 0).then(|| "postgres".to_string())
@@ -241,12 +374,17 @@ impl Cluster {
         if let Some(user) = &runas {
             run(Command::new("chown").arg(user).arg(&dir));
         }
-        let cluster = Cluster {
+        Cluster {
             port,
             dir,
             bindir: pg_bindir(),
             runas,
-        };
+            additions,
+        }
+    }
+
+    fn init_with(additions: String) -> Cluster {
+        let cluster = Self::empty(additions);
         cluster.pg(
             "initdb",
             &[
@@ -259,28 +397,31 @@ impl Cluster {
                 "--no-sync",
             ],
         );
-        let mut conf = format!(
-            "port = {port}\n\
+        cluster.append_conf(&format!(
+            "{}{}",
+            cluster.own_conf_lines(),
+            cluster.additions
+        ));
+        cluster
+    }
+
+    /// The lines that differ between two clusters of one test: port and socket folder.
+    fn own_conf_lines(&self) -> String {
+        format!(
+            "port = {}\n\
              listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\n\
-             shared_preload_libraries = 'broadcaster'\n\
-             fsync = off\n\
-             shared_buffers = '32MB'\n\
-             max_connections = 40\n\
-             log_line_prefix = '%m [%p] %b '\n\
-             broadcaster.redis_url = '{redis_url}'\n",
-            cluster.dir.display()
-        );
-        for (name, value) in settings {
-            conf.push_str(&format!("{name} = '{value}'\n"));
-        }
-        let conf_path = cluster.data().join("postgresql.conf");
+             unix_socket_directories = '{}'\n",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    fn append_conf(&self, text: &str) {
+        let conf_path = self.data().join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
-        existing.push_str(&conf);
+        existing.push_str(text);
         // Written as the cluster's owner would: the file keeps its owner.
         std::fs::write(&conf_path, existing).expect("write postgresql.conf");
-        cluster.start_server();
-        cluster
     }
 
     pub fn data(&self) -> PathBuf {
@@ -396,6 +537,259 @@ impl Cluster {
             let healthy: bool = c.query_one("SELECT broadcaster_health()", &[]).ok()?.get(0);
             (healthy == want).then_some(())
         });
+    }
+
+    /// A file name in the cluster's own folder, which the cluster's user can write (a dump).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Length of the server log so far: pass it to [`Cluster::log_since`] to read what came
+    /// after.
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(self.log_path())
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    /// The server log written after [`Cluster::log_len`] returned `offset`.
+    pub fn log_since(&self, offset: usize) -> String {
+        let log = self.log();
+        log.get(offset..).unwrap_or_default().to_string()
+    }
+
+    /// Runs the PostgreSQL program `tool` (pg_dump, pg_upgrade, ...) as the cluster's user, from
+    /// the cluster's folder (which that user can write to), and reports how it went without
+    /// judging it.
+    pub fn run_tool(&self, tool: &str, args: &[&str]) -> ToolRun {
+        let program = self.bindir.join(tool);
+        let mut cmd = match &self.runas {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        cmd.args(args).current_dir(&self.dir);
+        let command = format!("{cmd:?}");
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
+        ToolRun {
+            command,
+            success: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The real `pg_upgrade` from the stopped cluster `old` into this one (initialized, not
+    /// started: see [`Cluster::init_like`]), same binaries, copy mode, run as the clusters' user
+    /// from this cluster's folder; `--retain` keeps its logs for
+    /// [`Cluster::upgrade_server_log`].
+    pub fn upgrade_from(&self, old: &Cluster) -> ToolRun {
+        let bindir = self.bindir.to_string_lossy().into_owned();
+        let old_port = free_port().to_string();
+        let new_port = free_port().to_string();
+        self.run_tool(
+            "pg_upgrade",
+            &[
+                "-b",
+                &bindir,
+                "-B",
+                &bindir,
+                "-d",
+                &old.data().to_string_lossy(),
+                "-D",
+                &self.data().to_string_lossy(),
+                "-p",
+                &old_port,
+                "-P",
+                &new_port,
+                "-U",
+                "postgres",
+                "--retain",
+            ],
+        )
+    }
+
+    /// What the servers `pg_upgrade` started wrote (both clusters' servers share one log file,
+    /// `pg_upgrade_output.d/<time>/log/pg_upgrade_server.log` in this cluster's data folder).
+    pub fn upgrade_server_log(&self) -> String {
+        let mut found = Vec::new();
+        find_files(
+            &self.data().join("pg_upgrade_output.d"),
+            "pg_upgrade_server.log",
+            4,
+            &mut found,
+        );
+        found.sort();
+        found
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+            .collect()
+    }
+
+    /// A hot standby of this cluster (`pg_basebackup -R -X stream` over loopback), in its own
+    /// folder on its own port, started. Its postgresql.conf is the primary's.
+    pub fn start_standby(&self) -> Cluster {
+        let standby = Self::empty(self.additions.clone());
+        standby.pg(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data().to_string_lossy(),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        // The copied postgresql.conf names the primary's port and socket folder: later lines win.
+        standby.append_conf(&standby.own_conf_lines());
+        standby.start_server();
+        standby
+    }
+
+    /// `pg_ctl promote`, waiting until the server accepts writes.
+    pub fn promote(&self) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "promote",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                &self.data().to_string_lossy(),
+            ],
+        );
+    }
+}
+
+/// How a command-line tool run by [`Cluster::run_tool`] went.
+#[derive(Debug)]
+pub struct ToolRun {
+    pub command: String,
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for ToolRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} exited with {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Collects the files named `name` under `dir`, at most `depth` folders down.
+fn find_files(dir: &std::path::Path, name: &str, depth: u32, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if depth > 0 {
+                find_files(&path, name, depth - 1, found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            found.push(path);
+        }
+    }
+}
+
+/// `(pid, database)` of every backend of `backend_type` (`broadcaster relay`, `broadcaster
+/// launcher`, `client backend`) as `c` sees pg_stat_activity now.
+pub fn backends(c: &mut PgClient, backend_type: &str) -> Vec<(i32, Option<String>)> {
+    c.query(
+        "SELECT pid, datname::text FROM pg_stat_activity WHERE backend_type = $1 ORDER BY pid",
+        &[&backend_type],
+    )
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Waits until a backend of `backend_type` connected to `database` (None: to none, as the
+/// launcher) runs with a pid other than `not`, and returns its pid.
+pub fn wait_backend(
+    c: &mut PgClient,
+    backend_type: &str,
+    database: Option<&str>,
+    not: Option<i32>,
+    deadline: Duration,
+) -> i32 {
+    wait_for(
+        &format!("a {backend_type} on {database:?} other than {not:?}"),
+        deadline,
+        || {
+            backends(c, backend_type)
+                .into_iter()
+                .find(|(pid, db)| db.as_deref() == database && Some(*pid) != not)
+                .map(|(pid, _)| pid)
+        },
+    )
+}
+
+/// Lines of `text` that contain `needle`.
+pub fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// Produced against delivered: the ids the test committed (and expects in the stream) against
+/// the `ce_id`s the stream holds, one per entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub produced: usize,
+    pub delivered: usize,
+    /// Entries whose id appeared in an earlier entry.
+    pub duplicates: usize,
+    /// Produced ids not in the stream.
+    pub lost: usize,
+    /// Ids in the stream the test never produced.
+    pub unexpected: usize,
+}
+
+impl Tally {
+    pub fn count(produced: &[String], delivered: &[String]) -> Tally {
+        let want: HashSet<&String> = produced.iter().collect();
+        let unique: HashSet<&String> = delivered.iter().collect();
+        Tally {
+            produced: want.len(),
+            delivered: delivered.len(),
+            duplicates: delivered.len() - unique.len(),
+            lost: want.iter().filter(|id| !unique.contains(*id)).count(),
+            unexpected: unique.iter().filter(|id| !want.contains(*id)).count(),
+        }
+    }
+
+    /// Prints the tally as a table row and asserts every produced event arrived exactly once
+    /// and nothing else did.
+    pub fn assert_exactly_once(&self, name: &str) {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            self.produced, self.delivered, self.duplicates, self.lost
+        );
+        assert_eq!(
+            (self.duplicates, self.lost, self.unexpected),
+            (0, 0, 0),
+            "{name}: duplicates, lost, unexpected in {self:?}"
+        );
     }
 }
 
