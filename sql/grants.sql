@@ -1,21 +1,21 @@
 -- Least privilege: nothing is granted to PUBLIC. A producer role needs
 --   GRANT INSERT ON broadcaster_outbox TO app;
---   GRANT EXECUTE ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) TO app;
+--   GRANT EXECUTE ON FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text) TO app;
 -- The row validation and default-source functions stay callable by everyone: every INSERT
 -- runs them, and they read nothing.
-REVOKE ALL ON broadcaster_outbox FROM PUBLIC;
-REVOKE ALL ON broadcaster_dead_events FROM PUBLIC;
-REVOKE ALL ON broadcaster_failures FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_health() FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_requeue(uuid[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_requeue_all() FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_discard(uuid[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_discard_all() FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_relays() FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_status() FROM PUBLIC;
-REVOKE ALL ON broadcaster_status FROM PUBLIC;
-REVOKE ALL ON broadcaster_published FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_replay(uuid[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION broadcaster_replay(timestamptz, timestamptz, text) FROM PUBLIC;
-REVOKE ALL ON broadcaster_origin FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_outbox FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_dead_events FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_failures FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_health() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_requeue(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_requeue_all() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_discard(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_discard_all() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_relays() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_status() FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_status FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_published FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_replay(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_replay(timestamptz, timestamptz, text) FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_origin FROM PUBLIC;

@@ -1,16 +1,21 @@
+-- Every name here is qualified (@extschema@ for the extension's own objects, pg_catalog for
+-- PostgreSQL's), and every function pins search_path to pg_catalog, pg_temp: the schema the
+-- extension lives in (public, often) may be writable by other roles, and the functions run as
+-- superusers and operators; nothing may resolve through it to an object someone else made.
+
 -- The outbox: one row per event not yet delivered, and nothing else, so that an INSERT stays
 -- cheap: columns carry CloudEvents attribute names, and all but type have defaults, so an INSERT
 -- naming only type and data is complete. Delivery failures are kept apart, in
 -- broadcaster_failures.
-CREATE TABLE broadcaster_outbox (
+CREATE TABLE @extschema@.broadcaster_outbox (
     -- Publish order: the worker relays in this order, per partition key across transactions
     -- that commit one after another.
     seq             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id              uuid        NOT NULL DEFAULT gen_random_uuid(),
+    id              uuid        NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     type            text        NOT NULL,
-    source          text        NOT NULL DEFAULT broadcaster_default_source(),
+    source          text        NOT NULL DEFAULT @extschema@.broadcaster_default_source(),
     subject         text,
-    time            timestamptz NOT NULL DEFAULT now(),
+    time            timestamptz NOT NULL DEFAULT pg_catalog.now(),
     datacontenttype text        NOT NULL DEFAULT 'application/json',
     dataschema      text,
     data            json,
@@ -25,9 +30,9 @@ CREATE TABLE broadcaster_outbox (
 -- expression again for every INSERT statement, a cost a one-row INSERT pays in full. ALWAYS, so
 -- that it applies like a constraint whatever session_replication_role says.
 CREATE TRIGGER broadcaster_outbox_accept
-    BEFORE INSERT OR UPDATE ON broadcaster_outbox
-    FOR EACH ROW EXECUTE FUNCTION broadcaster_outbox_accept();
-ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
+    BEFORE INSERT OR UPDATE ON @extschema@.broadcaster_outbox
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_outbox_accept();
+ALTER TABLE @extschema@.broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 
 -- Events whose delivery failed: one row per outbox row (same seq) that Redis refused at least
 -- once, deleted with it when it is delivered or discarded (within a second when the row is
@@ -36,7 +41,7 @@ ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept;
 -- without looking at it until it records a failure. A row here waits until next_attempt_at, or
 -- for good once dead; the later events of its key wait behind it (behind a dead one only with
 -- broadcaster.on_dead_event = hold).
-CREATE TABLE broadcaster_failures (
+CREATE TABLE @extschema@.broadcaster_failures (
     seq             bigint      PRIMARY KEY,
     partition_key   text,
     attempts        integer     NOT NULL,
@@ -44,15 +49,15 @@ CREATE TABLE broadcaster_failures (
     dead            boolean     NOT NULL,
     last_error      text        NOT NULL
 );
-CREATE INDEX broadcaster_failures_key ON broadcaster_failures (partition_key, seq);
+CREATE INDEX broadcaster_failures_key ON @extschema@.broadcaster_failures (partition_key, seq);
 CREATE TRIGGER broadcaster_failures_cleared
-    AFTER DELETE ON broadcaster_failures
-    FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_failures_cleared();
+    AFTER DELETE ON @extschema@.broadcaster_failures
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.broadcaster_failures_cleared();
 
 -- TRUNCATE broadcaster_outbox (RESTART IDENTITY, say) takes the failures with it: a new event
 -- must never meet an old failure under a reused seq. As the extension's owner: whoever may
 -- truncate the outbox may forget its failures.
-CREATE FUNCTION broadcaster_outbox_truncated() RETURNS trigger
+CREATE FUNCTION @extschema@.broadcaster_outbox_truncated() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -61,16 +66,18 @@ BEGIN
 END
 $$;
 CREATE TRIGGER broadcaster_outbox_truncated
-    AFTER TRUNCATE ON broadcaster_outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION broadcaster_outbox_truncated();
+    AFTER TRUNCATE ON @extschema@.broadcaster_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION @extschema@.broadcaster_outbox_truncated();
 
-COMMENT ON TABLE broadcaster_outbox IS
+COMMENT ON TABLE @extschema@.broadcaster_outbox IS
     'Transactional outbox: rows committed here are relayed by the broadcaster worker as CloudEvents, then deleted.';
 
 -- Writes one event in the caller's transaction and returns its id. Runs with the caller's
 -- rights: INSERT on broadcaster_outbox (the id is made by the function, so no SELECT is
--- needed). Written in Rust (src/api.rs): one INSERT through a plan kept for the session.
-CREATE FUNCTION broadcaster_publish(
+-- needed). Written in Rust (src/api.rs): one INSERT through a plan kept for the session. No
+-- pinned search_path: that INSERT names every object with its schema, and a pinned path would
+-- save and restore the setting at every call of the producers' hot path.
+CREATE FUNCTION @extschema@.broadcaster_publish(
     type          text,
     data          json  DEFAULT NULL,
     source        text  DEFAULT NULL,
@@ -84,7 +91,7 @@ AS 'MODULE_PATHNAME', 'broadcaster_publish';
 
 -- Published events, kept for broadcaster.retention (0: none are kept) so they can be replayed.
 -- The relay purges them in small batches.
-CREATE TABLE broadcaster_published (
+CREATE TABLE @extschema@.broadcaster_published (
     seq             bigint      NOT NULL,
     id              uuid        NOT NULL,
     type            text        NOT NULL,
@@ -97,16 +104,17 @@ CREATE TABLE broadcaster_published (
     partition_key   text,
     extensions      jsonb       NOT NULL,
     stream          text,
-    published_at    timestamptz NOT NULL DEFAULT now()
+    published_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-CREATE INDEX broadcaster_published_published_at ON broadcaster_published (published_at);
-CREATE INDEX broadcaster_published_id ON broadcaster_published (id);
-CREATE INDEX broadcaster_published_time ON broadcaster_published (time);
+CREATE INDEX broadcaster_published_published_at ON @extschema@.broadcaster_published (published_at);
+CREATE INDEX broadcaster_published_id ON @extschema@.broadcaster_published (id);
+CREATE INDEX broadcaster_published_time ON @extschema@.broadcaster_published (time);
 
 -- Sends retained events again, as new deliveries with the same ids (ce_id), in their original
 -- order, each once (a replayed event is retained again); returns how many.
-CREATE FUNCTION broadcaster_replay(ids uuid[]) RETURNS bigint
+CREATE FUNCTION @extschema@.broadcaster_replay(ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
@@ -131,9 +139,10 @@ END
 $$;
 
 -- The same for retained events whose time is in [since, until), optionally of one type.
-CREATE FUNCTION broadcaster_replay(since timestamptz, until timestamptz DEFAULT 'infinity',
+CREATE FUNCTION @extschema@.broadcaster_replay(since timestamptz, until timestamptz DEFAULT 'infinity',
                                    event_type text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF since IS NULL OR until IS NULL THEN
@@ -152,17 +161,18 @@ END
 $$;
 
 -- Dead events: retried broadcaster.max_attempts times and refused each time.
-CREATE VIEW broadcaster_dead_events AS
+CREATE VIEW @extschema@.broadcaster_dead_events AS
     SELECT o.id, o.type, o.source, o.subject, o.time, o.partition_key, o.stream,
            f.attempts, f.last_error
       FROM @extschema@.broadcaster_outbox o
-      JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq
+      JOIN @extschema@.broadcaster_failures f ON f.seq OPERATOR(pg_catalog.=) o.seq
      WHERE f.dead;
 
 -- Sends dead events again, with a fresh attempt count; returns how many were requeued. The
 -- relay is woken when the transaction commits (broadcaster_failures_cleared).
-CREATE FUNCTION broadcaster_requeue(ids uuid[]) RETURNS bigint
+CREATE FUNCTION @extschema@.broadcaster_requeue(ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
@@ -179,8 +189,9 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION broadcaster_requeue_all() RETURNS bigint
+CREATE FUNCTION @extschema@.broadcaster_requeue_all() RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
@@ -194,8 +205,9 @@ END
 $$;
 
 -- Deletes dead events for good; returns how many were discarded.
-CREATE FUNCTION broadcaster_discard(ids uuid[]) RETURNS bigint
+CREATE FUNCTION @extschema@.broadcaster_discard(ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
@@ -216,8 +228,9 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION broadcaster_discard_all() RETURNS bigint
+CREATE FUNCTION @extschema@.broadcaster_discard_all() RETURNS bigint
 LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n bigint;
@@ -236,7 +249,7 @@ $$;
 
 -- One row per relay since the cluster started: shared memory, plus the outbox's own counts for
 -- the current database (NULL for the others, whose outboxes this session can't read).
-CREATE FUNCTION broadcaster_status(
+CREATE FUNCTION @extschema@.broadcaster_status(
     OUT database           name,
     OUT pid                integer,
     OUT state              text,
@@ -253,6 +266,7 @@ CREATE FUNCTION broadcaster_status(
     OUT published_per_second numeric
 ) RETURNS SETOF record
 LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT d.datname,
            r.pid,
@@ -280,12 +294,12 @@ AS $$
            ON d.datname = current_database()
 $$;
 
-CREATE VIEW broadcaster_status AS SELECT * FROM broadcaster_status();
+CREATE VIEW @extschema@.broadcaster_status AS SELECT * FROM @extschema@.broadcaster_status();
 
 -- The database this outbox belongs to, by oid. A relay that finds another oid here serves a
 -- copy, made by CREATE DATABASE ... TEMPLATE or by a restore: it says so in the log, with the
 -- number of events it is about to relay from the copy, then records its own. Only the relay
 -- writes it after this.
-CREATE TABLE broadcaster_origin (database oid NOT NULL);
-INSERT INTO broadcaster_origin
+CREATE TABLE @extschema@.broadcaster_origin (database oid NOT NULL);
+INSERT INTO @extschema@.broadcaster_origin
     SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
