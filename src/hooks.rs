@@ -1,4 +1,4 @@
-//! The one hook broadcaster sets, on utility commands, for what a relay's connection would
+//! The hooks broadcaster sets. On utility commands, for what a relay's connection would
 //! otherwise break or lose:
 //!
 //! - `DROP DATABASE`, `ALTER DATABASE ... RENAME`, `ALTER DATABASE ... SET TABLESPACE` and
@@ -9,6 +9,9 @@
 //! - `DROP EXTENSION broadcaster` is refused (SQLSTATE 55006) while the outbox holds events.
 //! - `CREATE EXTENSION broadcaster` tells the launcher when it commits, so the relay starts at
 //!   once rather than at the launcher's next re-check.
+//!
+//! And on the server log: PostgreSQL logs every setting a reload changes with its new value,
+//! `broadcaster.redis_url` and the password in it included; that value is left out.
 
 use std::ffi::{c_char, CStr};
 
@@ -21,11 +24,47 @@ use crate::shared;
 /// The hook that was set before ours, called in turn.
 static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
 
-/// Sets the hook; from `_PG_init`, once per process.
+/// The log hook that was set before ours.
+static mut PREVIOUS_EMIT: pg_sys::emit_log_hook_type = None;
+
+/// Sets the hooks; from `_PG_init`, once per process (the postmaster's, when preloaded, which
+/// every process then inherits).
 pub fn install() {
     unsafe {
         PREVIOUS = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREVIOUS_EMIT = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(redact_secrets);
+    }
+}
+
+/// The message PostgreSQL logs for each setting a reload changes (guc-file.l), untranslated.
+const CHANGED_TO: &CStr = c"parameter \"%s\" changed to \"%s\"";
+
+/// Settings whose value may hold a secret: a reload that changes them is logged without it.
+const SECRET_SETTINGS: [&str; 1] = ["\"broadcaster.redis_url\""];
+
+/// Called for every message before it is logged, in ErrorContext: replaces PostgreSQL's
+/// "parameter changed to" line for a secret setting by one without the value. Raises nothing,
+/// allocates only the replacement.
+#[pg_guard]
+unsafe extern "C-unwind" fn redact_secrets(edata: *mut pg_sys::ErrorData) {
+    unsafe {
+        let (id, message) = ((*edata).message_id, (*edata).message);
+        if !id.is_null() && !message.is_null() && CStr::from_ptr(id) == CHANGED_TO {
+            let text = CStr::from_ptr(message).to_string_lossy();
+            if let Some(name) = SECRET_SETTINGS.iter().find(|n| text.contains(*n)) {
+                let redacted = format!(
+                    "parameter {name} changed (its value is not logged: it may hold a password)"
+                );
+                if let Ok(redacted) = std::ffi::CString::new(redacted) {
+                    (*edata).message = pg_sys::pstrdup(redacted.as_ptr());
+                }
+            }
+        }
+        if let Some(previous) = PREVIOUS_EMIT {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| previous(edata));
+        }
     }
 }
 
@@ -122,18 +161,23 @@ unsafe extern "C-unwind" fn process_utility(
     if matches!(command, Command::DropExtension) {
         refuse_drop_with_undelivered_events();
     }
+    // pgrx's binding of standard_ProcessUtility already turns an ERROR into a Rust panic; a raw
+    // hook pointer needs the same guard around it, and only it: a guard around a guarded call
+    // would unwind that panic through a C frame, which aborts the process.
     unsafe {
-        pg_sys::ffi::pg_guard_ffi_boundary(|| match PREVIOUS {
-            Some(previous) => previous(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
+        match PREVIOUS {
+            Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                previous(
+                    pstmt,
+                    query_string,
+                    read_only_tree,
+                    context,
+                    params,
+                    query_env,
+                    dest,
+                    qc,
+                )
+            }),
             None => pg_sys::standard_ProcessUtility(
                 pstmt,
                 query_string,
@@ -144,7 +188,7 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
-        });
+        }
     }
     if matches!(command, Command::CreateExtension) {
         shared::installed_at_commit();
@@ -155,19 +199,17 @@ unsafe extern "C-unwind" fn process_utility(
 /// ones included: refused while there are any, so that losing them is a deliberate
 /// `DELETE FROM broadcaster_outbox` first.
 fn refuse_drop_with_undelivered_events() {
+    // Run in the caller's session, with its search_path: every name and operator qualified.
     let schema = Spi::get_one::<String>(
-        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
-         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
-         WHERE e.extname OPERATOR(pg_catalog.=) 'broadcaster'",
+        "SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+         WHERE e.extname OPERATOR(pg_catalog.=) 'broadcaster'::pg_catalog.name",
     );
     // Not installed (DROP EXTENSION IF EXISTS): PostgreSQL answers as usual.
     let Ok(Some(schema)) = schema else {
         return;
     };
-    let sql = format!(
-        "SELECT pg_catalog.count(*) FROM {}.broadcaster_outbox",
-        pgrx::spi::quote_identifier(&schema)
-    );
+    let sql = format!("SELECT pg_catalog.count(*) FROM {schema}.broadcaster_outbox");
     let undelivered = Spi::get_one::<i64>(&sql).ok().flatten().unwrap_or(0);
     if undelivered > 0 {
         ErrorReport::new(
