@@ -742,6 +742,25 @@ fn signals_never_cause_a_resend() {
             n
         })
     };
+    // And SIGUSR1, what every barrier and wake-up sends, straight at the relay every few
+    // milliseconds: the rounds above are too far apart to land often in a socket read.
+    let relay = cluster.worker_pid();
+    let barrages = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let sent = std::process::Command::new("kill")
+                    .args(["-USR1", &relay.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                n += u32::from(sent);
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            n
+        })
+    };
     wait_for("the drain", Duration::from_secs(150), || {
         (redis.len(DEFAULT_STREAM) >= ids.len()
             && count(&mut c, "SELECT count(*) FROM broadcaster_outbox") == 0)
@@ -749,8 +768,12 @@ fn signals_never_cause_a_resend() {
     });
     stop.store(true, Ordering::Relaxed);
     let rounds = signals.join().expect("signal thread");
-    println!("{rounds} rounds of CREATE/DROP DATABASE and reload during the drain");
+    let usr1 = barrages.join().expect("SIGUSR1 thread");
+    println!(
+        "{rounds} rounds of CREATE/DROP DATABASE and reload, {usr1} SIGUSR1 to the relay, during the drain"
+    );
     assert!(rounds >= 1, "no signal landed during the drain");
+    assert!(usr1 >= 100, "only {usr1} SIGUSR1 reached the relay");
 
     let delivered = redis.event_ids(DEFAULT_STREAM);
     Tally::count(&ids, &delivered).assert_exactly_once("signals during a drain");
