@@ -15,8 +15,15 @@ use crate::{guc, shared};
 impl From<EventError> for ErrorReport {
     fn from(e: EventError) -> Self {
         let column = e.column();
+        let code = match e {
+            EventError::TooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            EventError::StreamOutsidePrefix { .. } => {
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            _ => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        };
         ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            code,
             format!("broadcaster: invalid event: {e}"),
             "broadcaster_outbox_accept",
         )
@@ -52,16 +59,27 @@ fn broadcaster_outbox_accept<'a>(
         return Ok(None);
     }
     let column = |name: &str| row.get_by_name::<&str>(name);
-    accept(
-        column("type")?,
-        column("source")?,
-        column("datacontenttype")?,
-        column("dataschema")?,
-        row.get_by_name::<JsonB>("extensions")?,
-        column("stream")?,
-        column("partition_key")?,
-        row.get_by_name::<TimestampWithTimeZone>("time")?,
-    );
+    let extensions = row.get_by_name::<JsonB>("extensions")?;
+    let stream = column("stream")?;
+    // Read only for an event that names a stream: most don't.
+    let stream_prefix = stream.map(|_| guc::stream_prefix()).unwrap_or_default();
+    let data = row.get_by_name::<JsonText>("data")?;
+    accept_time(row.get_by_name::<TimestampWithTimeZone>("time")?);
+    let checked = event::EventRow {
+        ty: column("type")?,
+        source: column("source")?,
+        subject: column("subject")?,
+        datacontenttype: column("datacontenttype")?,
+        dataschema: column("dataschema")?,
+        data: data.map(|JsonText(text)| text),
+        extensions: extensions.as_ref().map(|JsonB(v)| v),
+        stream,
+        partition_key: column("partition_key")?,
+    }
+    .validate(guc::max_event_size(), &stream_prefix);
+    if let Err(e) = checked {
+        ErrorReport::from(e).report(PgLogLevel::ERROR);
+    }
     shared::wake_at_commit();
     Ok(Some(row))
 }
@@ -87,56 +105,68 @@ fn broadcaster_failures_cleared<'a>(
     Ok(None)
 }
 
-/// The checks of [`broadcaster_outbox_accept`] on an event's values.
-#[allow(clippy::too_many_arguments)]
-fn accept(
-    event_type: Option<&str>,
-    source: Option<&str>,
-    datacontenttype: Option<&str>,
-    dataschema: Option<&str>,
-    extensions: Option<JsonB>,
-    stream: Option<&str>,
-    partition_key: Option<&str>,
-    time: Option<TimestampWithTimeZone>,
-) {
-    if let Some(time) = time {
-        let micros = pg_sys::TimestampTz::from(time);
-        if !(TIME_MIN..TIME_END).contains(&micros) {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-                format!("broadcaster: invalid event: time {time} is not an RFC 3339 time: it must be finite, in years 1 to 9999"),
-                "broadcaster_outbox_accept",
-            )
-            .set_detail("The value of \"time\" is refused.")
-            .report(PgLogLevel::ERROR);
+/// A `json` value as its text, borrowed from the row: json is text inside, and the trigger
+/// never needs it parsed into a value (pgrx's `Json` would, and its `JsonString` copies it and
+/// can't be read from a row).
+struct JsonText<'a>(&'a str);
+
+impl FromDatum for JsonText<'_> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: a non-null json datum is a varlena; detoasted (if at all) into the current
+        // memory context, which outlives the trigger's use of the text.
+        (!is_null).then(|| unsafe {
+            let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+            JsonText(pgrx::varlena::text_to_rust_str_unchecked(text))
+        })
+    }
+}
+
+impl IntoDatum for JsonText<'_> {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        self.0.into_datum()
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONOID
+    }
+}
+
+// SAFETY: as `&str`'s: a json datum is text inside.
+unsafe impl pgrx::datum::UnboxDatum for JsonText<'_> {
+    type As<'src>
+        = JsonText<'src>
+    where
+        Self: 'src;
+
+    unsafe fn unbox<'src>(datum: pgrx::datum::Datum<'src>) -> JsonText<'src>
+    where
+        Self: 'src,
+    {
+        unsafe {
+            let text = pg_sys::pg_detoast_datum_packed(datum.sans_lifetime().cast_mut_ptr());
+            JsonText(pgrx::varlena::text_to_rust_str_unchecked(text))
         }
     }
-    let checks = || -> Result<(), EventError> {
-        if let Some(ty) = event_type {
-            event::validate_type(ty)?;
-        }
-        if let Some(source) = source {
-            event::validate_source(source)?;
-        }
-        if let Some(content_type) = datacontenttype {
-            event::validate_datacontenttype(content_type)?;
-        }
-        if let Some(schema) = dataschema {
-            event::validate_dataschema(schema)?;
-        }
-        if let Some(JsonB(extensions)) = &extensions {
-            event::validate_extensions_value(extensions)?;
-        }
-        if let Some(stream) = stream {
-            event::validate_stream(stream)?;
-        }
-        if let Some(key) = partition_key {
-            event::validate_partition_key(key)?;
-        }
-        Ok(())
+}
+
+/// A `time` RFC 3339 can carry, or ERROR 23514 (the other columns: [`event::EventRow`]).
+fn accept_time(time: Option<TimestampWithTimeZone>) {
+    let Some(time) = time else {
+        return;
     };
-    if let Err(e) = checks() {
-        ErrorReport::from(e).report(PgLogLevel::ERROR);
+    let micros = pg_sys::TimestampTz::from(time);
+    if !(TIME_MIN..TIME_END).contains(&micros) {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            format!("broadcaster: invalid event: time {time} is not an RFC 3339 time: it must be finite, in years 1 to 9999"),
+            "broadcaster_outbox_accept",
+        )
+        .set_detail("The value of \"time\" is refused.")
+        .report(PgLogLevel::ERROR);
     }
 }
 
@@ -499,6 +529,37 @@ mod tests {
             (
                 "INSERT INTO broadcaster_outbox (id, type) VALUES ('nope', 't')",
                 "22P02",
+            ),
+            // What the relay could not send in one of its modes: refused when written.
+            (
+                r#"SELECT broadcaster_publish('t', data => '{"s": "\ud83d"}')"#,
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', data => (repeat('[', 200) || repeat(']', 200))::json)",
+                "22023",
+            ),
+            ("SELECT broadcaster_publish(E't\\tx')", "22023"),
+            (
+                "INSERT INTO broadcaster_outbox (type, subject) VALUES ('t', E'a\\nb')",
+                "22023",
+            ),
+            (
+                "SELECT broadcaster_publish('t', partition_key => E'k\\u0085')",
+                "22023",
+            ),
+            (
+                r#"SELECT broadcaster_publish('t', extensions => '{"n": 2147483648}')"#,
+                "22023",
+            ),
+            (
+                r#"SELECT broadcaster_publish('t', extensions => '{"s": "a\u001b[31m"}')"#,
+                "22023",
+            ),
+            // Above broadcaster.max_event_size (1MB by default).
+            (
+                "SELECT broadcaster_publish('t', json_build_object('b', repeat('x', 1100000)))",
+                "54000",
             ),
         ];
         for (sql, expected) in cases {

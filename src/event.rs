@@ -48,10 +48,24 @@ pub enum EventError {
     ReservedExtensionName(String),
     #[error("an event may carry at most {MAX_EXTENSIONS} extension attributes, got {0}")]
     TooManyExtensions(usize),
-    #[error("extension {0:?} must be a string, an integer or a boolean")]
+    #[error("extension {0:?} must be a string, a 32-bit integer or a boolean (CloudEvents types)")]
     InvalidExtensionValue(String),
-    #[error("data is not JSON: {0}")]
+    #[error("data is not JSON every consumer can read: {0}")]
     InvalidData(String),
+    #[error(
+        "{column} holds {character:?} at character {at}: CloudEvents String attributes must not hold control characters (U+0000-U+001F, U+007F-U+009F) or noncharacters"
+    )]
+    InvalidCharacter {
+        column: &'static str,
+        character: char,
+        at: usize,
+    },
+    #[error(
+        "the event is {size} bytes (its data and attribute values), above broadcaster.max_event_size ({max} bytes)"
+    )]
+    TooLarge { size: usize, max: usize },
+    #[error("stream {stream:?} does not start with broadcaster.stream_prefix {prefix:?}")]
+    StreamOutsidePrefix { stream: String, prefix: String },
     #[error("time {0:?} is not an RFC 3339 timestamp")]
     InvalidTime(String),
     #[error("the event cannot be built as a CloudEvent: {0}")]
@@ -71,9 +85,74 @@ impl EventError {
             | EventError::InvalidExtensionValue(_)
             | EventError::TooManyExtensions(_) => "extensions",
             EventError::InvalidTime(_) => "time",
-            EventError::InvalidData(_) => "data",
+            EventError::InvalidData(_) | EventError::TooLarge { .. } => "data",
+            EventError::InvalidCharacter { column, .. } => column,
+            EventError::StreamOutsidePrefix { .. } => "stream",
             EventError::Build(_) => "event",
         }
+    }
+}
+
+/// An outbox row's columns as the row trigger reads them (borrowed; `time` is checked apart),
+/// NULL as None. [`EventRow::validate`] is every check the trigger makes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EventRow<'a> {
+    pub ty: Option<&'a str>,
+    pub source: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub datacontenttype: Option<&'a str>,
+    pub dataschema: Option<&'a str>,
+    pub data: Option<&'a str>,
+    pub extensions: Option<&'a Value>,
+    pub stream: Option<&'a str>,
+    pub partition_key: Option<&'a str>,
+}
+
+impl EventRow<'_> {
+    /// Refuses what the relay could not send in either message mode: an event accepted here
+    /// encodes (the `accepted_events_encode` property test in `backend/redis.rs`). NULLs pass:
+    /// the column's NOT NULL or default answers for them. `max_event_size` in bytes, 0: none;
+    /// `stream_prefix` as in [`validate_stream`].
+    pub fn validate(&self, max_event_size: usize, stream_prefix: &str) -> Result<(), EventError> {
+        if let Some(ty) = self.ty {
+            validate_type(ty)?;
+        }
+        if let Some(source) = self.source {
+            validate_source(source)?;
+        }
+        if let Some(subject) = self.subject {
+            validate_string("subject", subject)?;
+        }
+        if let Some(content_type) = self.datacontenttype {
+            validate_datacontenttype(content_type)?;
+        }
+        if let Some(schema) = self.dataschema {
+            validate_dataschema(schema)?;
+        }
+        if let Some(data) = self.data {
+            validate_data(data)?;
+        }
+        if let Some(extensions) = self.extensions {
+            validate_extensions_value(extensions)?;
+        }
+        if let Some(stream) = self.stream {
+            validate_stream(stream, stream_prefix)?;
+        }
+        if let Some(key) = self.partition_key {
+            validate_partition_key(key)?;
+        }
+        let mut size = EventSize::new()
+            .with(self.ty)
+            .with(self.source)
+            .with(self.subject)
+            .with(self.datacontenttype)
+            .with(self.dataschema)
+            .with(self.data)
+            .with(self.partition_key);
+        if let Some(Value::Object(extensions)) = self.extensions {
+            size = size.with_extensions(extensions);
+        }
+        size.check(max_event_size)
     }
 }
 
@@ -99,6 +178,19 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// Bytes the event counts against `broadcaster.max_event_size` ([`EventSize`]).
+    pub fn size(&self) -> EventSize {
+        EventSize::new()
+            .with(Some(&self.ty))
+            .with(Some(&self.source))
+            .with(self.subject.as_deref())
+            .with(Some(&self.datacontenttype))
+            .with(self.dataschema.as_deref())
+            .with(self.data.as_deref())
+            .with(self.partition_key.as_deref())
+            .with_extensions(&self.extensions)
+    }
+
     /// The event in CloudEvents 1.0 form. This and the `PublisherBackend` trait are the whole
     /// contract a backend needs.
     pub fn to_cloud_event(&self) -> Result<Event, EventError> {
@@ -121,6 +213,14 @@ impl OutboxEvent {
         validate_type(&self.ty)?;
         validate_source(&self.source)?;
         validate_extensions(&self.extensions)?;
+        // Checked by the row trigger too; again here for a row written past it.
+        if let Some(subject) = &self.subject {
+            validate_string("subject", subject)?;
+        }
+        if let Some(key) = &self.partition_key {
+            validate_partition_key(key)?;
+        }
+        validate_datacontenttype(&self.datacontenttype)?;
 
         let mut builder = EventBuilderV10::new()
             .id(self.id.as_str())
@@ -186,8 +286,10 @@ fn extension_value(name: &str, value: &Value) -> Result<ExtensionValue, EventErr
     match value {
         Value::String(s) => Ok(ExtensionValue::String(s.clone())),
         Value::Bool(b) => Ok(ExtensionValue::Boolean(*b)),
+        // CloudEvents' Integer is 32-bit: larger ones some SDKs can't read back.
         Value::Number(n) => n
             .as_i64()
+            .filter(|&i| i32::try_from(i).is_ok())
             .map(ExtensionValue::Integer)
             .ok_or_else(|| EventError::InvalidExtensionValue(name.to_owned())),
         _ => Err(EventError::InvalidExtensionValue(name.to_owned())),
@@ -198,7 +300,127 @@ pub fn validate_type(ty: &str) -> Result<(), EventError> {
     if ty.is_empty() {
         return Err(EventError::Empty("type"));
     }
-    Ok(())
+    validate_string("type", ty)
+}
+
+/// The CloudEvents String type (spec, "Type System"): no control characters (U+0000-U+001F,
+/// U+007F-U+009F) and no noncharacters (U+FDD0-U+FDEF, and every code point ending in FFFE or
+/// FFFF); surrogates can't occur in Rust text. A newline in `subject`, say, would not survive a
+/// header-based binding.
+pub fn validate_string(column: &'static str, value: &str) -> Result<(), EventError> {
+    // Nearly every value is printable ASCII: one pass over the bytes decides.
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
+    match value.chars().enumerate().find(|&(_, c)| {
+        let code = u32::from(c);
+        c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+    }) {
+        Some((at, character)) => Err(EventError::InvalidCharacter {
+            column,
+            character,
+            at: at + 1,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `data` as every consumer can parse it: JSON text that serde_json, the relay's parser for
+/// structured mode, reads. PostgreSQL's `json` type accepts a lone UTF-16 surrogate escape
+/// (`"\ud83d"`) and nesting deeper than 128 levels; neither is JSON a strict parser reads back.
+pub fn validate_data(data: &str) -> Result<(), EventError> {
+    serde_json::from_str::<Readable>(data)
+        .map(|_| ())
+        .map_err(|e| EventError::InvalidData(e.to_string()))
+}
+
+/// Any JSON value, read through and kept nowhere. Unlike `serde::de::IgnoredAny`, which
+/// serde_json skips without decoding its strings' escapes (a lone surrogate passes), every string
+/// is decoded, as building the event's value decodes it. Borrowed when it has no escapes: no
+/// allocation for most data.
+struct Readable;
+
+impl<'de> serde::Deserialize<'de> for Readable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Readable)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Readable {
+    type Value = Readable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_unit<E>(self) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Readable, A::Error> {
+        while seq.next_element::<Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Readable, A::Error> {
+        while map.next_entry::<Readable, Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+}
+
+/// Bytes an event counts against `broadcaster.max_event_size`: its data and the text of every
+/// attribute value (id, type, source, subject, time, datacontenttype, dataschema, partition
+/// key, extensions' names and values), as [`EventSize`] adds them. The same count at the row
+/// trigger and in the relay: an event the trigger accepts, the relay never refuses for its size.
+#[derive(Default)]
+pub struct EventSize(usize);
+
+impl EventSize {
+    /// The text of a uuid and of the relay's RFC 3339 time, which every event has.
+    const ID_AND_TIME: usize = 36 + 27;
+
+    pub fn new() -> EventSize {
+        EventSize(Self::ID_AND_TIME)
+    }
+
+    pub fn with(mut self, value: Option<&str>) -> EventSize {
+        self.0 += value.map_or(0, str::len);
+        self
+    }
+
+    pub fn with_extensions(mut self, extensions: &Map<String, Value>) -> EventSize {
+        for (name, value) in extensions {
+            self.0 += name.len()
+                + match value {
+                    Value::String(s) => s.len(),
+                    Value::Bool(b) => b.to_string().len(),
+                    Value::Number(n) => n.to_string().len(),
+                    // Refused by validation before it is counted.
+                    Value::Null | Value::Array(_) | Value::Object(_) => 0,
+                };
+        }
+        self
+    }
+
+    /// Refused when above `max` (0: no limit).
+    pub fn check(self, max: usize) -> Result<(), EventError> {
+        if max > 0 && self.0 > max {
+            return Err(EventError::TooLarge { size: self.0, max });
+        }
+        Ok(())
+    }
 }
 
 pub fn validate_source(source: &str) -> Result<(), EventError> {
@@ -225,7 +447,9 @@ pub fn validate_extensions(extensions: &Map<String, Value>) -> Result<(), EventE
     }
     for (name, value) in extensions {
         validate_extension_name(name)?;
-        extension_value(name, value)?;
+        if let ExtensionValue::String(s) = extension_value(name, value)? {
+            validate_string("extensions", &s)?;
+        }
     }
     Ok(())
 }
@@ -262,12 +486,21 @@ pub fn validate_partition_key(key: &str) -> Result<(), EventError> {
     if key.is_empty() {
         return Err(EventError::Empty("partition_key"));
     }
-    Ok(())
+    // Sent as the `partitionkey` extension, a CloudEvents String.
+    validate_string("partition_key", key)
 }
 
-pub fn validate_stream(stream: &str) -> Result<(), EventError> {
+/// A stream an event names: not empty, and within `prefix` (`broadcaster.stream_prefix`; empty:
+/// any), so a producer can't make the relay write to a key outside the ones it is meant to.
+pub fn validate_stream(stream: &str, prefix: &str) -> Result<(), EventError> {
     if stream.is_empty() {
         return Err(EventError::Empty("stream"));
+    }
+    if !stream.starts_with(prefix) {
+        return Err(EventError::StreamOutsidePrefix {
+            stream: stream.to_owned(),
+            prefix: prefix.to_owned(),
+        });
     }
     Ok(())
 }
@@ -276,7 +509,7 @@ pub fn validate_datacontenttype(content_type: &str) -> Result<(), EventError> {
     if content_type.trim().is_empty() {
         return Err(EventError::Empty("datacontenttype"));
     }
-    Ok(())
+    validate_string("datacontenttype", content_type)
 }
 
 /// RFC 3986 `URI-reference`: only the characters the grammar allows, `%` followed by two hex
@@ -431,6 +664,138 @@ mod tests {
         assert_eq!(event.data(), None);
         assert_eq!(event.datacontenttype(), None);
         assert!(event.dataschema().is_some());
+    }
+
+    #[test]
+    fn the_row_check_refuses_what_a_consumer_could_not_read() {
+        let base = EventRow {
+            ty: Some("order.created"),
+            source: Some("/shop"),
+            data: Some(r#"{"a": 1}"#),
+            ..Default::default()
+        };
+        let check = |row: EventRow| row.validate(1000, "app:").map_err(|e| (e.column(), e));
+        assert!(check(base).is_ok());
+        // A lone UTF-16 surrogate, escaped: PostgreSQL's json takes it, strict parsers don't.
+        let lone = check(EventRow {
+            data: Some(r#"{"s":"\ud83d"}"#),
+            ..base
+        })
+        .expect_err("lone surrogate");
+        assert_eq!(lone.0, "data");
+        assert!(check(EventRow {
+            data: Some(r#"{"s":"\ud83d\ude00"}"#),
+            ..base
+        })
+        .is_ok());
+        // Nesting past serde_json's 128 levels, which the relay could not parse back.
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(
+            check(EventRow {
+                data: Some(&deep),
+                ..base
+            })
+            .expect_err("deep")
+            .0,
+            "data"
+        );
+        let fine = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert!(check(EventRow {
+            data: Some(&fine),
+            ..base
+        })
+        .is_ok());
+        // Control characters and noncharacters in String attributes.
+        assert_eq!(
+            check(EventRow {
+                ty: Some("a\tb"),
+                ..base
+            })
+            .expect_err("tab")
+            .0,
+            "type"
+        );
+        assert_eq!(
+            check(EventRow {
+                subject: Some("a\nb"),
+                ..base
+            })
+            .expect_err("newline")
+            .0,
+            "subject"
+        );
+        assert_eq!(
+            check(EventRow {
+                partition_key: Some("k\u{85}"),
+                ..base
+            })
+            .expect_err("NEL")
+            .0,
+            "partition_key"
+        );
+        assert_eq!(
+            check(EventRow {
+                datacontenttype: Some("text/\u{fffe}"),
+                ..base
+            })
+            .expect_err("nonchar")
+            .0,
+            "datacontenttype"
+        );
+        assert!(check(EventRow {
+            subject: Some("Zürich 🌀"),
+            ..base
+        })
+        .is_ok());
+        // CloudEvents' Integer is 32-bit.
+        let big = serde_json::json!({"n": 2_147_483_648_i64});
+        assert_eq!(
+            check(EventRow {
+                extensions: Some(&big),
+                ..base
+            })
+            .expect_err("2^31")
+            .0,
+            "extensions"
+        );
+        let max = serde_json::json!({"n": 2_147_483_647, "m": -2_147_483_648_i64});
+        assert!(check(EventRow {
+            extensions: Some(&max),
+            ..base
+        })
+        .is_ok());
+        let ctl = serde_json::json!({"s": "a\u{1b}[31m"});
+        assert_eq!(
+            check(EventRow {
+                extensions: Some(&ctl),
+                ..base
+            })
+            .expect_err("escape")
+            .0,
+            "extensions"
+        );
+        // Over broadcaster.max_event_size, counted as the relay counts it.
+        let blob = format!("\"{}\"", "x".repeat(1000));
+        let (column, e) = check(EventRow {
+            data: Some(&blob),
+            ..base
+        })
+        .expect_err("too large");
+        assert_eq!(column, "data");
+        assert!(matches!(e, EventError::TooLarge { max: 1000, .. }), "{e}");
+        // Streams within broadcaster.stream_prefix only.
+        assert!(check(EventRow {
+            stream: Some("app:orders"),
+            ..base
+        })
+        .is_ok());
+        let (column, e) = check(EventRow {
+            stream: Some("billing:x"),
+            ..base
+        })
+        .expect_err("outside");
+        assert_eq!(column, "stream");
+        assert!(matches!(e, EventError::StreamOutsidePrefix { .. }), "{e}");
     }
 
     #[test]

@@ -653,6 +653,20 @@ fn oversized_event_goes_dead_without_reaching_redis() {
         ("broadcaster.max_event_size", "2kB"),
     ]);
     let mut c = s.cluster.connect();
+    // Refused when written, counted as the relay counts it.
+    let refused = c
+        .query_one(
+            "SELECT broadcaster_publish('big', json_build_object('blob', repeat('x', 5000)))::text",
+            &[],
+        )
+        .expect_err("too large");
+    assert_eq!(
+        refused.code(),
+        Some(&postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED)
+    );
+    // A row written past the trigger is refused by the relay, before it reaches Redis.
+    c.batch_execute("ALTER TABLE broadcaster_outbox DISABLE TRIGGER broadcaster_outbox_accept")
+        .expect("disable");
     let big: String = c
         .query_one(
             "SELECT broadcaster_publish('big', json_build_object('blob', repeat('x', 5000)))::text",
@@ -660,6 +674,10 @@ fn oversized_event_goes_dead_without_reaching_redis() {
         )
         .expect("publish")
         .get(0);
+    c.batch_execute(
+        "ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept",
+    )
+    .expect("enable");
     let small = publish(&mut c, "other", 1, None);
     assert_eq!(s.redis.wait_entries(DEFAULT_STREAM, 1)[0].event_id(), small);
     let error: String = common::wait_for("the big event to be dead", common::DEADLINE, || {
@@ -672,6 +690,102 @@ fn oversized_event_goes_dead_without_reaching_redis() {
         .map(|row| row.get(0))
     });
     assert!(error.contains("max_event_size"), "{error}");
+    assert_eq!(
+        s.redis.len(DEFAULT_STREAM),
+        1,
+        "the big one never reached Redis"
+    );
+}
+
+#[test]
+fn a_password_that_needs_escaping_stays_out_of_logs_status_and_settings() {
+    // Characters a URL must escape; the relay decodes them, Redis requires the decoded form.
+    const PASSWORD: &str = "p@ss:w/rd%?#x";
+    const ENCODED: &str = "p%40ss%3Aw%2Frd%25%3F%23x";
+    let mut redis = common::Redis::start();
+    let mut admin = redis.connection();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(PASSWORD)
+        .query::<()>(&mut admin)
+        .expect("requirepass");
+    let url = format!("redis://:{ENCODED}@127.0.0.1:{}", redis.port);
+    let mut settings = FAST_RETRY.to_vec();
+    settings.push(("log_min_messages", "debug5"));
+    let cluster = Cluster::start(&url, &settings);
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let id = publish(&mut c, "k", 1, None);
+    // Redis answers only to the decoded password: it arrived, so the URL was read right.
+    let mut authed = redis::Client::open(format!("redis://:{ENCODED}@127.0.0.1:{}", redis.port))
+        .expect("url")
+        .get_connection()
+        .expect("connect");
+    common::wait_for(&format!("{id} in Redis"), common::DEADLINE, || {
+        let n: usize = redis::cmd("XLEN")
+            .arg(DEFAULT_STREAM)
+            .query(&mut authed)
+            .ok()?;
+        (n == 1).then_some(())
+    });
+    // A reload that changes the URL: PostgreSQL logs the new value of every changed setting.
+    cluster.set_and_reload("broadcaster.redis_url", &format!("{url}/1"));
+    cluster.set_and_reload("broadcaster.redis_url", &url);
+    // Errors with the URL in play: Redis gone.
+    redis.kill();
+    common::wait_for("the outage in the log", common::DEADLINE, || {
+        cluster.log().contains("broker unavailable").then_some(())
+    });
+    let status: Vec<String> = c
+        .query("SELECT s::text FROM broadcaster_status s", &[])
+        .expect("status")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let activity: Vec<String> = c
+        .query("SELECT a::text FROM pg_stat_activity a", &[])
+        .expect("activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.batch_execute("CREATE ROLE nosy LOGIN").expect("role");
+    let mut nosy = PgClient::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=nosy dbname=postgres",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("nosy connects");
+    let settings_seen: Vec<String> = nosy
+        .query("SELECT s::text FROM pg_settings s", &[])
+        .expect("pg_settings")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let log = cluster.log();
+    assert!(
+        log.contains("parameter \"broadcaster.redis_url\" changed (its value is not logged"),
+        "the reload is said, without the value"
+    );
+    assert!(
+        log.contains("DEBUG"),
+        "log_min_messages = debug5 took effect"
+    );
+    for (place, texts) in [
+        ("the server log", vec![log]),
+        ("broadcaster_status", status),
+        ("pg_stat_activity", activity),
+        ("pg_settings, as a non-superuser", settings_seen),
+    ] {
+        for text in texts {
+            for secret in [PASSWORD, ENCODED, url.as_str()] {
+                assert!(!text.contains(secret), "{secret:?} in {place}");
+            }
+        }
+    }
 }
 
 #[test]

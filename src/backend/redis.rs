@@ -135,18 +135,35 @@ impl RedisStreamBackend {
                 e.kind()
             ))
         };
-        let client = if config.redis_tls_ca_file.is_empty() {
+        let read = |setting: &str, path: &str| {
+            std::fs::read(path)
+                .map_err(|e| BackendError::Config(format!("cannot read {setting} {path}: {e}")))
+        };
+        let client_tls = match (
+            config.redis_tls_cert_file.as_str(),
+            config.redis_tls_key_file.as_str(),
+        ) {
+            ("", "") => None,
+            ("", _) | (_, "") => {
+                return Err(BackendError::Config(
+                    "broadcaster.redis_tls_cert_file and broadcaster.redis_tls_key_file go together: set both, or neither".into(),
+                ))
+            }
+            (cert, key) => Some(redis::ClientTlsConfig {
+                client_cert: read("broadcaster.redis_tls_cert_file", cert)?,
+                client_key: read("broadcaster.redis_tls_key_file", key)?,
+            }),
+        };
+        let root_cert = match config.redis_tls_ca_file.as_str() {
+            "" => None,
+            ca => Some(read("broadcaster.redis_tls_ca_file", ca)?),
+        };
+        let client = if client_tls.is_none() && root_cert.is_none() {
             Client::open(config.redis_url.as_str()).map_err(url_error)?
         } else {
-            let ca = std::fs::read(&config.redis_tls_ca_file).map_err(|e| {
-                BackendError::Config(format!(
-                    "cannot read broadcaster.redis_tls_ca_file {}: {e}",
-                    config.redis_tls_ca_file
-                ))
-            })?;
             let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca),
+                client_tls,
+                root_cert,
             };
             Client::build_with_tls(config.redis_url.as_str(), certs).map_err(url_error)?
         };
@@ -154,6 +171,11 @@ impl RedisStreamBackend {
             return Err(BackendError::Config(
                 "the default stream name is empty".into(),
             ));
+        }
+        if let Err(e) = crate::event::validate_stream(&config.stream, &config.stream_prefix) {
+            return Err(BackendError::Config(format!(
+                "the default stream (broadcaster.stream): {e}"
+            )));
         }
         Ok(Box::new(RedisStreamBackend::new(client, config)))
     }
@@ -296,13 +318,26 @@ impl Encoder {
         })
     }
 
-    /// Appends `XADD` of `event` to `packed`, refused when its fields are larger than
-    /// `broadcaster.max_event_size`.
+    /// What the row trigger checks and a row written past it may break: the size, counted as
+    /// the trigger counts it ([`OutboxEvent::size`]), and the stream within
+    /// `broadcaster.stream_prefix`.
+    fn check(&self, event: &OutboxEvent) -> Result<(), BackendError> {
+        event.size().check(self.config.max_event_size)?;
+        if let Some(stream) = &event.stream {
+            crate::event::validate_stream(stream, &self.config.stream_prefix)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `XADD` of `event` to `packed`, refused when the event is larger than
+    /// `broadcaster.max_event_size` (counted as the row trigger counts it, [`OutboxEvent::size`]).
+    /// Only a row written past that trigger can be.
     fn write_xadd(
         &mut self,
         event: &OutboxEvent,
         packed: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
+        self.check(event)?;
         let stream = event.stream.as_deref().unwrap_or(&self.config.stream);
         let command = &mut self.command;
         command.clear();
@@ -318,19 +353,17 @@ impl Encoder {
             command.arg("MAXLEN").arg("~").arg(self.config.maxlen);
         }
         command.arg("*");
-        let fields = command.args_iter().len();
         write_entry(event, self.config.mode, command)?;
-        check_size(command, fields, self.config.max_event_size)?;
         command.write_packed_command(packed);
         Ok(())
     }
 
     /// Encodes `event`'s fields into `self.entry`, refused when larger than
-    /// `broadcaster.max_event_size`.
+    /// `broadcaster.max_event_size` (as in [`Encoder::write_xadd`]).
     fn encode_entry(&mut self, event: &OutboxEvent) -> Result<(), BackendError> {
+        self.check(event)?;
         self.entry.clear();
-        write_entry(event, self.config.mode, &mut self.entry)?;
-        check_size(&self.entry, 0, self.config.max_event_size)
+        write_entry(event, self.config.mode, &mut self.entry)
     }
 
     /// Appends the encoded entry of `event` to the script's arguments.
@@ -387,22 +420,6 @@ impl Prepare for Encoder {
 /// `MULTI` and `EXEC` on the wire.
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
-
-/// Refuses an entry whose fields (the arguments of `command` from `first` on) are larger than
-/// `max` bytes (0: no limit).
-fn check_size(command: &Cmd, first: usize, max: usize) -> Result<(), BackendError> {
-    let size: usize = command
-        .args_iter()
-        .skip(first)
-        .map(|a| arg_bytes(&a).len())
-        .sum();
-    if max > 0 && size > max {
-        return Err(BackendError::Rejected(format!(
-            "event is {size} bytes, above broadcaster.max_event_size ({max} bytes)"
-        )));
-    }
-    Ok(())
-}
 
 fn arg_bytes<'a>(arg: &redis::Arg<&'a [u8]>) -> &'a [u8] {
     match arg {
@@ -674,11 +691,24 @@ fn script_entry_outcome(reply: redis::Value) -> Result<(), BackendError> {
 /// An error the server reported for one entry, as `CODE message`.
 fn classify_message(message: String) -> BackendError {
     let code = message.split_whitespace().next().unwrap_or_default();
-    if OUTAGE_CODES.contains(&code) {
+    if is_outage(code, &message) {
         BackendError::Unavailable(message)
     } else {
         BackendError::Rejected(message)
     }
+}
+
+/// Whether a server error with `code` (and its whole `message`) says the server can't take
+/// writes now, whatever the entry ([`OUTAGE_CODES`]). Except a `NOPERM` about a key: the
+/// relay's ACL user may not write the stream this event names (`~prefix*`), which is the
+/// event's fault, not the broker's; held as an outage it would stall every event behind it.
+/// Redis words it "no permissions to access one of the keys" (7.0) or "No permissions to
+/// access a key" (7.2 and later); a command it may not run is "... to run the 'xadd' command".
+fn is_outage(code: &str, message: &str) -> bool {
+    if code == "NOPERM" && message.to_ascii_lowercase().contains("access") {
+        return false;
+    }
+    OUTAGE_CODES.contains(&code)
 }
 
 /// `(major, minor)` from the `redis_version:` line of `INFO server`.
@@ -713,7 +743,7 @@ fn classify(e: RedisError) -> BackendError {
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.kind() == redis::ErrorKind::AuthenticationFailed
-        || e.code().is_some_and(|code| OUTAGE_CODES.contains(&code));
+        || e.code().is_some_and(|code| is_outage(code, &e.to_string()));
     if outage {
         BackendError::Unavailable(e.to_string())
     } else {
@@ -810,6 +840,7 @@ impl StructuredSerializer<()> for EntryWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn event() -> OutboxEvent {
@@ -832,6 +863,155 @@ mod tests {
     }
 
     type Fields = Vec<(String, Vec<u8>)>;
+
+    #[test]
+    fn a_key_the_acl_forbids_is_the_events_fault_a_command_is_an_outage() {
+        let reject = |m: &str| matches!(classify_message(m.into()), BackendError::Rejected(_));
+        // Redis 7.0 and 7.2+ wordings for a key outside the user's `~pattern`.
+        assert!(reject(
+            "NOPERM this user has no permissions to access one of the keys used as arguments"
+        ));
+        assert!(reject("NOPERM No permissions to access a key"));
+        // A command the user may not run, and the other outages, stop the batch.
+        assert!(!reject(
+            "NOPERM this user has no permissions to run the 'xadd' command"
+        ));
+        assert!(!reject(
+            "NOPERM User relay has no permissions to run the 'xadd' command"
+        ));
+        assert!(!reject(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        ));
+        assert!(reject(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        ));
+    }
+
+    /// Text a producer may write into a column: anything, with the characters that break
+    /// encoders more likely than chance makes them.
+    fn hostile_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z.]{1,12}",
+            proptest::collection::vec(
+                prop_oneof![
+                    Just('\t'),
+                    Just('\n'),
+                    Just('\u{0}'),
+                    Just('\u{7f}'),
+                    Just('\u{85}'),
+                    Just('\u{fdd0}'),
+                    Just('\u{fffe}'),
+                    Just('\u{10ffff}'),
+                    Just('"'),
+                    Just('\\'),
+                    any::<char>(),
+                ],
+                0..24
+            )
+            .prop_map(|cs| cs.into_iter().collect()),
+        ]
+    }
+
+    /// `data` as PostgreSQL's json type may hold it: JSON of arbitrary strings and numbers,
+    /// lone surrogate escapes, nesting around the parser's limit, long strings, and garbage.
+    fn hostile_data() -> impl Strategy<Value = String> {
+        prop_oneof![
+            hostile_text()
+                .prop_map(|s| serde_json::to_string(&json!({ "s": s })).unwrap_or_default()),
+            hostile_text().prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+            Just(r#"{"s":"\ud83d"}"#.to_string()),
+            Just(r#""\udc00\ud83d""#.to_string()),
+            Just(r#"{"s":"\ud83d\ude00"}"#.to_string()),
+            Just(r#"{"a":1,"a":2}"#.to_string()),
+            Just("1e999999".to_string()),
+            Just("-0.000000000000000000000000000001".to_string()),
+            (0usize..300).prop_map(|depth| format!("{}1{}", "[".repeat(depth), "]".repeat(depth))),
+            (0usize..200_000).prop_map(|n| format!("\"{}\"", "x".repeat(n))),
+            hostile_text(),
+        ]
+    }
+
+    fn hostile_extensions() -> impl Strategy<Value = serde_json::Value> {
+        let value = prop_oneof![
+            hostile_text().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<i32>().prop_map(serde_json::Value::from),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            Just(serde_json::Value::Null),
+            Just(json!([1])),
+        ];
+        proptest::collection::btree_map(prop_oneof!["[a-z0-9]{1,20}", hostile_text()], value, 0..4)
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Issue 14: whatever a producer writes, the row trigger's checks never panic, and an
+        /// event they accept encodes in both message modes, within `max_event_size`.
+        #[test]
+        fn accepted_events_encode(
+            ty in hostile_text(),
+            source in prop_oneof!["/[a-z]{1,8}".prop_map(String::from), hostile_text()],
+            subject in proptest::option::of(hostile_text()),
+            datacontenttype in prop_oneof![
+                Just("application/json".to_string()),
+                Just("text/plain".to_string()),
+                hostile_text(),
+            ],
+            dataschema in proptest::option::of(prop_oneof![
+                Just("https://example.com/s.json".to_string()),
+                hostile_text(),
+            ]),
+            data in proptest::option::of(hostile_data()),
+            extensions in hostile_extensions(),
+            partition_key in proptest::option::of(hostile_text()),
+            max in prop_oneof![Just(0usize), 64usize..300_000],
+        ) {
+            let row = crate::event::EventRow {
+                ty: Some(&ty),
+                source: Some(&source),
+                subject: subject.as_deref(),
+                datacontenttype: Some(&datacontenttype),
+                dataschema: dataschema.as_deref(),
+                data: data.as_deref(),
+                extensions: Some(&extensions),
+                stream: None,
+                partition_key: partition_key.as_deref(),
+            };
+            if row.validate(max, "").is_ok() {
+                let event = OutboxEvent {
+                    id: "7d2c5bd4-4f7e-4a53-8d4c-5d1d7a1c0e11".into(),
+                    ty: ty.clone(),
+                    source: source.clone(),
+                    subject: subject.clone(),
+                    time: "2026-11-27T07:00:00.000000Z".into(),
+                    datacontenttype: datacontenttype.clone(),
+                    dataschema: dataschema.clone(),
+                    data: data.clone(),
+                    partition_key: partition_key.clone(),
+                    extensions: extensions.as_object().cloned().unwrap_or_default(),
+                    stream: None,
+                };
+                for mode in [MessageMode::Binary, MessageMode::Structured] {
+                    let mut b = backend(BackendConfig {
+                        stream: "events".into(),
+                        max_event_size: max,
+                        mode,
+                        ..Default::default()
+                    });
+                    let encoded = b.encoder.encode(std::slice::from_ref(&event));
+                    prop_assert!(
+                        encoded.outcome.iter().all(Result::is_ok),
+                        "accepted, then refused in {mode:?}: {:?}",
+                        encoded.outcome
+                    );
+                }
+            }
+        }
+    }
 
     /// The entry's fields as name, value pairs.
     fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, BackendError> {
@@ -989,7 +1169,10 @@ mod tests {
         other.partition_key = Some("c-2".into());
         let encoded = b.encoder.encode(&[big.clone(), event(), other.clone()]);
         let err = encoded.outcome[0].as_ref().expect_err("too big");
-        assert!(matches!(err, BackendError::Rejected(_)));
+        assert!(matches!(
+            err,
+            BackendError::Event(crate::event::EventError::TooLarge { .. })
+        ));
         assert!(err.to_string().contains("max_event_size"), "{err}");
         assert!(
             matches!(encoded.outcome[1], Err(BackendError::Held)),
