@@ -22,6 +22,9 @@ static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
 static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static STREAM_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static STREAM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(0);
 static MESSAGE_MODE: GucSetting<MessageModeSetting> =
@@ -80,6 +83,30 @@ pub fn register() {
         &REDIS_TLS_CA_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.redis_tls_cert_file",
+        c"PEM file of the client certificate the relay presents to Redis (mutual TLS).",
+        c"For rediss:// URLs, with broadcaster.redis_tls_key_file; empty: no client certificate.",
+        &REDIS_TLS_CERT_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.redis_tls_key_file",
+        c"PEM file (PKCS#8) of the private key of broadcaster.redis_tls_cert_file.",
+        c"Readable by the server's operating-system user only, like its own ssl_key_file.",
+        &REDIS_TLS_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"broadcaster.stream_prefix",
+        c"Every stream the relay writes to must start with this; empty: any stream.",
+        c"Confines the keys producers can name in the stream column: others are refused when written (SQLSTATE 42501). Pair it with a Redis ACL key pattern (~prefix*).",
+        &STREAM_PREFIX,
+        GucContext::Sighup,
+        GucFlags::empty(),
     );
     GucRegistry::define_string_guc(
         c"broadcaster.stream",
@@ -225,6 +252,16 @@ fn millis(setting: &GucSetting<i32>) -> Duration {
 }
 
 /// The databases to serve: `broadcaster.database` is one name or a comma-separated list.
+/// `broadcaster.stream_prefix`; empty: no confinement.
+pub fn stream_prefix() -> String {
+    string(&STREAM_PREFIX).unwrap_or_default()
+}
+
+/// `broadcaster.max_event_size` in bytes; 0: no limit.
+pub fn max_event_size() -> usize {
+    usize::try_from(MAX_EVENT_SIZE.get()).unwrap_or(usize::MAX)
+}
+
 pub fn databases() -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for name in string(&DATABASE).unwrap_or_default().split(',') {
@@ -279,6 +316,9 @@ pub fn backend_config(database: &str) -> BackendConfig {
     BackendConfig {
         redis_url: string(&REDIS_URL).unwrap_or_default(),
         redis_tls_ca_file: string(&REDIS_TLS_CA_FILE).unwrap_or_default(),
+        redis_tls_cert_file: string(&REDIS_TLS_CERT_FILE).unwrap_or_default(),
+        redis_tls_key_file: string(&REDIS_TLS_KEY_FILE).unwrap_or_default(),
+        stream_prefix: stream_prefix(),
         stream: string(&STREAM).unwrap_or_else(|| format!("broadcaster:{database}")),
         maxlen: u64::try_from(REDIS_MAXLEN.get()).unwrap_or(0),
         mode: match MESSAGE_MODE.get() {
@@ -287,7 +327,7 @@ pub fn backend_config(database: &str) -> BackendConfig {
         },
         timeout: millis(&NETWORK_TIMEOUT_MS),
         file_path: string(&FILE_PATH).unwrap_or_default(),
-        max_event_size: usize::try_from(MAX_EVENT_SIZE.get()).unwrap_or(usize::MAX),
+        max_event_size: max_event_size(),
         producer_id: format!("broadcaster:{database}"),
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Redis};
+use common::{Cluster, PgClient, Redis};
 
 fn publish(c: &mut common::PgClient, ty: &str) -> String {
     c.query_one("SELECT broadcaster_publish($1)::text", &[&ty])
@@ -328,6 +328,34 @@ fn make_certificates(dir: &std::path::Path) {
         "/CN=127.0.0.1",
     ]);
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    // A client certificate for mutual TLS, its key in PKCS#8 (OpenSSL 3's default).
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=broadcaster relay",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "1",
+    ]);
     run(&[
         "x509",
         "-req",
@@ -350,6 +378,13 @@ fn make_certificates(dir: &std::path::Path) {
         let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
     }
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    // The relay's own key: readable by the server's user only, as its ssl_key_file would be.
+    let key = dir.join("client.key");
+    let _ = std::process::Command::new("chown")
+        .arg(std::env::var("BROADCASTER_TEST_RUNAS").unwrap_or_else(|_| "postgres".into()))
+        .arg(&key)
+        .status();
+    let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
 }
 
 #[test]
@@ -386,4 +421,181 @@ fn publishes_over_tls_trusting_the_configured_ca() {
     cluster.set_and_reload("broadcaster.redis_tls_ca_file", "");
     cluster.wait_healthy(false, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mutual_tls_presents_the_configured_client_certificate() {
+    let dir = std::path::PathBuf::from(format!("/tmp/bc-mtls-{}", std::process::id()));
+    make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let tls_port = common::free_port();
+    let redis = Redis::start_mutual_tls(
+        tls_port,
+        &path("server.pem"),
+        &path("server.key"),
+        &path("ca.pem"),
+    );
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let cluster = Cluster::start(
+        &format!("rediss://127.0.0.1:{tls_port}"),
+        &[
+            ("broadcaster.redis_tls_ca_file", ca.as_str()),
+            ("broadcaster.redis_tls_cert_file", cert.as_str()),
+            ("broadcaster.redis_tls_key_file", key.as_str()),
+            ("broadcaster.poll_interval", "200ms"),
+            ("broadcaster.retry_max_delay", "1s"),
+        ],
+    );
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let id = publish(&mut c, "over.mutual.tls");
+    assert_eq!(
+        redis.wait_entries(common::DEFAULT_STREAM, 1)[0].event_id(),
+        id
+    );
+    cluster.wait_healthy(true, common::DEADLINE);
+
+    // Without a client certificate the server refuses the relay: events wait, health says so.
+    cluster.set_and_reload("broadcaster.redis_tls_cert_file", "");
+    cluster.set_and_reload("broadcaster.redis_tls_key_file", "");
+    cluster.wait_healthy(false, Duration::from_secs(10));
+    let waiting = publish(&mut c, "waits.for.the.certificate");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(redis.len(common::DEFAULT_STREAM), 1);
+    // Half a pair is a configuration error, said as such.
+    cluster.set_and_reload("broadcaster.redis_tls_cert_file", &cert);
+    common::wait_for("the configuration error", common::DEADLINE, || {
+        cluster.log().contains("go together").then_some(())
+    });
+    cluster.set_and_reload("broadcaster.redis_tls_key_file", &key);
+    let entries = redis.wait_entries(common::DEFAULT_STREAM, 2);
+    assert_eq!(entries[1].event_id(), waiting);
+    // Settings that name the key's file are superuser-only, like the URL.
+    c.batch_execute("CREATE ROLE nosy LOGIN").expect("role");
+    let mut nosy = PgClient::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=nosy dbname=postgres",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("nosy connects");
+    for setting in [
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "redis_tls_ca_file",
+    ] {
+        let err = nosy
+            .query_one(&format!("SHOW broadcaster.{setting}"), &[])
+            .expect_err("superuser only");
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{setting}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stream_prefix_confines_the_keys_producers_can_name_and_the_acl_agrees() {
+    let redis = Redis::start();
+    // The relay's Redis user may write to app:* only (the README's ACL).
+    let mut admin = redis.connection();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("relay")
+        .arg("on")
+        .arg(">s3cret")
+        .arg("resetkeys")
+        .arg("~app:*")
+        .arg("resetchannels")
+        .arg("-@all")
+        .arg("+xadd")
+        .arg("+multi")
+        .arg("+exec")
+        .arg("+ping")
+        .arg("+info")
+        .arg("+evalsha")
+        .arg("+eval")
+        .arg("+script|load")
+        .query::<()>(&mut admin)
+        .expect("ACL SETUSER");
+    let cluster = Cluster::start(
+        &format!("redis://relay:s3cret@127.0.0.1:{}", redis.port),
+        &[
+            ("broadcaster.stream", "app:events"),
+            ("broadcaster.stream_prefix", "app:"),
+            ("broadcaster.max_attempts", "1"),
+            ("broadcaster.poll_interval", "200ms"),
+        ],
+    );
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("extension");
+    let default = publish(&mut c, "to.the.default");
+    let named: String = c
+        .query_one(
+            "SELECT broadcaster_publish('to.orders', stream => 'app:orders')::text",
+            &[],
+        )
+        .expect("inside the prefix")
+        .get(0);
+    assert_eq!(redis.wait_entries("app:events", 1)[0].event_id(), default);
+    assert_eq!(redis.wait_entries("app:orders", 1)[0].event_id(), named);
+
+    // Outside it: refused when written, whoever the producer is.
+    for sql in [
+        "SELECT broadcaster_publish('t', stream => 'billing:payments')",
+        "INSERT INTO broadcaster_outbox (type, stream) VALUES ('t', 'billing:payments')",
+    ] {
+        let err = c.query_one(sql, &[]).expect_err("outside the prefix");
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}"
+        );
+        let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(message.contains("stream_prefix"), "{message}");
+    }
+    // Past a disabled trigger, the relay refuses it itself; and with no prefix set, Redis's
+    // ACL does (NOPERM): either way the event goes dead, and the key is never written.
+    c.batch_execute(
+        "ALTER TABLE broadcaster_outbox DISABLE TRIGGER broadcaster_outbox_accept; \
+         INSERT INTO broadcaster_outbox (type, stream) VALUES ('past.trigger', 'billing:payments'); \
+         ALTER TABLE broadcaster_outbox ENABLE ALWAYS TRIGGER broadcaster_outbox_accept",
+    )
+    .expect("past the trigger");
+    let dead_error = |c: &mut PgClient, ty: &str| {
+        common::wait_for(&format!("{ty} dead"), common::DEADLINE, || {
+            c.query_opt(
+                "SELECT last_error FROM broadcaster_dead_events WHERE type = $1",
+                &[&ty],
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, String>(0))
+        })
+    };
+    let error = dead_error(&mut c, "past.trigger");
+    assert!(error.contains("stream_prefix"), "{error}");
+    cluster.set_and_reload("broadcaster.stream_prefix", "");
+    common::wait_for("the reload", common::DEADLINE, || {
+        let prefix: String = c
+            .query_one("SHOW broadcaster.stream_prefix", &[])
+            .ok()?
+            .get(0);
+        prefix.is_empty().then_some(())
+    });
+    // Give the relay a pass to rebuild its backend with the new settings.
+    std::thread::sleep(Duration::from_millis(500));
+    c.query_one(
+        "SELECT broadcaster_publish('acl.refuses', stream => 'billing:payments')",
+        &[],
+    )
+    .expect("no prefix now");
+    let error = dead_error(&mut c, "acl.refuses");
+    assert!(error.contains("NOPERM"), "{error}");
+    assert_eq!(redis.len("billing:payments"), 0);
 }

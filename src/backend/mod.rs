@@ -58,6 +58,11 @@ pub struct BackendConfig {
     pub redis_url: String,
     /// CA certificate (PEM file) for `rediss://`; empty: the system's authorities.
     pub redis_tls_ca_file: String,
+    /// Client certificate and its key (PEM files) for mutual TLS; empty: none.
+    pub redis_tls_cert_file: String,
+    pub redis_tls_key_file: String,
+    /// Every stream written to starts with this (`broadcaster.stream_prefix`); empty: any.
+    pub stream_prefix: String,
     /// Stream for events whose `stream` column is NULL.
     pub stream: String,
     /// Approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
@@ -78,6 +83,9 @@ impl std::fmt::Debug for BackendConfig {
         f.debug_struct("BackendConfig")
             .field("redis_url", &"<hidden>")
             .field("redis_tls_ca_file", &self.redis_tls_ca_file)
+            .field("redis_tls_cert_file", &self.redis_tls_cert_file)
+            .field("redis_tls_key_file", &self.redis_tls_key_file)
+            .field("stream_prefix", &self.stream_prefix)
             .field("stream", &self.stream)
             .field("maxlen", &self.maxlen)
             .field("mode", &self.mode)

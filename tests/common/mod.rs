@@ -61,6 +61,16 @@ impl Redis {
     /// A server that also listens with TLS on `tls_port`, with `cert`/`key` signed by `ca`;
     /// the plain port stays open for the test's own reads.
     pub fn start_tls(tls_port: u16, cert: &str, key: &str, ca: &str) -> Redis {
+        Self::start_tls_with(tls_port, cert, key, ca, false)
+    }
+
+    /// The same, and on the TLS port only clients whose certificate `ca` signed get in (mutual
+    /// TLS, `--tls-auth-clients yes`).
+    pub fn start_mutual_tls(tls_port: u16, cert: &str, key: &str, ca: &str) -> Redis {
+        Self::start_tls_with(tls_port, cert, key, ca, true)
+    }
+
+    fn start_tls_with(tls_port: u16, cert: &str, key: &str, ca: &str, mutual: bool) -> Redis {
         let extra = [
             "--tls-port",
             &tls_port.to_string(),
@@ -71,7 +81,7 @@ impl Redis {
             "--tls-ca-cert-file",
             ca,
             "--tls-auth-clients",
-            "no",
+            if mutual { "yes" } else { "no" },
         ]
         .map(String::from)
         .to_vec();
