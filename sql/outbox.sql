@@ -303,3 +303,24 @@ CREATE VIEW @extschema@.broadcaster_status AS SELECT * FROM @extschema@.broadcas
 CREATE TABLE @extschema@.broadcaster_origin (database oid NOT NULL);
 INSERT INTO @extschema@.broadcaster_origin
     SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
+
+-- Writes a logical replication worker applies to these tables are dropped: the publisher's
+-- relay delivers the publisher's events, and its deletes and failures share seqs with this
+-- database's own events. Enabled REPLICA: the trigger fires only with
+-- session_replication_role = replica, never on the relay's or the producers' own writes.
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_outbox
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_outbox ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_failures
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_failures ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_published
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_published ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_origin
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_origin ENABLE REPLICA TRIGGER broadcaster_replicated_row;

@@ -202,8 +202,8 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"broadcaster.max_event_size",
-        c"Largest encoded event the broker is sent; larger ones are rejected (and end dead).",
-        c"",
+        c"Largest event, its data plus the text of its attributes: larger ones are refused when written.",
+        c"SQLSTATE 54000 at INSERT; a row written past the outbox trigger is rejected by the relay (and ends dead).",
         &MAX_EVENT_SIZE,
         1024,
         512 * 1024 * 1024,
@@ -251,7 +251,11 @@ fn millis(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(u64::try_from(setting.get()).unwrap_or(0))
 }
 
-/// The databases to serve: `broadcaster.database` is one name or a comma-separated list.
+/// `broadcaster.redis_url` as it stands (a secret: never to be logged).
+pub fn redis_url() -> String {
+    string(&REDIS_URL).unwrap_or_default()
+}
+
 /// `broadcaster.stream_prefix`; empty: no confinement.
 pub fn stream_prefix() -> String {
     string(&STREAM_PREFIX).unwrap_or_default()
@@ -262,6 +266,7 @@ pub fn max_event_size() -> usize {
     usize::try_from(MAX_EVENT_SIZE.get()).unwrap_or(usize::MAX)
 }
 
+/// The databases to serve: `broadcaster.database` is one name or a comma-separated list.
 pub fn databases() -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for name in string(&DATABASE).unwrap_or_default().split(',') {
@@ -314,7 +319,7 @@ pub fn health_timeout() -> Duration {
 /// The backend's configuration as the settings stand now, for the worker serving `database`.
 pub fn backend_config(database: &str) -> BackendConfig {
     BackendConfig {
-        redis_url: string(&REDIS_URL).unwrap_or_default(),
+        redis_url: redis_url(),
         redis_tls_ca_file: string(&REDIS_TLS_CA_FILE).unwrap_or_default(),
         redis_tls_cert_file: string(&REDIS_TLS_CERT_FILE).unwrap_or_default(),
         redis_tls_key_file: string(&REDIS_TLS_KEY_FILE).unwrap_or_default(),

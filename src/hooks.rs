@@ -41,25 +41,29 @@ pub fn install() {
 /// The message PostgreSQL logs for each setting a reload changes (guc-file.l), untranslated.
 const CHANGED_TO: &CStr = c"parameter \"%s\" changed to \"%s\"";
 
-/// Settings whose value may hold a secret: a reload that changes them is logged without it.
-const SECRET_SETTINGS: [&str; 1] = ["\"broadcaster.redis_url\""];
+/// Settings whose value may hold a secret, in lower case: a reload that changes them is logged
+/// without it.
+const SECRET_SETTINGS: [&str; 1] = ["broadcaster.redis_url"];
 
 /// Called for every message before it is logged, in ErrorContext: replaces PostgreSQL's
-/// "parameter changed to" line for a secret setting by one without the value. Raises nothing,
-/// allocates only the replacement.
+/// "parameter changed to" line for a secret setting by one without the value. Recognised by
+/// the untranslated message id, then by the setting's current value or its name in any case
+/// (a translation quotes it its own way, `postgresql.conf` may spell it in capitals). Raises
+/// nothing, allocates only the replacement.
 #[pg_guard]
 unsafe extern "C-unwind" fn redact_secrets(edata: *mut pg_sys::ErrorData) {
     unsafe {
         let (id, message) = ((*edata).message_id, (*edata).message);
         if !id.is_null() && !message.is_null() && CStr::from_ptr(id) == CHANGED_TO {
-            let text = CStr::from_ptr(message).to_string_lossy();
-            if let Some(name) = SECRET_SETTINGS.iter().find(|n| text.contains(*n)) {
-                let redacted = format!(
-                    "parameter {name} changed (its value is not logged: it may hold a password)"
+            let text = CStr::from_ptr(message).to_string_lossy().to_lowercase();
+            let url = crate::guc::redis_url().to_lowercase();
+            let secret = (!url.is_empty() && text.contains(&url))
+                || SECRET_SETTINGS.iter().any(|name| text.contains(name));
+            if secret {
+                (*edata).message = pg_sys::pstrdup(
+                    c"a setting of broadcaster that may hold a password changed (its value is not logged)"
+                        .as_ptr(),
                 );
-                if let Ok(redacted) = std::ffi::CString::new(redacted) {
-                    (*edata).message = pg_sys::pstrdup(redacted.as_ptr());
-                }
             }
         }
         if let Some(previous) = PREVIOUS_EMIT {
@@ -153,11 +157,13 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let command = unsafe { Command::of((*pstmt).utilityStmt) };
-    // Held until the command is over, however it ends (an ERROR unwinds through here).
-    let _aside = match &command {
-        Command::NeedsDatabaseAlone(name) => database_oid(name).and_then(shared::step_aside),
-        _ => None,
-    };
+    // Held until this transaction ends, committed or not: a RENAME inside a transaction block is
+    // not done before its COMMIT, and a relay started in between would find the old name.
+    if let Command::NeedsDatabaseAlone(name) = &command {
+        if let Some(oid) = database_oid(name) {
+            shared::step_aside(oid);
+        }
+    }
     if matches!(command, Command::DropExtension) {
         refuse_drop_with_undelivered_events();
     }
@@ -209,6 +215,12 @@ fn refuse_drop_with_undelivered_events() {
     let Ok(Some(schema)) = schema else {
         return;
     };
+    // The lock DROP takes anyway, taken first: a producer's event committed between this count
+    // and the drop would otherwise be dropped unseen. The count then sees every committed row.
+    let lock = format!("LOCK TABLE {schema}.broadcaster_outbox IN ACCESS EXCLUSIVE MODE");
+    if Spi::run(&lock).is_err() {
+        return;
+    }
     let sql = format!("SELECT pg_catalog.count(*) FROM {schema}.broadcaster_outbox");
     let undelivered = Spi::get_one::<i64>(&sql).ok().flatten().unwrap_or(0);
     if undelivered > 0 {
@@ -245,7 +257,8 @@ unsafe fn text(ptr: *const c_char) -> Option<String> {
     })
 }
 
-/// The value of option `name` in a list of `DefElem`s, as text.
+/// The value of option `name` in a list of `DefElem`s, as text; None when it is absent or has
+/// no value (`DEFAULT`).
 ///
 /// # Safety
 /// `options` is a list of `DefElem` nodes (or null).
@@ -254,6 +267,10 @@ unsafe fn option(options: *mut pg_sys::List, name: &str) -> Option<String> {
     let found = options
         .iter_ptr()
         .find(|&def| unsafe { text((*def).defname) }.as_deref() == Some(name))?;
+    // `TEMPLATE DEFAULT` has no argument: none given.
+    if unsafe { (*found).arg }.is_null() {
+        return None;
+    }
     // PostgreSQL's own reading of the option: raises on a value it would refuse too.
     unsafe { text(pg_sys::defGetString(found)) }
 }

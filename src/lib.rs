@@ -26,6 +26,7 @@ extension_sql_file!(
     requires = [
         api::broadcaster_outbox_accept,
         api::broadcaster_failures_cleared,
+        api::broadcaster_replicated_row,
         api::broadcaster_default_source
     ]
 );

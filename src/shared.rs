@@ -168,11 +168,14 @@ pub fn relay_started(database: pg_sys::Oid) -> bool {
     let db = database.to_u32();
     let (procno, pid) = (my_procno(), unsafe { pg_sys::MyProcPid });
     let mut relays = STATE.exclusive();
+    // Its database's slot, else a free one, else one whose relay stopped (its database dropped
+    // or no longer served; its counters go).
     let slot = relays
         .0
         .iter()
         .position(|s| s.database == db)
-        .or_else(|| relays.0.iter().position(|s| s.database == 0));
+        .or_else(|| relays.0.iter().position(|s| s.database == 0))
+        .or_else(|| relays.0.iter().position(|s| s.pid == 0));
     let Some(slot) = slot else {
         return false;
     };
@@ -199,7 +202,8 @@ pub fn relay_started(database: pg_sys::Oid) -> bool {
     relays.0[slot].rate_base = relays.0[slot].published;
     let latch = &LATCHES.get().0[slot];
     latch.backing_off.store(false, Ordering::Release);
-    latch.leave.store(false, Ordering::Release);
+    // A command that asked while this relay was starting still wants it gone.
+    latch.leave.store(is_aside(database), Ordering::Release);
     latch.procno.store(procno, Ordering::Release);
     latch.database.store(db, Ordering::Release);
     MY_SLOT.store(slot, Ordering::Relaxed);
@@ -318,6 +322,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_relay(database);
             }
+            release_asides();
             if INSTALLED_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 let mail = MAIL.get();
                 for absent in &mail.absent {
@@ -331,6 +336,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             INSTALLED_AT_COMMIT.store(false, Ordering::Relaxed);
+            release_asides();
         }
         _ => {}
     }
@@ -459,62 +465,90 @@ fn remove(set: &[AtomicU32], database: pg_sys::Oid) -> bool {
     })
 }
 
-/// Keeps the relays away from a database while this backend drops, renames or copies it; see
-/// [`step_aside`]. Dropping it lets the launcher serve the database again (if it still should).
-pub struct Aside {
-    slot: usize,
-}
+/// The marks ([`step_aside`]) this backend holds, one bit per place in `LauncherMail::aside`.
+static MY_ASIDE: AtomicU32 = AtomicU32::new(0);
+static ASIDE_EXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 
-impl Drop for Aside {
-    fn drop(&mut self) {
-        let mail = MAIL.get();
-        let (database, pid) = &mail.aside[self.slot];
-        pid.store(0, Ordering::Release);
-        database.store(0, Ordering::Release);
-        wake_launcher(mail);
-    }
-}
-
-/// Asks the relay of `database` to leave it and the launcher to start none there until the
-/// returned mark is dropped, or this backend exits. PostgreSQL refuses to drop, rename or copy a
-/// database another process is connected to (after waiting 5 s for it to leave). None when
-/// shared memory is unavailable or every mark is taken (the command then meets the relay, as
-/// before).
-pub fn step_aside(database: pg_sys::Oid) -> Option<Aside> {
+/// Asks the relay of `database` to leave it, and the launcher to start none there, until this
+/// backend's transaction ends (committed or not) or the backend exits: PostgreSQL refuses to
+/// drop, rename or copy a database another process is connected to (after waiting 5 s for it
+/// to leave), and a RENAME in a transaction block is not done before its COMMIT. Nothing when
+/// shared memory is unavailable or every mark is taken (the command then meets the relay).
+pub fn step_aside(database: pg_sys::Oid) {
     if !available() {
-        return None;
+        return;
     }
     let db = database.to_u32();
     let mail = MAIL.get();
-    let slot = mail.aside.iter().position(|(d, pid)| {
+    let me = unsafe { pg_sys::MyProcPid };
+    let Some(slot) = mail.aside.iter().position(|(d, pid)| {
         let taken = d
             .compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok();
         if taken {
-            pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+            pid.store(me, Ordering::Release);
         }
         taken
-    })?;
+    }) else {
+        return;
+    };
+    MY_ASIDE.fetch_or(1 << slot, Ordering::AcqRel);
+    register_xact_callback();
+    if !ASIDE_EXIT_REGISTERED.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::before_shmem_exit(Some(release_at_exit), pg_sys::Datum::from(0usize)) };
+    }
     for latch in &LATCHES.get().0 {
         if latch.database.load(Ordering::Acquire) == db {
             latch.leave.store(true, Ordering::Release);
             set_latch_of(latch.procno.load(Ordering::Acquire));
         }
     }
-    Some(Aside { slot })
 }
 
-/// Whether a backend has `database` stepped aside ([`step_aside`]) and is still running.
+/// Gives back this backend's marks and wakes the launcher, which serves the databases again if
+/// they are still to be served. Atomics and a latch only: it runs in the commit callback.
+fn release_asides() {
+    let mine = MY_ASIDE.swap(0, Ordering::AcqRel);
+    if mine == 0 {
+        return;
+    }
+    let mail = MAIL.get();
+    for (slot, (database, pid)) in mail.aside.iter().enumerate() {
+        if mine & (1 << slot) != 0 {
+            pid.store(0, Ordering::Release);
+            database.store(0, Ordering::Release);
+        }
+    }
+    wake_launcher(mail);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn release_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    release_asides();
+}
+
+/// Whether a backend has `database` stepped aside ([`step_aside`]) and is still running. The
+/// mark of a holder gone without giving it back (killed) is cleared here.
 pub fn is_aside(database: pg_sys::Oid) -> bool {
     if !available() {
         return false;
     }
     let db = database.to_u32();
     MAIL.get().aside.iter().any(|(d, pid)| {
-        d.load(Ordering::Acquire) == db && {
-            let pid = pid.load(Ordering::Acquire);
-            // A backend that died mid-command left its mark: it holds nothing.
-            pid == 0 || !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+        if d.load(Ordering::Acquire) != db {
+            return false;
         }
+        let holder = pid.load(Ordering::Acquire);
+        // 0: being taken right now.
+        if holder == 0 || !unsafe { pg_sys::BackendPidGetProc(holder) }.is_null() {
+            return true;
+        }
+        if pid
+            .compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let _ = d.compare_exchange(db, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        false
     })
 }

@@ -518,6 +518,12 @@ pub extern "C-unwind" fn broadcaster_relay_main(arg: pg_sys::Datum) {
                 .into_owned()
         }
     });
+    // Started for a database by oid, which a RENAME may have given another name since: served
+    // only under a name that is listed.
+    if !guc::databases().contains(&database) {
+        log!("broadcaster: database \"{database}\" is not listed in broadcaster.database; its relay leaves");
+        return;
+    }
     // Without the extension, the relay leaves at once: waiting connected would hold the
     // database (no CREATE DATABASE ... TEMPLATE of it, no DROP). The launcher starts it again
     // when a CREATE EXTENSION commits there, or after a while.
@@ -714,7 +720,7 @@ impl Relay {
             VACUUM_DURING_BACKLOG
         };
         let due = self.last_vacuum.is_none_or(|t| t.elapsed() >= VACUUM_EVERY);
-        if self.retired_since_vacuum >= threshold && due {
+        if self.retired_since_vacuum >= threshold && due && !shared::asked_to_leave() {
             vacuum_outbox(statements.outbox);
             self.retired_since_vacuum = 0;
             self.last_vacuum = Some(Instant::now());
@@ -848,6 +854,19 @@ fn check_origin(database: &str, schema: &str) {
     let mine = unsafe { pg_sys::MyDatabaseId };
     let q = |sql: &str| in_schema(sql, schema);
     let result = Spi::connect_mut(|client| {
+        // Not there while the database still has 0.1.0's SQL (ALTER EXTENSION ... UPDATE not run).
+        let present = client
+            .select(
+                "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                None,
+                &[format!("{schema}.broadcaster_origin").into()],
+            )?
+            .first()
+            .get_one::<bool>()?
+            .unwrap_or(false);
+        if !present {
+            return Ok(());
+        }
         let copied = client
             .select(
                 &q("SELECT count(*) FROM @extschema@.broadcaster_origin WHERE database <> $1"),
@@ -1150,7 +1169,9 @@ fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) -> T
         }
         full = claimed.seqs.len() >= batch_size;
         // Claim ahead only after a full batch of events, never past the transaction's last.
-        let ahead = full && round < rounds && claimed.unreadable.is_empty();
+        // Nor once a command needs the database alone: the relay finishes this batch and goes.
+        let ahead =
+            full && round < rounds && claimed.unreadable.is_empty() && !shared::asked_to_leave();
         let prepared = claimed.prepared.take();
         let mut next = None;
         let outcome = if claimed.events.is_empty() {
@@ -1294,7 +1315,10 @@ fn settle(
         Err(e) if e.is_unavailable() => Err(e),
         // Refused as a whole, but not for an outage: one event may be the cause. One at a
         // time, the culprit gets its own failed attempts instead of stalling everything.
-        Err(_) => backend::publish_each(backend, &events),
+        Err(_) => {
+            let _held = SignalsHeld::new();
+            backend::publish_each(backend, &events)
+        }
     };
     let mut outage = None;
     match outcome {
