@@ -730,8 +730,23 @@ fn a_password_that_needs_escaping_stays_out_of_logs_status_and_settings() {
             .ok()?;
         (n == 1).then_some(())
     });
-    // A reload that changes the URL: PostgreSQL logs the new value of every changed setting.
+    // A reload that changes the URL: PostgreSQL logs the new value of every changed setting,
+    // under the name as postgresql.conf spells it.
     cluster.set_and_reload("broadcaster.redis_url", &format!("{url}/1"));
+    c.batch_execute("ALTER SYSTEM RESET broadcaster.redis_url")
+        .expect("reset");
+    let conf = cluster.data().join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+    text.push_str(&format!("Broadcaster.Redis_URL = '{url}/2'\n"));
+    std::fs::write(&conf, &text).expect("postgresql.conf");
+    c.batch_execute("SELECT pg_reload_conf()").expect("reload");
+    common::wait_for("the capitalised reload", common::DEADLINE, || {
+        cluster
+            .log()
+            .matches("may hold a password changed")
+            .nth(1)
+            .map(|_| ())
+    });
     cluster.set_and_reload("broadcaster.redis_url", &url);
     // Errors with the URL in play: Redis gone.
     redis.kill();
@@ -750,15 +765,7 @@ fn a_password_that_needs_escaping_stays_out_of_logs_status_and_settings() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    c.batch_execute("CREATE ROLE nosy LOGIN").expect("role");
-    let mut nosy = PgClient::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=nosy dbname=postgres",
-            cluster.port
-        ),
-        postgres::NoTls,
-    )
-    .expect("nosy connects");
+    let mut nosy = cluster.connect_as_new_role("nosy");
     let settings_seen: Vec<String> = nosy
         .query("SELECT s::text FROM pg_settings s", &[])
         .expect("pg_settings")
@@ -767,7 +774,7 @@ fn a_password_that_needs_escaping_stays_out_of_logs_status_and_settings() {
         .collect();
     let log = cluster.log();
     assert!(
-        log.contains("parameter \"broadcaster.redis_url\" changed (its value is not logged"),
+        log.contains("may hold a password changed (its value is not logged)"),
         "the reload is said, without the value"
     );
     assert!(

@@ -394,14 +394,9 @@ fn a_database_without_the_extension_is_not_held() {
     // Connected elsewhere: `postgres` is the template about to be copied.
     let mut c = cluster.connect_to("template1");
     std::thread::sleep(Duration::from_secs(3));
-    let started = Instant::now();
+    // Refused after 5 s if a relay sat connected to postgres.
     c.batch_execute("CREATE DATABASE c TEMPLATE postgres")
         .unwrap_or_else(|e| panic!("CREATE DATABASE c TEMPLATE postgres: {e}"));
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(4),
-        "CREATE DATABASE took {took:?}"
-    );
 
     let mut seen = 0;
     for _ in 0..20 {
@@ -413,8 +408,9 @@ fn a_database_without_the_extension_is_not_held() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A probe every 10 s lasts milliseconds: seen in one sample at most, by chance.
     assert!(
-        seen <= 5,
+        seen <= 2,
         "a relay sat connected to postgres in {seen} of 20 samples"
     );
 
@@ -422,10 +418,11 @@ fn a_database_without_the_extension_is_not_held() {
     pg.batch_execute("CREATE EXTENSION broadcaster")
         .expect("CREATE EXTENSION");
     let id = publish_one(&mut pg, "first");
+    // Well within the launcher's 10 s re-check: the CREATE EXTENSION's commit started it.
     let delivered = redis.wait_for_ids(
         DEFAULT_STREAM,
         std::slice::from_ref(&id),
-        Duration::from_secs(5),
+        Duration::from_secs(8),
     );
     Tally::count(&[id], &delivered).assert_exactly_once("after CREATE EXTENSION");
     let waiting = lines_with(
@@ -461,25 +458,36 @@ fn publish_in_app_and_see_it(
 
 /// Runs `sql`, which must succeed at the first try and well within the 5 s PostgreSQL waits for
 /// other sessions to leave a database.
+/// Runs `sql`, which PostgreSQL refuses after 5 s while another process (a relay) is connected
+/// to the database it names: success is the proof that the relay stepped aside.
 fn at_once(c: &mut PgClient, sql: &str) {
     let started = Instant::now();
     c.batch_execute(sql)
         .unwrap_or_else(|e| panic!("{sql} failed: {e}"));
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(4), "{sql} took {took:?}");
+    println!("{sql}: {:?}", started.elapsed());
 }
 
 #[test]
 fn served_databases_can_be_dropped_renamed_and_cloned() {
     let redis = Redis::start();
-    let cluster = Cluster::start(&redis.url(), &fast_and(&[("broadcaster.database", "app")]));
+    // app_copy is listed too: a clone that is served says so.
+    let cluster = Cluster::start(
+        &redis.url(),
+        &fast_and(&[("broadcaster.database", "app, app_copy")]),
+    );
     create_app(&cluster);
     let mut admin = cluster.connect();
     let mut produced = Vec::new();
     publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "flowing");
 
-    // (a) Cloned.
+    // (a) Cloned; its relay says it serves a copy.
     at_once(&mut admin, "CREATE DATABASE app_copy TEMPLATE app");
+    wait_for("the copy's warning", Duration::from_secs(30), || {
+        cluster
+            .log()
+            .contains("database \"app_copy\" is a copy of another database")
+            .then_some(())
+    });
     publish_in_app_and_see_it(
         &cluster,
         &redis,
@@ -503,6 +511,42 @@ fn served_databases_can_be_dropped_renamed_and_cloned() {
     at_once(&mut admin, "ALTER DATABASE app_old RENAME TO app");
     publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "renamed back");
 
+    // A rename inside a transaction block: the relay stays away until the COMMIT, then the
+    // launcher finds the database under its committed name.
+    admin
+        .batch_execute("BEGIN; ALTER DATABASE app RENAME TO app_tx; COMMIT")
+        .expect("rename in a transaction block");
+    std::thread::sleep(Duration::from_secs(3));
+    let on_tx: Vec<i32> = backends(&mut admin, RELAY)
+        .into_iter()
+        .filter(|(_, db)| db.as_deref() == Some("app_tx"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(on_tx.is_empty(), "relays {on_tx:?} serve app_tx");
+    at_once(&mut admin, "ALTER DATABASE app_tx RENAME TO app");
+    publish_in_app_and_see_it(
+        &cluster,
+        &redis,
+        &mut admin,
+        &mut produced,
+        "renamed back again",
+    );
+
+    // Moved to another tablespace, which also needs the database alone.
+    let location = format!("/tmp/bc-ts-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&location);
+    std::fs::create_dir_all(&location).expect("tablespace dir");
+    let _ = std::process::Command::new("chown")
+        .args(["postgres", &location])
+        .status();
+    admin
+        .batch_execute(&format!("CREATE TABLESPACE moved LOCATION '{location}'"))
+        .expect("tablespace");
+    at_once(&mut admin, "ALTER DATABASE app SET TABLESPACE moved");
+    publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "moved");
+    // CREATE DATABASE ... TEMPLATE DEFAULT (template1) still works with the hook in place.
+    at_once(&mut admin, "CREATE DATABASE plain TEMPLATE DEFAULT");
+
     // (c) Dropped.
     let offset = cluster.log_len();
     at_once(&mut admin, "DROP DATABASE app");
@@ -516,6 +560,10 @@ fn served_databases_can_be_dropped_renamed_and_cloned() {
                 .then_some(())
         },
     );
+    admin
+        .batch_execute("DROP TABLESPACE moved")
+        .expect("drop tablespace");
+    let _ = std::fs::remove_dir_all(&location);
 }
 
 /// FATAL lines of `log`, but for those of relays terminated by the test itself.
@@ -535,45 +583,36 @@ fn closed_or_invalid_databases_make_no_crash_loop() {
     let mut produced = Vec::new();
     publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "flowing");
 
-    // Closed to connections.
-    let relay = wait_backend(&mut admin, RELAY, Some("app"), None, DEADLINE);
-    let offset = cluster.log_len();
-    admin
-        .batch_execute("ALTER DATABASE app ALLOW_CONNECTIONS false")
-        .expect("close app");
-    admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&relay])
-        .expect("terminate the relay");
-    std::thread::sleep(Duration::from_secs(6));
-    let log = cluster.log_since(offset);
-    let fatals = unexpected_fatals(&log);
-    assert!(fatals.len() <= 1, "crash loop:\n{}", fatals.join("\n"));
-    let said = lines_with(&log, "does not allow connections");
-    assert_eq!(said.len(), 1, "said so once: {said:?}\n{log}");
-    admin
-        .batch_execute("ALTER DATABASE app ALLOW_CONNECTIONS true")
-        .expect("open app");
-    publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "reopened");
-
-    // Invalid, as an interrupted DROP DATABASE leaves it.
-    let relay = wait_backend(&mut admin, RELAY, Some("app"), None, DEADLINE);
-    let offset = cluster.log_len();
-    admin
-        .batch_execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'app'")
-        .expect("invalidate app");
-    admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&relay])
-        .expect("terminate the relay");
-    std::thread::sleep(Duration::from_secs(6));
-    let log = cluster.log_since(offset);
-    let fatals = unexpected_fatals(&log);
-    assert!(fatals.len() <= 1, "crash loop:\n{}", fatals.join("\n"));
-    let said = lines_with(&log, "is invalid");
-    assert_eq!(said.len(), 1, "said so once: {said:?}\n{log}");
-    admin
-        .batch_execute("UPDATE pg_database SET datconnlimit = -1 WHERE datname = 'app'")
-        .expect("validate app");
-    publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, "valid again");
+    // Closed to connections; then invalid, as an interrupted DROP DATABASE leaves it.
+    for (close, open, said, what) in [
+        (
+            "ALTER DATABASE app ALLOW_CONNECTIONS false",
+            "ALTER DATABASE app ALLOW_CONNECTIONS true",
+            "does not allow connections",
+            "reopened",
+        ),
+        (
+            "UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'app'",
+            "UPDATE pg_database SET datconnlimit = -1 WHERE datname = 'app'",
+            "is invalid",
+            "valid again",
+        ),
+    ] {
+        let relay = wait_backend(&mut admin, RELAY, Some("app"), None, DEADLINE);
+        let offset = cluster.log_len();
+        admin.batch_execute(close).expect(close);
+        admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&relay])
+            .expect("terminate the relay");
+        std::thread::sleep(Duration::from_secs(6));
+        let log = cluster.log_since(offset);
+        let fatals = unexpected_fatals(&log);
+        assert!(fatals.len() <= 1, "crash loop:\n{}", fatals.join("\n"));
+        let lines = lines_with(&log, said);
+        assert_eq!(lines.len(), 1, "said so once: {lines:?}\n{log}");
+        admin.batch_execute(open).expect(open);
+        publish_in_app_and_see_it(&cluster, &redis, &mut admin, &mut produced, what);
+    }
 }
 
 /// `(state, last_error)` of the relay of `postgres` in broadcaster_status.
@@ -788,35 +827,45 @@ fn signals_never_cause_a_resend() {
 
 #[test]
 fn logical_replication_never_publishes_an_event_twice() {
+    // Every table of the extension published, and a subscriber that writes events of its own
+    // (held back by its own paused Redis): the publisher's inserts, deletes and failures share
+    // seqs with the subscriber's events, and must not touch them.
     let redis = Redis::start();
+    let sub_redis = Redis::start();
     let publisher = Cluster::start(&redis.url(), &fast_and(&[("wal_level", "logical")]));
-    let subscriber = Cluster::start(&redis.url(), &FAST);
+    let subscriber = Cluster::start(&sub_redis.url(), &FAST);
     let mut p = publisher.connect();
     p.batch_execute("CREATE EXTENSION broadcaster")
         .expect("extension on the publisher");
-    p.batch_execute("CREATE PUBLICATION p FOR TABLE broadcaster_outbox")
+    p.batch_execute("CREATE PUBLICATION p FOR ALL TABLES")
         .expect("publication");
     let mut s = subscriber.connect();
     s.batch_execute("CREATE EXTENSION broadcaster")
         .expect("extension on the subscriber");
+    sub_redis.pause_writes();
+    let local = publish_many(&mut s, 30, "local");
     s.batch_execute(&format!(
         "CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={} dbname=postgres user=postgres' \
          PUBLICATION p",
         publisher.port
     ))
     .expect("subscription");
-    wait_for("the outbox to be synchronized", DEADLINE, || {
-        (count(
+    wait_for("every table to be synchronized", DEADLINE, || {
+        let ready = count(
             &mut s,
             "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate = 'r'",
-        ) == 1)
-            .then_some(())
+        );
+        let all = count(&mut s, "SELECT count(*) FROM pg_subscription_rel");
+        (all >= 4 && ready == all).then_some(())
     });
 
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.extend(publish_many(&mut p, 50, "replicated"));
     }
+    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &ids, DEADLINE);
+    Tally::count(&ids, &delivered).assert_exactly_once("logical replication, first look");
+    // Everything the publisher did since, its relay's deletes included, reached the subscriber.
     let lsn: String = p
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .expect("lsn")
@@ -831,16 +880,27 @@ fn logical_replication_never_publishes_an_event_twice() {
         .map(|r| r.get::<_, bool>(0))
         .filter(|b| *b)
     });
-    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &ids, DEADLINE);
-    Tally::count(&ids, &delivered).assert_exactly_once("logical replication, first look");
     std::thread::sleep(Duration::from_secs(3));
     let delivered = redis.event_ids(DEFAULT_STREAM);
     Tally::count(&ids, &delivered).assert_exactly_once("logical replication, 3 s later");
+    let kept: Vec<String> = s
+        .query("SELECT id::text FROM broadcaster_outbox ORDER BY seq", &[])
+        .expect("subscriber's outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(
-        count(&mut s, "SELECT count(*) FROM broadcaster_outbox"),
-        0,
-        "the subscriber keeps no replicated event"
+        kept, local,
+        "the subscriber keeps its own 30 events, and none of the publisher's"
     );
+    assert_eq!(
+        count(&mut s, "SELECT count(*) FROM broadcaster_failures"),
+        0,
+        "no failure of the publisher's lands on the subscriber"
+    );
+    sub_redis.unpause();
+    let delivered = sub_redis.wait_for_ids(DEFAULT_STREAM, &local, DEADLINE);
+    Tally::count(&local, &delivered).assert_exactly_once("the subscriber's own events");
 }
 
 #[test]

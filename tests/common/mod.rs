@@ -520,6 +520,21 @@ impl Cluster {
         PgClient::connect(&params, postgres::NoTls).ok()
     }
 
+    /// Creates `role` (LOGIN, nothing granted) and connects as it, to `postgres`.
+    pub fn connect_as_new_role(&self, role: &str) -> PgClient {
+        self.connect()
+            .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+            .expect("role");
+        PgClient::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={role} dbname=postgres",
+                self.port
+            ),
+            postgres::NoTls,
+        )
+        .expect("the new role connects")
+    }
+
     pub fn connect_to(&self, database: &str) -> PgClient {
         wait_for("a PostgreSQL connection", DEADLINE, || {
             self.try_connect_to(database)
