@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
-# there: PostgreSQL 15 with headers, clang, redis-server, and cargo-pgrx pinned to the pgrx
-# version in Cargo.toml.
+# there: PostgreSQL 15 with headers, clang, redis-server, cargo-pgrx pinned to the pgrx
+# version in Cargo.toml, and the Python clients the tests publish through (psycopg 3,
+# SQLAlchemy 2, Django).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +30,12 @@ fi
 # Re-running init rewrites the config and forces a full rebuild of pgrx-pg-sys: only when needed.
 if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
   cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# The Python clients tests/publishing.rs drives (from PyPI).
+PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6")
+if ! python3 -c "import psycopg, sqlalchemy, django" 2>/dev/null; then
+  echo "setup: installing ${PY_DEPS[*]}"
+  python3 -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}" 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${PY_DEPS[@]}"
 fi

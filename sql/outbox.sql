@@ -79,7 +79,37 @@ COMMENT ON TABLE @extschema@.broadcaster_outbox IS
 -- save and restore the setting at every call of the producers' hot path.
 CREATE FUNCTION @extschema@.broadcaster_publish(
     type          text,
-    data          json  DEFAULT NULL,
+    data          json,
+    source        text  DEFAULT NULL,
+    subject       text  DEFAULT NULL,
+    partition_key text  DEFAULT NULL,
+    extensions    jsonb DEFAULT NULL,
+    stream        text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
+
+-- The same for jsonb data, the type most PostgreSQL users keep JSON in (to_jsonb(NEW) in a
+-- trigger, psycopg's Jsonb, Django's JSONField): printed as PostgreSQL prints jsonb.
+CREATE FUNCTION @extschema@.broadcaster_publish(
+    type          text,
+    data          jsonb,
+    source        text  DEFAULT NULL,
+    subject       text  DEFAULT NULL,
+    partition_key text  DEFAULT NULL,
+    extensions    jsonb DEFAULT NULL,
+    stream        text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
+
+-- And for text: an untyped literal or bind parameter ('{"a": 1}', a driver's plain string)
+-- resolves here, as PostgreSQL prefers the string category for unknown arguments, so no call
+-- is ambiguous between json and jsonb; kept byte for byte, and checked as JSON by the outbox's
+-- trigger. The only overload whose data has a default: a call with the type alone comes here.
+CREATE FUNCTION @extschema@.broadcaster_publish(
+    type          text,
+    data          text  DEFAULT NULL,
     source        text  DEFAULT NULL,
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,

@@ -238,6 +238,23 @@ pub unsafe extern "C-unwind" fn broadcaster_publish(
                 nulls[i] = b'n' as std::ffi::c_char;
             }
         }
+        let function = publish_function((*fcinfo.flinfo).fn_oid);
+        // The INSERT takes json. A jsonb value is printed as PostgreSQL prints it; text goes
+        // through json's own input function, as an untyped literal did when data was json only:
+        // kept byte for byte, and 22P02 when it is not JSON.
+        if nulls[1] == b' ' as std::ffi::c_char {
+            values[1] = match function.data_type {
+                pg_sys::JSONBOID => {
+                    let text = call(pg_sys::jsonb_out, values[1], "jsonb_out");
+                    pg_sys::Datum::from(pg_sys::cstring_to_text(text.cast_mut_ptr()))
+                }
+                pg_sys::TEXTOID => {
+                    let text = call(pg_sys::textout, values[1], "textout");
+                    call(pg_sys::json_in, text, "json_in")
+                }
+                _ => values[1],
+            };
+        }
         let Some(id) = pgrx::direct_function_call_as_datum(pg_sys::gen_random_uuid, &[]) else {
             error!("broadcaster_publish: gen_random_uuid returned NULL");
         };
@@ -245,13 +262,25 @@ pub unsafe extern "C-unwind" fn broadcaster_publish(
         if pg_sys::SPI_connect() < 0 {
             error!("broadcaster_publish: SPI_connect failed");
         }
-        let plan = publish_plan((*fcinfo.flinfo).fn_oid);
+        let plan = publish_plan(function.schema);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("broadcaster_publish: the INSERT failed (SPI code {rc})");
         }
         pg_sys::SPI_finish();
         id
+    }
+}
+
+/// `function(argument)` through fmgr; ERROR if it returns NULL (none of those called does).
+unsafe fn call(
+    function: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum,
+    argument: pg_sys::Datum,
+    name: &str,
+) -> pg_sys::Datum {
+    match unsafe { pgrx::direct_function_call_as_datum(function, &[Some(argument)]) } {
+        Some(result) => result,
+        None => error!("broadcaster_publish: {name} returned NULL"),
     }
 }
 
@@ -265,19 +294,62 @@ pub extern "C" fn pg_finfo_broadcaster_publish() -> &'static pg_sys::Pg_finfo_re
 /// `broadcaster_publish`'s arguments.
 const PUBLISH_ARGS: usize = 7;
 
+/// What `broadcaster_publish` needs to know of the SQL function it was called as: one of three
+/// overloads (data text, json or jsonb), all this C function.
+#[derive(Clone, Copy)]
+struct PublishFunction {
+    oid: pg_sys::Oid,
+    /// The extension's schema, where its INSERT goes.
+    schema: pg_sys::Oid,
+    /// The declared type of `data`.
+    data_type: pg_sys::Oid,
+}
+
 thread_local! {
-    /// `broadcaster_publish`'s INSERT, planned once per session, for the function it was made
-    /// for (a new one after DROP and CREATE EXTENSION, maybe in another schema). Postgres plans
-    /// it again when the table changes.
+    /// The overload called last: looked up again only when another is called.
+    static PUBLISH_FUNCTION: std::cell::Cell<PublishFunction> = const {
+        std::cell::Cell::new(PublishFunction {
+            oid: pg_sys::InvalidOid,
+            schema: pg_sys::InvalidOid,
+            data_type: pg_sys::InvalidOid,
+        })
+    };
+    /// `broadcaster_publish`'s INSERT, planned once per session, for the schema it was made
+    /// for (another after DROP and CREATE EXTENSION in another schema), and shared by the three
+    /// overloads. Postgres plans it again when the table changes.
     static PUBLISH_PLAN: std::cell::Cell<(pg_sys::Oid, pg_sys::SPIPlanPtr)> =
         const { std::cell::Cell::new((pg_sys::InvalidOid, std::ptr::null_mut())) };
 }
 
-/// The kept plan of `broadcaster_publish` (`function`), prepared at its first call: the
-/// arguments as `$1` to `$7`, the id as `$8`. Inside SPI_connect.
-unsafe fn publish_plan(function: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
+/// The overload `oid` of `broadcaster_publish`: its schema and its `data` type.
+unsafe fn publish_function(oid: pg_sys::Oid) -> PublishFunction {
+    let known = PUBLISH_FUNCTION.get();
+    if known.oid == oid {
+        return known;
+    }
+    unsafe {
+        let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
+        let mut nargs: std::ffi::c_int = 0;
+        pg_sys::get_func_signature(oid, &mut argtypes, &mut nargs);
+        if argtypes.is_null() || usize::try_from(nargs) != Ok(PUBLISH_ARGS) {
+            error!("broadcaster_publish: expected {PUBLISH_ARGS} arguments");
+        }
+        let function = PublishFunction {
+            oid,
+            schema: pg_sys::get_func_namespace(oid),
+            data_type: *argtypes.add(1),
+        };
+        PUBLISH_FUNCTION.set(function);
+        function
+    }
+}
+
+/// The kept plan of `broadcaster_publish`'s INSERT into the outbox of `schema`, prepared at its
+/// first call: the arguments as `$1` to `$7` (data as json), the id as `$8`. Inside
+/// SPI_connect.
+unsafe fn publish_plan(schema: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
     let (made_for, plan) = PUBLISH_PLAN.get();
-    if made_for == function && !plan.is_null() {
+    if made_for == schema && !plan.is_null() {
         return plan;
     }
     unsafe {
@@ -286,17 +358,17 @@ unsafe fn publish_plan(function: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
             PUBLISH_PLAN.set((pg_sys::InvalidOid, std::ptr::null_mut()));
             pg_sys::SPI_freeplan(plan);
         }
-        let schema = pg_sys::get_namespace_name(pg_sys::get_func_namespace(function));
-        if schema.is_null() {
+        let name = pg_sys::get_namespace_name(schema);
+        if name.is_null() {
             error!("broadcaster_publish: its schema is gone");
         }
-        let schema = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(schema))
+        let quoted = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(name))
             .to_string_lossy()
             .into_owned();
         let sql = format!(
-            "INSERT INTO {schema}.broadcaster_outbox \
+            "INSERT INTO {quoted}.broadcaster_outbox \
                     (type, data, source, subject, partition_key, extensions, stream, id) \
-             VALUES ($1, $2, coalesce($3, {schema}.broadcaster_default_source()), $4, $5, \
+             VALUES ($1, $2, coalesce($3, {quoted}.broadcaster_default_source()), $4, $5, \
                      coalesce($6, '{{}}'), $7, $8)"
         );
         let mut types = [
@@ -316,7 +388,7 @@ unsafe fn publish_plan(function: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
         if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
             error!("broadcaster_publish: could not prepare its INSERT");
         }
-        PUBLISH_PLAN.set((function, plan));
+        PUBLISH_PLAN.set((schema, plan));
         plan
     }
 }
@@ -478,6 +550,91 @@ mod tests {
         )
         .expect("query");
         assert_eq!(found, Some(true));
+    }
+
+    /// The `data` `broadcaster_publish(...)` (SQL, returning the id) stored.
+    fn data_of(call: &str) -> Option<String> {
+        let id = Spi::get_one::<String>(&format!("SELECT ({call})::text"))
+            .expect("publish")
+            .expect("an id");
+        Spi::get_one::<String>(&format!(
+            "SELECT data::text FROM broadcaster_outbox WHERE id = '{id}'"
+        ))
+        .expect("its row")
+    }
+
+    #[pg_test]
+    fn publish_takes_json_jsonb_text_and_untyped_data() {
+        let cases = [
+            // json and untyped text: byte for byte.
+            (
+                r#"broadcaster_publish('t', '{"a":  1, "a": 2}')"#,
+                Some(r#"{"a":  1, "a": 2}"#),
+            ),
+            (
+                r#"broadcaster_publish('t', '{"a":  1}'::json)"#,
+                Some(r#"{"a":  1}"#),
+            ),
+            (
+                r#"broadcaster_publish('t', '{"a":  1}'::text)"#,
+                Some(r#"{"a":  1}"#),
+            ),
+            (
+                r#"broadcaster_publish('t', json_build_object('a', 1))"#,
+                Some(r#"{"a" : 1}"#),
+            ),
+            // jsonb: as PostgreSQL prints it.
+            (
+                r#"broadcaster_publish('t', '{"a":  1}'::jsonb)"#,
+                Some(r#"{"a": 1}"#),
+            ),
+            (
+                r#"broadcaster_publish('t', jsonb_build_object('a', 1))"#,
+                Some(r#"{"a": 1}"#),
+            ),
+            // By name, every overload.
+            (
+                r#"broadcaster_publish(type => 't', data => '{"b":2}')"#,
+                Some(r#"{"b":2}"#),
+            ),
+            (
+                r#"broadcaster_publish(type => 't', data => '{"b":2}'::jsonb, subject => 's')"#,
+                Some(r#"{"b": 2}"#),
+            ),
+            (
+                r#"broadcaster_publish(subject => 's', data => '{"b":2}'::json, type => 't')"#,
+                Some(r#"{"b":2}"#),
+            ),
+            // No data, however said.
+            ("broadcaster_publish('t')", None),
+            ("broadcaster_publish('t', NULL)", None),
+            ("broadcaster_publish('t', NULL::jsonb)", None),
+            ("broadcaster_publish('t', NULL::json)", None),
+            ("broadcaster_publish(type => 't', subject => 's')", None),
+        ];
+        for (call, want) in cases {
+            assert_eq!(data_of(call).as_deref(), want, "{call}");
+        }
+        // A trigger of the application's, on the row as jsonb: the issue's example.
+        Spi::run(
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric); \
+             CREATE FUNCTION orders_changed() RETURNS trigger LANGUAGE plpgsql AS \
+               $$BEGIN PERFORM broadcaster_publish('order.changed', to_jsonb(NEW)); RETURN NEW; END$$; \
+             CREATE TRIGGER orders_changed AFTER INSERT ON orders \
+               FOR EACH ROW EXECUTE FUNCTION orders_changed(); \
+             INSERT INTO orders VALUES (42, 9.90)",
+        )
+        .expect("the application's trigger");
+        let data = Spi::get_one::<String>(
+            "SELECT data::text FROM broadcaster_outbox WHERE type = 'order.changed'",
+        )
+        .expect("its event");
+        assert_eq!(data.as_deref(), Some(r#"{"id": 42, "total": 9.90}"#));
+        // Not JSON: the same SQLSTATE as when data was json only.
+        assert_eq!(
+            sqlstate_of("SELECT broadcaster_publish('t', 'not json'::text)").as_deref(),
+            Some("22P02")
+        );
     }
 
     #[pg_test]
