@@ -191,6 +191,26 @@ impl OutboxEvent {
             .with_extensions(&self.extensions)
     }
 
+    /// The event in the CloudEvents JSON format (structured mode), with the stored JSON text as
+    /// its `data`, unchanged: the attributes through the SDK, the data spliced in, never parsed
+    /// into a value and printed again (which would drop a duplicate key, reorder nothing but
+    /// reformat everything). For a non-JSON content type the stored text is a JSON string, which
+    /// is what the format carries for such data. The row trigger has checked it is JSON.
+    pub fn structured_json(&self) -> Result<Vec<u8>, EventError> {
+        let mut event = self.attributes()?;
+        event.set_datacontenttype(Some(self.datacontenttype.as_str()));
+        let mut json = serde_json::to_vec(&event).map_err(|e| EventError::Build(e.to_string()))?;
+        if let Some(data) = &self.data {
+            if json.pop() != Some(b'}') {
+                return Err(EventError::Build("the SDK wrote no JSON object".into()));
+            }
+            json.extend_from_slice(b",\"data\":");
+            json.extend_from_slice(data.as_bytes());
+            json.push(b'}');
+        }
+        Ok(json)
+    }
+
     /// The event in CloudEvents 1.0 form. This and the `PublisherBackend` trait are the whole
     /// contract a backend needs.
     pub fn to_cloud_event(&self) -> Result<Event, EventError> {
@@ -203,6 +223,9 @@ impl OutboxEvent {
                 other => Data::Json(other),
             };
             event.set_data(self.datacontenttype.as_str(), data);
+        } else {
+            // Every attribute the row has, even with no data.
+            event.set_datacontenttype(Some(self.datacontenttype.as_str()));
         }
         Ok(event)
     }
@@ -657,13 +680,38 @@ mod tests {
     }
 
     #[test]
-    fn event_without_data_has_no_content_type() {
+    fn event_without_data_keeps_its_content_type() {
         let mut e = sample();
         e.data = None;
         let event = e.to_cloud_event().expect("valid event");
         assert_eq!(event.data(), None);
-        assert_eq!(event.datacontenttype(), None);
+        assert_eq!(event.datacontenttype(), Some("application/json"));
         assert!(event.dataschema().is_some());
+        let structured: Event =
+            serde_json::from_slice(&e.structured_json().expect("json")).expect("SDK parses it");
+        assert_eq!(structured.datacontenttype(), Some("application/json"));
+        assert_eq!(structured.data(), None);
+    }
+
+    #[test]
+    fn structured_json_carries_the_stored_text_unchanged() {
+        let mut e = sample();
+        e.data = Some(r#"{"a":1,"a":2,  "b" : [1.50, 1e400]}"#.into());
+        let json = String::from_utf8(e.structured_json().expect("json")).expect("utf-8");
+        assert!(
+            json.ends_with(r#","data":{"a":1,"a":2,  "b" : [1.50, 1e400]}}"#),
+            "{json}"
+        );
+        // Still an event the SDK reads, with every attribute.
+        let event: Event = serde_json::from_str(&json).expect("SDK parses it");
+        assert_eq!(event.id(), e.id);
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        // A non-JSON content type: the stored JSON string is the format's string data.
+        e.datacontenttype = "text/plain".into();
+        e.data = Some(r#""hello\nworld""#.into());
+        let event: Event =
+            serde_json::from_slice(&e.structured_json().expect("json")).expect("SDK parses it");
+        assert_eq!(event.data(), Some(&Data::String("hello\nworld".into())));
     }
 
     #[test]

@@ -138,6 +138,46 @@ fn structured_mode_writes_one_cloudevents_json_field() {
 }
 
 #[test]
+fn both_modes_carry_the_stored_data_text_and_every_attribute() {
+    // Duplicate keys and formatting a parser would drop; an event with no data keeps its
+    // content type.
+    const TEXT: &str = r#"{"a":1,"a":2,  "n" : 1.50}"#;
+    for (mode, stream) in [
+        ("binary", "exact:binary"),
+        ("structured", "exact:structured"),
+    ] {
+        let s = Setup::new(&[
+            ("broadcaster.message_mode", mode),
+            ("broadcaster.stream", stream),
+        ]);
+        let mut c = s.cluster.connect();
+        c.execute("SELECT broadcaster_publish('exact', $1::text)", &[&TEXT])
+            .expect("publish");
+        c.batch_execute(
+            "INSERT INTO broadcaster_outbox (type, datacontenttype) VALUES ('no.data', 'application/xml')",
+        )
+        .expect("insert");
+        let entries = s.redis.wait_entries(stream, 2);
+        match mode {
+            "binary" => {
+                assert_eq!(entries[0].get("data"), Some(TEXT));
+                assert_eq!(entries[1].get("data"), None);
+                assert_eq!(entries[1].get("content-type"), Some("application/xml"));
+            }
+            _ => {
+                let body = entries[0].get("cloudevent").expect("cloudevent");
+                assert!(body.ends_with(&format!(r#""data":{TEXT}}}"#)), "{body}");
+                let none: Event =
+                    serde_json::from_str(entries[1].get("cloudevent").expect("cloudevent"))
+                        .expect("SDK parses it");
+                assert_eq!(none.datacontenttype(), Some("application/xml"));
+                assert_eq!(none.data(), None);
+            }
+        }
+    }
+}
+
+#[test]
 fn per_event_stream_override() {
     let s = Setup::new(&[]);
     let mut c = s.cluster.connect();

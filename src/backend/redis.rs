@@ -1,15 +1,13 @@
 //! Redis Streams backend: one `XADD` per event, a whole batch in one `MULTI`/`EXEC` round trip.
 //! The entry layout follows the CloudEvents Kafka binding (binary mode) or carries the whole
-//! event as JSON (structured mode); the SDK's message serializers produce both.
+//! event as JSON (structured mode): the SDK's binary serializer writes the attributes, and the
+//! structured JSON carries the stored data text unchanged (`OutboxEvent::structured_json`).
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc};
 
 use cloudevents::event::SpecVersion;
-use cloudevents::message::{
-    BinaryDeserializer, BinarySerializer, MessageAttributeValue, StructuredDeserializer,
-    StructuredSerializer,
-};
+use cloudevents::message::{BinaryDeserializer, BinarySerializer, MessageAttributeValue};
 use redis::{Client, Cmd, Connection, ConnectionLike, RedisError, RedisWrite};
 
 use super::{
@@ -764,18 +762,22 @@ fn write_entry(event: &OutboxEvent, mode: MessageMode, out: &mut Cmd) -> Result<
                 .attributes()?
                 .deserialize_binary(EntryWriter(out))
                 .map_err(serialize_error)?;
+            // Every attribute the row has: datacontenttype too when there is no data.
+            out.arg("content-type").arg(event.datacontenttype.as_str());
             if let Some(data) = event.data_bytes()? {
-                out.arg("content-type")
-                    .arg(event.datacontenttype.as_str())
-                    .arg("data")
-                    .arg(&*data);
+                out.arg("data").arg(&*data);
             }
             Ok(())
         }
-        MessageMode::Structured => event
-            .to_cloud_event()?
-            .deserialize_structured(EntryWriter(out))
-            .map_err(serialize_error),
+        // The stored JSON text as the event's data, unchanged (duplicate keys, formatting):
+        // never parsed into a value and printed again.
+        MessageMode::Structured => {
+            out.arg("content-type")
+                .arg(STRUCTURED_CONTENT_TYPE)
+                .arg("cloudevent")
+                .arg(event.structured_json()?);
+            Ok(())
+        }
     }
 }
 
@@ -822,17 +824,6 @@ impl BinarySerializer<()> for EntryWriter<'_> {
     }
 
     fn end(self) -> cloudevents::message::Result<()> {
-        Ok(())
-    }
-}
-
-impl StructuredSerializer<()> for EntryWriter<'_> {
-    fn set_structured_event(self, bytes: Vec<u8>) -> cloudevents::message::Result<()> {
-        self.0
-            .arg("content-type")
-            .arg(STRUCTURED_CONTENT_TYPE)
-            .arg("cloudevent")
-            .arg(bytes);
         Ok(())
     }
 }
