@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
 # there: PostgreSQL 15 with headers, clang, redis-server, cargo-pgrx pinned to the pgrx
-# version in Cargo.toml, and the Python clients the tests publish through (psycopg 3,
-# SQLAlchemy 2, Django).
+# version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
+# Django, the CloudEvents SDK, redis-py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,9 +32,11 @@ if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
   cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
-# The Python clients tests/publishing.rs drives (from PyPI).
-PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6")
-if ! python3 -c "import psycopg, sqlalchemy, django" 2>/dev/null; then
+# The Python clients tests/publishing.rs and tests/capture.rs drive (from PyPI): the drivers
+# and ORMs applications publish through, and the CloudEvents SDK and redis-py a consumer reads
+# with.
+PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6" "cloudevents>=2.2,<3" "redis>=5,<7")
+if ! python3 -c "import psycopg, sqlalchemy, django, redis; import cloudevents.core.bindings.kafka" 2>/dev/null; then
   echo "setup: installing ${PY_DEPS[*]}"
   python3 -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}" 2>/dev/null \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${PY_DEPS[@]}"

@@ -23,3 +23,4 @@ REVOKE ALL ON @extschema@.broadcaster_published FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.broadcaster_replay(uuid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.broadcaster_replay(timestamptz, timestamptz, text) FROM PUBLIC;
 REVOKE ALL ON @extschema@.broadcaster_origin FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_capture() FROM PUBLIC;

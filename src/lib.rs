@@ -31,6 +31,11 @@ extension_sql_file!(
     ]
 );
 extension_sql_file!("../sql/dump.sql", name = "dump", requires = ["outbox"]);
+extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
+    requires = ["outbox"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
