@@ -158,6 +158,39 @@ fn both_modes_carry_the_stored_data_text_and_every_attribute() {
         )
         .expect("insert");
         let entries = s.redis.wait_entries(stream, 2);
+        // Both generations of the Python SDK read both events, every attribute included.
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/parse_with_sdks.py"
+            ))
+            .arg(s.redis.port.to_string())
+            .arg(stream)
+            .output()
+            .expect("python3 runs (scripts/setup.sh installs cloudevents and redis)");
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let parsed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{mode}");
+        let dup = json!({"a": 2, "n": 1.5});
+        assert_eq!(parsed[0]["data"], json!([dup, dup]), "{mode}");
+        assert_eq!(
+            parsed[0]["datacontenttype"],
+            json!(["application/json", "application/json"]),
+            "{mode}"
+        );
+        assert_eq!(parsed[1]["data"], json!([null, null]), "{mode}");
+        assert_eq!(
+            parsed[1]["datacontenttype"],
+            json!(["application/xml", "application/xml"]),
+            "{mode}"
+        );
         match mode {
             "binary" => {
                 assert_eq!(entries[0].get("data"), Some(TEXT));
