@@ -1,11 +1,74 @@
-//! The README's consumer example, run as it stands against a live relay: a consumer group
-//! reads every event once, de-duplicates a replayed one on `ce_id`, and acknowledges all.
+//! The README's consumer examples, run as they stand against a live relay: a consumer group
+//! reads every event once, de-duplicates a replayed one on `ce_id`, and acknowledges all. The
+//! Python one is extracted from the README and run; the Rust one is this file's `consume`, and
+//! the README must show it verbatim.
 
 mod common;
 
 use std::process::Command;
 
 use common::{Setup, DEFAULT_STREAM};
+
+// README: rust consumer begins
+use std::collections::HashSet;
+
+use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::Commands;
+
+/// Reads `stream` as consumer `worker-1` of group `billing`, handles each event once (by its
+/// `ce_id`: delivery is at least once) and acknowledges every entry. Returns what it handled.
+fn consume(
+    con: &mut redis::Connection,
+    stream: &str,
+) -> Result<Vec<Event>, Box<dyn std::error::Error>> {
+    // BUSYGROUP when the group exists already.
+    let _: redis::RedisResult<()> = con.xgroup_create_mkstream(stream, "billing", "0");
+    let mut seen = HashSet::new(); // in production: kept with what handling writes
+    let mut handled = Vec::new();
+    loop {
+        let options = StreamReadOptions::default()
+            .group("billing", "worker-1")
+            .count(100)
+            .block(2000);
+        let reply: StreamReadReply = con.xread_options(&[stream], &[">"], &options)?;
+        if reply.keys.is_empty() {
+            break; // a real consumer keeps waiting
+        }
+        for entry in reply.keys.into_iter().flat_map(|key| key.ids) {
+            // Binary mode: one ce_<attribute> field each, content-type and data.
+            let mut event = EventBuilderV10::new();
+            for (name, value) in &entry.map {
+                let value: String = redis::from_redis_value_ref(value)?;
+                event = match name.strip_prefix("ce_") {
+                    Some("id") => event.id(value),
+                    Some("source") => event.source(value),
+                    Some("type") => event.ty(value),
+                    Some("time") => event.time(value.as_str()),
+                    Some("subject") => event.subject(value),
+                    Some("specversion" | "dataschema") | None => event,
+                    Some(extension) => event.extension(extension, value),
+                };
+            }
+            if let (Some(content_type), Some(data)) = (
+                entry.get::<String>("content-type"),
+                entry.get::<String>("data"),
+            ) {
+                event = event.data(
+                    content_type,
+                    serde_json::from_str::<serde_json::Value>(&data)?,
+                );
+            }
+            let event = event.build()?;
+            if seen.insert(event.id().to_string()) {
+                handled.push(event);
+            }
+            let _: i64 = con.xack(stream, "billing", &[&entry.id])?;
+        }
+    }
+    Ok(handled)
+}
+// README: rust consumer ends
 
 /// The Python block that follows the marker in the README.
 fn readme_example() -> String {
@@ -66,6 +129,62 @@ fn the_readme_consumer_reads_each_event_once_and_acknowledges_all() {
         .arg(DEFAULT_STREAM)
         .arg("billing")
         .query(&mut r)
+        .expect("XPENDING");
+    assert_eq!(
+        redis::from_redis_value_ref::<i64>(&pending[0]).expect("a count"),
+        0
+    );
+}
+
+#[test]
+fn the_readme_rust_consumer_reads_each_event_once_and_is_the_readmes() {
+    let source = include_str!("consumer.rs");
+    let begin = "// README: rust consumer begins\n";
+    let start = source.find(begin).expect("begin marker") + begin.len();
+    let end = source
+        .find("// README: rust consumer ends")
+        .expect("end marker");
+    assert!(
+        include_str!("../README.md").contains(&source[start..end]),
+        "the README's Rust consumer is not this file's `consume`"
+    );
+
+    let s = Setup::new(&[("broadcaster.retention", "1h")]);
+    let mut c = s.cluster.connect();
+    let ids: Vec<String> = (1..=3)
+        .map(|n| {
+            c.query_one(
+                "SELECT broadcaster_publish('invoice.paid', json_build_object('n', $1::int), \
+                 extensions => '{\"tenant\": \"acme\"}')::text",
+                &[&n],
+            )
+            .expect("publish")
+            .get(0)
+        })
+        .collect();
+    s.redis.wait_entries(DEFAULT_STREAM, 3);
+    c.execute(
+        "SELECT broadcaster_replay(ARRAY[$1::text::uuid])",
+        &[&ids[0]],
+    )
+    .expect("replay");
+    s.redis.wait_entries(DEFAULT_STREAM, 4);
+    let mut con = s.redis.connection();
+    let handled = consume(&mut con, DEFAULT_STREAM).expect("consume");
+    let got: Vec<&str> = handled.iter().map(|e| e.id()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        handled[0].data(),
+        Some(&cloudevents::Data::Json(serde_json::json!({"n": 1})))
+    );
+    assert_eq!(
+        handled[0].extension("tenant").map(|v| v.to_string()),
+        Some("acme".to_string())
+    );
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(DEFAULT_STREAM)
+        .arg("billing")
+        .query(&mut con)
         .expect("XPENDING");
     assert_eq!(
         redis::from_redis_value_ref::<i64>(&pending[0]).expect("a count"),
