@@ -70,6 +70,49 @@ fn consume(
 }
 // README: rust consumer ends
 
+/// A relay keeping what it publishes, three events published and the first replayed: four
+/// entries, three ids. Returns the setup and the ids.
+fn three_events_and_a_replay() -> (Setup, Vec<String>) {
+    let s = Setup::new(&[("broadcaster.retention", "1h")]);
+    let mut c = s.cluster.connect();
+    let ids: Vec<String> = (1..=3)
+        .map(|n| {
+            c.query_one(
+                "SELECT broadcaster_publish('invoice.paid', json_build_object('n', $1::int), \
+                 extensions => '{\"tenant\": \"acme\"}')::text",
+                &[&n],
+            )
+            .expect("publish")
+            .get(0)
+        })
+        .collect();
+    s.redis.wait_entries(DEFAULT_STREAM, 3);
+    // The first again, as a replay sends it: same ce_id, a new entry. Its retained copy is
+    // committed with the relay's transaction, which may end after Redis has the entries.
+    common::wait_for("the retained copy", common::DEADLINE, || {
+        let replayed: i64 = c
+            .query_one(
+                "SELECT broadcaster_replay(ARRAY[$1::text::uuid])",
+                &[&ids[0]],
+            )
+            .ok()?
+            .get(0);
+        (replayed == 1).then_some(())
+    });
+    s.redis.wait_entries(DEFAULT_STREAM, 4);
+    (s, ids)
+}
+
+/// Entries read by group `billing` and not acknowledged.
+fn pending(con: &mut redis::Connection) -> i64 {
+    let reply: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(DEFAULT_STREAM)
+        .arg("billing")
+        .query(con)
+        .expect("XPENDING");
+    redis::from_redis_value_ref::<i64>(&reply[0]).expect("a count")
+}
+
 /// The Python block that follows the marker in the README.
 fn readme_example() -> String {
     let readme = include_str!("../README.md");
@@ -82,26 +125,7 @@ fn readme_example() -> String {
 
 #[test]
 fn the_readme_consumer_reads_each_event_once_and_acknowledges_all() {
-    let s = Setup::new(&[("broadcaster.retention", "1h")]);
-    let mut c = s.cluster.connect();
-    let ids: Vec<String> = (1..=3)
-        .map(|n| {
-            c.query_one(
-                "SELECT broadcaster_publish('invoice.paid', json_build_object('n', $1::int))::text",
-                &[&n],
-            )
-            .expect("publish")
-            .get(0)
-        })
-        .collect();
-    s.redis.wait_entries(DEFAULT_STREAM, 3);
-    // The first again, as a replay sends it: same ce_id, a new entry.
-    c.execute(
-        "SELECT broadcaster_replay(ARRAY[$1::text::uuid])",
-        &[&ids[0]],
-    )
-    .expect("replay");
-    s.redis.wait_entries(DEFAULT_STREAM, 4);
+    let (s, ids) = three_events_and_a_replay();
 
     let script = std::env::temp_dir().join(format!("bc-consumer-{}.py", std::process::id()));
     std::fs::write(&script, readme_example()).expect("write the example");
@@ -124,16 +148,7 @@ fn the_readme_consumer_reads_each_event_once_and_acknowledges_all() {
     }
     assert!(handled[0].ends_with("{'n': 1}"), "{}", handled[0]);
     // Every entry, the duplicate too, acknowledged: nothing pending in the group.
-    let mut r = s.redis.connection();
-    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(DEFAULT_STREAM)
-        .arg("billing")
-        .query(&mut r)
-        .expect("XPENDING");
-    assert_eq!(
-        redis::from_redis_value_ref::<i64>(&pending[0]).expect("a count"),
-        0
-    );
+    assert_eq!(pending(&mut s.redis.connection()), 0);
 }
 
 #[test]
@@ -149,26 +164,7 @@ fn the_readme_rust_consumer_reads_each_event_once_and_is_the_readmes() {
         "the README's Rust consumer is not this file's `consume`"
     );
 
-    let s = Setup::new(&[("broadcaster.retention", "1h")]);
-    let mut c = s.cluster.connect();
-    let ids: Vec<String> = (1..=3)
-        .map(|n| {
-            c.query_one(
-                "SELECT broadcaster_publish('invoice.paid', json_build_object('n', $1::int), \
-                 extensions => '{\"tenant\": \"acme\"}')::text",
-                &[&n],
-            )
-            .expect("publish")
-            .get(0)
-        })
-        .collect();
-    s.redis.wait_entries(DEFAULT_STREAM, 3);
-    c.execute(
-        "SELECT broadcaster_replay(ARRAY[$1::text::uuid])",
-        &[&ids[0]],
-    )
-    .expect("replay");
-    s.redis.wait_entries(DEFAULT_STREAM, 4);
+    let (s, ids) = three_events_and_a_replay();
     let mut con = s.redis.connection();
     let handled = consume(&mut con, DEFAULT_STREAM).expect("consume");
     let got: Vec<&str> = handled.iter().map(|e| e.id()).collect();
@@ -181,13 +177,5 @@ fn the_readme_rust_consumer_reads_each_event_once_and_is_the_readmes() {
         handled[0].extension("tenant").map(|v| v.to_string()),
         Some("acme".to_string())
     );
-    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(DEFAULT_STREAM)
-        .arg("billing")
-        .query(&mut con)
-        .expect("XPENDING");
-    assert_eq!(
-        redis::from_redis_value_ref::<i64>(&pending[0]).expect("a count"),
-        0
-    );
+    assert_eq!(pending(&mut con), 0);
 }

@@ -19,23 +19,9 @@ BIG_NOTE = "n" * 100_000  # stored out of line (TOAST)
 
 
 def django_writes():
-    import django
-    from django.conf import settings
+    import django_setup
 
-    settings.configure(
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": "postgres",
-                "USER": "postgres",
-                "HOST": "127.0.0.1",
-                "PORT": str(PG_PORT),
-            }
-        },
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-    )
-    django.setup()
+    django_setup.configure(PG_PORT)
     from django.db import models
 
     class Order(models.Model):

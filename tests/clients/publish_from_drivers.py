@@ -52,23 +52,9 @@ def with_sqlalchemy():
 
 
 def with_django():
-    import django
-    from django.conf import settings
+    import django_setup
 
-    settings.configure(
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": "postgres",
-                "USER": "postgres",
-                "HOST": "127.0.0.1",
-                "PORT": str(PORT),
-            }
-        },
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-    )
-    django.setup()
+    django_setup.configure(PORT)
     from django.db import connection
     from django.db.models import JSONField
 
