@@ -489,6 +489,47 @@ fn broadcaster_relay_states() -> TableIterator<
     }))
 }
 
+/// 0.1.0's `broadcaster_relays()`: the same rows without `state` (10 columns), under the C
+/// symbol 0.1.0's SQL names. With it this library serves a database still at 0.1.0 until
+/// `ALTER EXTENSION broadcaster UPDATE` runs there; 0.2.0's SQL does not declare it.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_safe, sql = false)]
+fn broadcaster_relays() -> TableIterator<
+    'static,
+    (
+        name!(database, pg_sys::Oid),
+        name!(pid, Option<i32>),
+        name!(healthy, bool),
+        name!(last_success_us, Option<i64>),
+        name!(last_error, Option<String>),
+        name!(last_error_us, Option<i64>),
+        name!(published, i64),
+        name!(failed, i64),
+        name!(started_us, Option<i64>),
+        name!(recent_rate, f64),
+    ),
+> {
+    TableIterator::new(broadcaster_relay_states().map(
+        |(
+            database,
+            pid,
+            _state,
+            healthy,
+            ok,
+            error,
+            error_at,
+            published,
+            failed,
+            started,
+            rate,
+        )| {
+            (
+                database, pid, healthy, ok, error, error_at, published, failed, started, rate,
+            )
+        },
+    ))
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {

@@ -1,0 +1,304 @@
+-- broadcaster 0.1.0 -> 0.2.0. Hand-written, never edited after release. Runs with events in
+-- flight: no table is rewritten, no row is touched but the one broadcaster_origin gets.
+-- Grants given on 0.1.0's objects that stay keep theirs. New objects, and broadcaster_relays()
+-- (re-created), are granted to no one, as in a fresh install: grant them again where 0.1.0's
+-- were (the README's upgrade procedure says which). A GRANT here would be recorded as the
+-- extension's own initial privilege, which pg_dump leaves out.
+
+-- Functions written in Rust that are new in 0.2.0.
+CREATE FUNCTION @extschema@.broadcaster_replicated_row()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'broadcaster_replicated_row_wrapper';
+
+-- broadcaster_relays() gains `state` (and a new C symbol: 0.1.0's, with 10 columns, stays in
+-- the library for databases not updated yet).
+DROP FUNCTION @extschema@.broadcaster_relays();
+CREATE FUNCTION @extschema@.broadcaster_relays() RETURNS TABLE (
+	"database" oid,  /* pg_sys :: Oid */
+	"pid" INT,  /* Option < i32 > */
+	"state" TEXT,  /* & '_ str */
+	"healthy" bool,  /* bool */
+	"last_success_us" bigint,  /* Option < i64 > */
+	"last_error" TEXT,  /* Option < String > */
+	"last_error_us" bigint,  /* Option < i64 > */
+	"published" bigint,  /* i64 */
+	"failed" bigint,  /* i64 */
+	"started_us" bigint,  /* Option < i64 > */
+	"recent_rate" double precision  /* f64 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'broadcaster_relay_states_wrapper';
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_relays() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_status(
+    OUT database           name,
+    OUT pid                integer,
+    OUT state              text,
+    OUT backend            text,
+    OUT healthy            boolean,
+    OUT last_success       timestamptz,
+    OUT last_error         text,
+    OUT last_error_at      timestamptz,
+    OUT pending            bigint,
+    OUT oldest_pending_age interval,
+    OUT dead               bigint,
+    OUT published          bigint,
+    OUT failed             bigint,
+    OUT published_per_second numeric
+) RETURNS SETOF record
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d.datname,
+           r.pid,
+           r.state,
+           current_setting('broadcaster.backend'),
+           r.healthy,
+           pg_epoch + r.last_success_us * interval '1 microsecond',
+           r.last_error,
+           pg_epoch + r.last_error_us * interval '1 microsecond',
+           o.pending,
+           o.oldest_pending_age,
+           o.dead,
+           r.published,
+           r.failed,
+           round(r.recent_rate::numeric, 1)
+      FROM @extschema@.broadcaster_relays() r
+      JOIN pg_database d ON d.oid = r.database
+     CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
+      LEFT JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
+                   now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
+                   count(*) FILTER (WHERE f.dead) AS dead
+              FROM @extschema@.broadcaster_outbox o
+              LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq) o
+           ON d.datname = current_database()
+$$;
+
+-- Every SQL and PL/pgSQL function pins search_path (0.1.0's could be hijacked through a schema
+-- other roles can write to).
+ALTER FUNCTION @extschema@.broadcaster_replay(uuid[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION @extschema@.broadcaster_replay(timestamptz, timestamptz, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION @extschema@.broadcaster_requeue(uuid[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION @extschema@.broadcaster_requeue_all() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION @extschema@.broadcaster_discard(uuid[]) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION @extschema@.broadcaster_discard_all() SET search_path = pg_catalog, pg_temp;
+
+-- broadcaster_publish(data json) loses its default for data, so that a call with the type
+-- alone resolves to the text overload below instead of being ambiguous: PostgreSQL can't drop
+-- a default in place, so it is re-created (grant it again, with the two new overloads).
+DROP FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text);
+CREATE FUNCTION @extschema@.broadcaster_publish(
+    type          text,
+    data          json,
+    source        text  DEFAULT NULL,
+    subject       text  DEFAULT NULL,
+    partition_key text  DEFAULT NULL,
+    extensions    jsonb DEFAULT NULL,
+    stream        text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
+
+-- The same for jsonb data, the type most PostgreSQL users keep JSON in (to_jsonb(NEW) in a
+-- trigger, psycopg's Jsonb, Django's JSONField): printed as PostgreSQL prints jsonb.
+CREATE FUNCTION @extschema@.broadcaster_publish(
+    type          text,
+    data          jsonb,
+    source        text  DEFAULT NULL,
+    subject       text  DEFAULT NULL,
+    partition_key text  DEFAULT NULL,
+    extensions    jsonb DEFAULT NULL,
+    stream        text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
+
+
+-- And for text: an untyped literal or bind parameter ('{"a": 1}', a driver's plain string)
+-- resolves here, as PostgreSQL prefers the string category for unknown arguments, so no call
+-- is ambiguous between json and jsonb; kept byte for byte, and checked as JSON by the outbox's
+-- trigger. The only overload whose data has a default: a call with the type alone comes here.
+CREATE FUNCTION @extschema@.broadcaster_publish(
+    type          text,
+    data          text  DEFAULT NULL,
+    source        text  DEFAULT NULL,
+    subject       text  DEFAULT NULL,
+    partition_key text  DEFAULT NULL,
+    extensions    jsonb DEFAULT NULL,
+    stream        text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'broadcaster_publish';
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text) FROM PUBLIC;
+
+-- The database this outbox belongs to, by oid. A relay that finds another oid here serves a
+-- copy, made by CREATE DATABASE ... TEMPLATE or by a restore: it says so in the log, with the
+-- number of events it is about to relay from the copy, then records its own. Only the relay
+-- writes it after this.
+CREATE TABLE @extschema@.broadcaster_origin (database oid NOT NULL);
+INSERT INTO @extschema@.broadcaster_origin
+    SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database();
+
+
+-- Writes a logical replication worker applies to these tables are dropped: the publisher's
+-- relay delivers the publisher's events, and its deletes and failures share seqs with this
+-- database's own events. Enabled REPLICA: the trigger fires only with
+-- session_replication_role = replica, never on the relay's or the producers' own writes.
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_outbox
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_outbox ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_failures
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_failures ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_published
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_published ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+CREATE TRIGGER broadcaster_replicated_row
+    BEFORE INSERT OR UPDATE OR DELETE ON @extschema@.broadcaster_origin
+    FOR EACH ROW EXECUTE FUNCTION @extschema@.broadcaster_replicated_row();
+ALTER TABLE @extschema@.broadcaster_origin ENABLE REPLICA TRIGGER broadcaster_replicated_row;
+
+-- Row-change capture: events from any table's writes with no application code.
+--
+--   CREATE TRIGGER orders_events AFTER INSERT OR UPDATE OR DELETE ON orders
+--       FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('shop.order');
+--
+-- Each row change becomes an event in the same transaction, through broadcaster_publish:
+--   type           <prefix>.created | <prefix>.updated | <prefix>.deleted
+--   data           {"table": "public.orders", "record": {...}, "changes": {...}}: record is the
+--                  row after the change (before it, for a delete); for an update, changes holds
+--                  the previous value of each column that changed (Sequin's shape: Debezium's
+--                  "before" is record overlaid with changes). Excluded columns are in neither.
+--   subject        the primary key's value (a composite key: its values as a JSON array)
+--   partition_key  <table>:<subject>, so one row's changes arrive in commit order; a table
+--                  without a primary key: <table> (all its changes in commit order, no subject)
+-- Options, as further trigger arguments: 'exclude=col,col' (secrets), 'stream=name',
+-- 'partition_key=column' (that column's value instead). A partition's changes name the
+-- partitioned table it belongs to. Runs with the rights of the role that writes the table:
+-- it needs INSERT on broadcaster_outbox (and EXECUTE on broadcaster_publish), like any
+-- producer.
+CREATE FUNCTION @extschema@.broadcaster_capture() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_prefix   text;
+    v_exclude  text[] := '{}';
+    v_stream   text;
+    v_key_col  text;
+    v_option   text;
+    v_row      jsonb;
+    v_record   jsonb;
+    v_changes  jsonb;
+    v_table    regclass;
+    v_key_cols text[];
+    v_subject  text;
+    v_key      text;
+    v_data     jsonb;
+BEGIN
+    IF TG_LEVEL OPERATOR(pg_catalog.<>) 'ROW' OR TG_WHEN OPERATOR(pg_catalog.<>) 'AFTER' THEN
+        RAISE EXCEPTION 'broadcaster_capture: create it as an AFTER ... FOR EACH ROW trigger'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF TG_NARGS OPERATOR(pg_catalog.<) 1 OR TG_ARGV[0] IS NULL OR TG_ARGV[0] OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'broadcaster_capture: give the event type''s prefix as the first argument'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'EXECUTE FUNCTION broadcaster_capture(''shop.order'')';
+    END IF;
+    v_prefix := TG_ARGV[0];
+    FOR i IN 1 .. TG_NARGS OPERATOR(pg_catalog.-) 1 LOOP
+        v_option := TG_ARGV[i];
+        CASE pg_catalog.split_part(v_option, '=', 1)
+            WHEN 'exclude' THEN
+                v_exclude := pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',');
+            WHEN 'stream' THEN
+                v_stream := pg_catalog.substr(v_option, 8);
+            WHEN 'partition_key' THEN
+                v_key_col := pg_catalog.substr(v_option, 15);
+            ELSE
+                RAISE EXCEPTION 'broadcaster_capture: unknown option "%"', v_option
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Options: exclude=col,col  stream=name  partition_key=column';
+        END CASE;
+    END LOOP;
+
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        v_row := pg_catalog.to_jsonb(OLD);
+    ELSE
+        v_row := pg_catalog.to_jsonb(NEW);
+    END IF;
+    v_record := v_row OPERATOR(pg_catalog.-) v_exclude;
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        SELECT COALESCE(pg_catalog.jsonb_object_agg(o.key, o.value), '{}')
+          INTO v_changes
+          FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(OLD) OPERATOR(pg_catalog.-) v_exclude) o
+         WHERE o.value IS DISTINCT FROM (v_record OPERATOR(pg_catalog.->) o.key);
+    END IF;
+
+    -- The table as the application names it: a partition's root.
+    v_table := COALESCE(pg_catalog.pg_partition_root(TG_RELID), TG_RELID::pg_catalog.regclass);
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+      INTO v_key_cols
+      FROM pg_catalog.pg_index i
+     CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a
+        ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
+     WHERE i.indrelid OPERATOR(pg_catalog.=) TG_RELID AND i.indisprimary;
+    IF v_key_cols IS NULL THEN
+        v_key := v_table::text;
+    ELSIF pg_catalog.array_length(v_key_cols, 1) OPERATOR(pg_catalog.=) 1 THEN
+        v_subject := v_row OPERATOR(pg_catalog.->>) v_key_cols[1];
+        v_key := v_table::text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) v_subject;
+    ELSE
+        SELECT pg_catalog.jsonb_agg(v_row OPERATOR(pg_catalog.->) c ORDER BY ord)::text
+          INTO v_subject
+          FROM pg_catalog.unnest(v_key_cols) WITH ORDINALITY u(c, ord);
+        v_key := v_table::text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) v_subject;
+    END IF;
+    IF v_key_col IS NOT NULL THEN
+        IF NOT v_row OPERATOR(pg_catalog.?) v_key_col THEN
+            RAISE EXCEPTION 'broadcaster_capture: partition_key=% names no column of %', v_key_col, v_table
+                USING ERRCODE = 'undefined_column';
+        END IF;
+        v_key := v_row OPERATOR(pg_catalog.->>) v_key_col;
+    END IF;
+
+    v_data := pg_catalog.jsonb_build_object('table', v_table::text, 'record', v_record);
+    IF v_changes IS NOT NULL THEN
+        v_data := v_data OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('changes', v_changes);
+    END IF;
+    PERFORM @extschema@.broadcaster_publish(
+        type          => v_prefix OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||)
+                         CASE TG_OP WHEN 'INSERT' THEN 'created'
+                                    WHEN 'UPDATE' THEN 'updated'
+                                    ELSE 'deleted' END,
+        data          => v_data,
+        subject       => v_subject,
+        partition_key => v_key,
+        stream        => v_stream);
+    RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON @extschema@.broadcaster_origin FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_capture() FROM PUBLIC;
+
+-- pg_dump leaves out the rows of an extension's tables unless its script marks them: without
+-- this, a dump and restore would lose every undelivered, dead and retained event, and restart
+-- seq at 1 (new events would then sort before restored ones). The identity sequence of seq is
+-- marked too, so a restored outbox goes on above its highest seq.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.broadcaster_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.broadcaster_failures', '');
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.broadcaster_published', '');
+SELECT pg_catalog.pg_extension_config_dump(
+    pg_catalog.pg_get_serial_sequence('@extschema@.broadcaster_outbox', 'seq')::pg_catalog.regclass, '');
+-- A restore brings the original's oid back with it: the relay then knows it serves a copy.
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.broadcaster_origin', '');

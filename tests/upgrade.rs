@@ -1,0 +1,239 @@
+//! Upgrading the extension with events in flight: a database created at 0.1.0 (its frozen
+//! install script, `sql/released/`) holds pending, dead and retained events while this library
+//! serves it, the cluster restarts, `ALTER EXTENSION broadcaster UPDATE` runs the hand-written
+//! `sql/broadcaster--0.1.0--0.2.0.sql`: every event is relayed once, and the schema equals a
+//! fresh install's (`pg_dump --schema-only --binary-upgrade` of both, which lists every object
+//! of the extension, compared).
+
+mod common;
+
+use std::process::Command;
+
+use common::{Cluster, Redis, Tally, DEADLINE, DEFAULT_STREAM};
+
+/// Puts the frozen 0.1.0 install script where `CREATE EXTENSION ... VERSION '0.1.0'` finds it.
+fn install_released_0_1_0() {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--sharedir")
+        .output()
+        .expect("pg_config");
+    let sharedir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sql/released/broadcaster--0.1.0.sql"
+        ),
+        format!("{sharedir}/extension/broadcaster--0.1.0.sql"),
+    )
+    .expect("copy the 0.1.0 script (the tests run as root, as scripts/test.sh does)");
+}
+
+/// The extension's objects in `database`, as `pg_dump --binary-upgrade --schema-only` writes
+/// them, statement by statement, without what differs between any two databases (oids, frozen
+/// transaction ids, the sequence's position, pg_dump's session token) nor the test build's
+/// `tests` schema.
+fn extension_schema(cluster: &Cluster, database: &str) -> Vec<String> {
+    let port = cluster.port.to_string();
+    let dump = cluster.run_tool(
+        "pg_dump",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "--schema-only",
+            "--binary-upgrade",
+            "-d",
+            database,
+        ],
+    );
+    assert!(dump.success, "{dump}");
+    let text: String = dump
+        .stdout
+        .lines()
+        .filter(|l| !(l.starts_with("--") || l.starts_with('\\')))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut statements: Vec<String> = text
+        .split(";\n")
+        .map(|s| s.trim().to_string())
+        .filter(|s| {
+            !(s.is_empty()
+                || s.starts_with("SET ")
+                || s.contains("set_config(")
+                || s.contains("binary_upgrade_")
+                || s.contains("pg_catalog.setval(")
+                || s.contains("relfrozenxid")
+                || s.contains("tests.")
+                || s.contains("SCHEMA tests"))
+        })
+        .collect();
+    statements.sort();
+    statements
+}
+
+#[test]
+fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schema() {
+    install_released_0_1_0();
+    let redis = Redis::start();
+    let cluster = Cluster::start(
+        &redis.url(),
+        &[
+            ("broadcaster.retention", "1h"),
+            ("broadcaster.max_attempts", "1"),
+            ("broadcaster.poll_interval", "200ms"),
+            ("broadcaster.retry_max_delay", "1s"),
+        ],
+    );
+    let mut c = cluster.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster VERSION '0.1.0'")
+        .expect("0.1.0");
+
+    // This library serves 0.1.0's SQL meanwhile: events flow, status answers.
+    let retained: Vec<String> = (0..20)
+        .map(|_| {
+            c.query_one("SELECT broadcaster_publish('before')::text", &[])
+                .expect("publish at 0.1.0")
+                .get(0)
+        })
+        .collect();
+    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &retained, DEADLINE);
+    Tally::count(&retained, &delivered).assert_exactly_once("at 0.1.0");
+    let states: i64 = c
+        .query_one(
+            "SELECT count(*) FROM broadcaster_status WHERE state = 'running'",
+            &[],
+        )
+        .expect("0.1.0's status through this library")
+        .get(0);
+    assert_eq!(states, 1);
+    redis.set_string("poisoned");
+    let dead: String = c
+        .query_one(
+            "SELECT broadcaster_publish('dead', stream => 'poisoned')::text",
+            &[],
+        )
+        .expect("publish")
+        .get(0);
+    common::wait_for("the dead event", DEADLINE, || {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM broadcaster_dead_events", &[])
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    });
+    redis.pause_writes();
+    let pending: Vec<String> = (0..100)
+        .map(|_| {
+            c.query_one("SELECT broadcaster_publish('pending')::text", &[])
+                .expect("publish")
+                .get(0)
+        })
+        .collect();
+
+    cluster.stop_server("fast");
+    cluster.start_server();
+    let mut c = cluster.connect();
+    c.batch_execute("ALTER EXTENSION broadcaster UPDATE")
+        .expect("ALTER EXTENSION UPDATE");
+    let version: String = c
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'broadcaster'",
+            &[],
+        )
+        .expect("version")
+        .get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+
+    // Every event through the update: pending ones relayed once, the dead one still dead, the
+    // retained ones kept; 0.2.0's own surface works.
+    redis.unpause();
+    let mut all = retained.clone();
+    all.extend(pending.iter().cloned());
+    let after = publish_jsonb(&mut c);
+    all.push(after);
+    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &all, DEADLINE);
+    Tally::count(&all, &delivered).assert_exactly_once("through ALTER EXTENSION UPDATE");
+    let still_dead: Vec<String> = c
+        .query("SELECT id::text FROM broadcaster_dead_events", &[])
+        .expect("dead events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(still_dead, vec![dead]);
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM broadcaster_published WHERE type = 'before'",
+            &[],
+        )
+        .expect("retained")
+        .get(0);
+    assert_eq!(kept, 20);
+    let states: Vec<String> = c
+        .query("SELECT state FROM broadcaster_status", &[])
+        .expect("0.2.0's status")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(states, vec!["running".to_string()]);
+
+    // The same schema as a fresh install.
+    c.batch_execute("CREATE DATABASE fresh").expect("fresh");
+    cluster
+        .connect_to("fresh")
+        .batch_execute("CREATE EXTENSION broadcaster")
+        .expect("fresh install");
+    let upgraded = extension_schema(&cluster, "postgres");
+    let fresh = extension_schema(&cluster, "fresh");
+    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !fresh.contains(l)).collect();
+    let only_fresh: Vec<&String> = fresh.iter().filter(|l| !upgraded.contains(l)).collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "the upgraded schema differs from a fresh install's\nonly upgraded:\n{}\nonly fresh:\n{}",
+        only_upgraded
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        only_fresh
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert!(
+        upgraded.len() > 100,
+        "{} lines: the dump lists the extension's objects",
+        upgraded.len()
+    );
+    // And what pg_dump keeps the rows of (the dump above leaves that list out).
+    let marked = |database: &str| -> Vec<String> {
+        cluster
+            .connect_to(database)
+            .query(
+                "SELECT c::regclass::text FROM pg_extension e, unnest(e.extconfig) c \
+                  WHERE e.extname = 'broadcaster' ORDER BY 1",
+                &[],
+            )
+            .expect("extconfig")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert_eq!(marked("postgres"), marked("fresh"));
+    assert_eq!(marked("fresh").len(), 5, "{:?}", marked("fresh"));
+}
+
+/// An event with jsonb data, 0.2.0's overload.
+fn publish_jsonb(c: &mut common::PgClient) -> String {
+    c.query_one(
+        "SELECT broadcaster_publish('after', jsonb_build_object('v', 2))::text",
+        &[],
+    )
+    .expect("0.2.0's jsonb overload")
+    .get(0)
+}
