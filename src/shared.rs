@@ -361,9 +361,18 @@ fn wake_launcher(mail: &LauncherMail) {
     set_latch_of(mail.launcher.load(Ordering::Acquire) - 1);
 }
 
-/// This process's PGPROC number, by which others set its latch.
+/// This process's PGPROC number, by which others set its latch: its place in
+/// `ProcGlobal->allProcs`, what PostgreSQL 17 and later compute the same way
+/// (`GetNumberFromPGProc`), 16 and earlier also kept in `PGPROC.pgprocno`.
 fn my_procno() -> i32 {
-    unsafe { (*pg_sys::MyProc).pgprocno }
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || pg_sys::MyProc.is_null() {
+            return -1;
+        }
+        let offset = pg_sys::MyProc.offset_from((*global).allProcs);
+        i32::try_from(offset).unwrap_or(-1)
+    }
 }
 
 /// Sets the latch of the process with PGPROC number `procno`; nothing for -1. A stale number

@@ -1463,8 +1463,11 @@ fn claim(statements: &Statements, limit: usize, checked: bool, deleted: Deleted)
             return Ok(Claimed::default());
         }
         let tupdesc = unsafe { (*table).tupdesc };
-        let type_of = |c: usize| unsafe { (*(*tupdesc).attrs.as_ptr().add(c)).atttypid };
-        if usize::try_from(unsafe { (*tupdesc).natts }) != Ok(CLAIM_COLUMNS)
+        // Through pgrx's accessor: PostgreSQL 18 reaches a tuple descriptor's attributes by a
+        // function (TupleDescAttr), not the `attrs` array of earlier versions.
+        let columns = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(tupdesc) };
+        let type_of = |c: usize| columns.get(c).map_or(pg_sys::InvalidOid, |a| a.atttypid);
+        if columns.len() != CLAIM_COLUMNS
             || type_of(1) != pg_sys::UUIDOID
             || type_of(5) != pg_sys::TIMESTAMPTZOID
             || type_of(8) != pg_sys::JSONOID
