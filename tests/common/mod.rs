@@ -346,6 +346,22 @@ impl Cluster {
 
     /// The cluster [`Cluster::start`] makes, initialized and configured but not started.
     pub fn init(redis_url: &str, settings: &[(&str, &str)]) -> Cluster {
+        Self::init_with(Self::additions(redis_url, settings), pg_bindir(), &[])
+    }
+
+    /// [`Cluster::init`] with another PostgreSQL's binaries (`bindir`) and more `initdb`
+    /// arguments: the old side of a `pg_upgrade` across major versions.
+    pub fn init_with_binaries(
+        redis_url: &str,
+        settings: &[(&str, &str)],
+        bindir: PathBuf,
+        initdb_args: &[&str],
+    ) -> Cluster {
+        Self::init_with(Self::additions(redis_url, settings), bindir, initdb_args)
+    }
+
+    /// What the harness adds to postgresql.conf: broadcaster preloaded, `redis_url`, `settings`.
+    fn additions(redis_url: &str, settings: &[(&str, &str)]) -> String {
         let mut additions = format!(
             "shared_preload_libraries = 'broadcaster'\n\
              fsync = off\n\
@@ -357,18 +373,24 @@ impl Cluster {
         for (name, value) in settings {
             additions.push_str(&format!("{name} = '{value}'\n"));
         }
-        Self::init_with(additions)
+        additions
     }
 
     /// A second cluster, not started, in its own folder and on its own port, whose
     /// postgresql.conf has the same additions as this one's (shared_preload_libraries and
     /// every broadcaster setting included): the target of a `pg_upgrade`.
     pub fn init_like(&self) -> Cluster {
-        Self::init_with(self.additions.clone())
+        Self::init_with(self.additions.clone(), pg_bindir(), &[])
+    }
+
+    /// The same with `bindir`'s binaries and more `initdb` arguments: the new side of a
+    /// `pg_upgrade` across major versions.
+    pub fn init_like_with_binaries(&self, bindir: PathBuf, initdb_args: &[&str]) -> Cluster {
+        Self::init_with(self.additions.clone(), bindir, initdb_args)
     }
 
     /// A fresh folder owned by the cluster's user and a free port; nothing in it yet.
-    fn empty(additions: String) -> Cluster {
+    fn empty(additions: String, bindir: PathBuf) -> Cluster {
         let runas = std::env::var("BROADCASTER_TEST_RUNAS").ok().or_else(|| {
             // PostgreSQL refuses to run as root.
             (nix_uid() == 0).then(|| "postgres".to_string())
@@ -387,26 +409,18 @@ impl Cluster {
         Cluster {
             port,
             dir,
-            bindir: pg_bindir(),
+            bindir,
             runas,
             additions,
         }
     }
 
-    fn init_with(additions: String) -> Cluster {
-        let cluster = Self::empty(additions);
-        cluster.pg(
-            "initdb",
-            &[
-                "-D",
-                &cluster.data().to_string_lossy(),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-            ],
-        );
+    fn init_with(additions: String, bindir: PathBuf, initdb_args: &[&str]) -> Cluster {
+        let cluster = Self::empty(additions, bindir);
+        let data = cluster.data().to_string_lossy().into_owned();
+        let mut args = vec!["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync"];
+        args.extend_from_slice(initdb_args);
+        cluster.pg("initdb", &args);
         cluster.append_conf(&format!(
             "{}{}",
             cluster.own_conf_lines(),
@@ -616,13 +630,14 @@ impl Cluster {
     /// [`Cluster::upgrade_server_log`].
     pub fn upgrade_from(&self, old: &Cluster) -> ToolRun {
         let bindir = self.bindir.to_string_lossy().into_owned();
+        let old_bindir = old.bindir.to_string_lossy().into_owned();
         let old_port = free_port().to_string();
         let new_port = free_port().to_string();
         self.run_tool(
             "pg_upgrade",
             &[
                 "-b",
-                &bindir,
+                &old_bindir,
                 "-B",
                 &bindir,
                 "-d",
@@ -660,7 +675,7 @@ impl Cluster {
     /// A hot standby of this cluster (`pg_basebackup -R -X stream` over loopback), in its own
     /// folder on its own port, started. Its postgresql.conf is the primary's.
     pub fn start_standby(&self) -> Cluster {
-        let standby = Self::empty(self.additions.clone());
+        let standby = Self::empty(self.additions.clone(), self.bindir.clone());
         standby.pg(
             "pg_basebackup",
             &[
@@ -860,7 +875,8 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn pg_bindir() -> PathBuf {
+/// The binaries of the PostgreSQL whose `pg_config` is `PG_CONFIG` (default: Debian's 15).
+pub fn pg_bindir() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
     let out = Command::new(&pg_config)
