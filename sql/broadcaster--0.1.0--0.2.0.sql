@@ -1,9 +1,11 @@
 -- broadcaster 0.1.0 -> 0.2.0. Hand-written, never edited after release. Runs with events in
 -- flight: no table is rewritten, no row is touched but the one broadcaster_origin gets.
--- Grants given on 0.1.0's objects that stay keep theirs. New objects, and broadcaster_relays()
--- (re-created), are granted to no one, as in a fresh install: grant them again where 0.1.0's
--- were (the README's upgrade procedure says which). A GRANT here would be recorded as the
--- extension's own initial privilege, which pg_dump leaves out.
+-- Grants carry over. What is re-created (broadcaster_relays, broadcaster_publish(json)) gets the
+-- grants 0.1.0's had, and the two new overloads of broadcaster_publish those of the json one:
+-- a producer allowed to publish before the update is after it, whichever overload a call
+-- resolves to. Each is first revoked from PUBLIC, as in a fresh install (recorded as the
+-- extension's initial privilege), then given its grants by a catalog update that is not: so
+-- pg_dump keeps them as the user's own, as it does the grants of a fresh install.
 
 -- Functions written in Rust that are new in 0.2.0.
 CREATE FUNCTION @extschema@.broadcaster_replicated_row()
@@ -13,6 +15,13 @@ CREATE FUNCTION @extschema@.broadcaster_replicated_row()
 
 -- broadcaster_relays() gains `state` (and a new C symbol: 0.1.0's, with 10 columns, stays in
 -- the library for databases not updated yet).
+CREATE TEMPORARY TABLE broadcaster_upgrade_grants AS
+    SELECT 'relays' AS what, proacl FROM pg_catalog.pg_proc
+     WHERE oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_relays()'::pg_catalog.regprocedure
+    UNION ALL
+    SELECT 'publish', proacl FROM pg_catalog.pg_proc
+     WHERE oid OPERATOR(pg_catalog.=)
+           '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text)'::pg_catalog.regprocedure;
 DROP FUNCTION @extschema@.broadcaster_relays();
 CREATE FUNCTION @extschema@.broadcaster_relays() RETURNS TABLE (
 	"database" oid,  /* pg_sys :: Oid */
@@ -180,9 +189,9 @@ ALTER TABLE @extschema@.broadcaster_origin ENABLE REPLICA TRIGGER broadcaster_re
 --   subject        the primary key's value (a composite key: its values as a JSON array)
 --   partition_key  <table>:<subject>, so one row's changes arrive in commit order; a table
 --                  without a primary key: <table> (all its changes in commit order, no subject)
--- Options, as further trigger arguments: 'exclude=col,col' (secrets), 'stream=name',
--- 'partition_key=column' (that column's value instead). A partition's changes name the
--- partitioned table it belongs to. Runs with the rights of the role that writes the table:
+-- Options, as further trigger arguments: 'exclude=col,col' (secrets: each must be a column, and
+-- not a key column), 'stream=name', 'partition_key=column' (that column's value instead). A
+-- partition's changes name, and take their key from, the partitioned table it belongs to. Runs with the rights of the role that writes the table:
 -- it needs INSERT on broadcaster_outbox (and EXECUTE on broadcaster_publish), like any
 -- producer.
 CREATE FUNCTION @extschema@.broadcaster_capture() RETURNS trigger
@@ -218,7 +227,9 @@ BEGIN
         v_option := TG_ARGV[i];
         CASE pg_catalog.split_part(v_option, '=', 1)
             WHEN 'exclude' THEN
-                v_exclude := pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',');
+                SELECT COALESCE(pg_catalog.array_agg(pg_catalog.btrim(c)), '{}')
+                  INTO v_exclude
+                  FROM pg_catalog.unnest(pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',')) c;
             WHEN 'stream' THEN
                 v_stream := pg_catalog.substr(v_option, 8);
             WHEN 'partition_key' THEN
@@ -235,6 +246,13 @@ BEGIN
     ELSE
         v_row := pg_catalog.to_jsonb(NEW);
     END IF;
+    -- A column to leave out that is not there would leave a secret in, unseen.
+    FOR i IN 1 .. COALESCE(pg_catalog.array_length(v_exclude, 1), 0) LOOP
+        IF NOT v_row OPERATOR(pg_catalog.?) v_exclude[i] THEN
+            RAISE EXCEPTION 'broadcaster_capture: exclude=% names no column of %', v_exclude[i], TG_TABLE_NAME
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
     v_record := v_row OPERATOR(pg_catalog.-) v_exclude;
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         SELECT COALESCE(pg_catalog.jsonb_object_agg(o.key, o.value), '{}')
@@ -251,7 +269,14 @@ BEGIN
      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY k(attnum, ord)
       JOIN pg_catalog.pg_attribute a
         ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
-     WHERE i.indrelid OPERATOR(pg_catalog.=) TG_RELID AND i.indisprimary;
+     WHERE i.indrelid OPERATOR(pg_catalog.=) v_table AND i.indisprimary;
+    -- The key's values become the subject and partition key: never those of a column left out.
+    IF v_key_cols OPERATOR(pg_catalog.&&) v_exclude
+       OR v_key_col OPERATOR(pg_catalog.=) ANY (v_exclude) THEN
+        RAISE EXCEPTION 'broadcaster_capture: a key column of % is excluded; its value would be the event''s subject or partition key', v_table
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave key columns in, or name another partition_key column.';
+    END IF;
     IF v_key_cols IS NULL THEN
         v_key := v_table::text;
     ELSIF pg_catalog.array_length(v_key_cols, 1) OPERATOR(pg_catalog.=) 1 THEN
@@ -302,3 +327,18 @@ SELECT pg_catalog.pg_extension_config_dump(
     pg_catalog.pg_get_serial_sequence('@extschema@.broadcaster_outbox', 'seq')::pg_catalog.regclass, '');
 -- A restore brings the original's oid back with it: the relay then knows it serves a copy.
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.broadcaster_origin', '');
+
+-- The grants 0.1.0's functions had (see the top of this script).
+UPDATE pg_catalog.pg_proc p SET proacl = g.proacl
+  FROM broadcaster_upgrade_grants g
+ WHERE g.what OPERATOR(pg_catalog.=) 'relays'
+   AND p.oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_relays()'::pg_catalog.regprocedure;
+UPDATE pg_catalog.pg_proc p SET proacl = g.proacl
+  FROM broadcaster_upgrade_grants g
+ WHERE g.what OPERATOR(pg_catalog.=) 'publish'
+   AND p.oid OPERATOR(pg_catalog.=) ANY (ARRAY[
+       '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text)'::pg_catalog.regprocedure,
+       '@extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text)'::pg_catalog.regprocedure,
+       '@extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text)'::pg_catalog.regprocedure
+       ]::pg_catalog.oid[]);
+DROP TABLE broadcaster_upgrade_grants;
