@@ -12,9 +12,9 @@
 --   subject        the primary key's value (a composite key: its values as a JSON array)
 --   partition_key  <table>:<subject>, so one row's changes arrive in commit order; a table
 --                  without a primary key: <table> (all its changes in commit order, no subject)
--- Options, as further trigger arguments: 'exclude=col,col' (secrets), 'stream=name',
--- 'partition_key=column' (that column's value instead). A partition's changes name the
--- partitioned table it belongs to. Runs with the rights of the role that writes the table:
+-- Options, as further trigger arguments: 'exclude=col,col' (secrets: each must be a column, and
+-- not a key column), 'stream=name', 'partition_key=column' (that column's value instead). A
+-- partition's changes name, and take their key from, the partitioned table it belongs to. Runs with the rights of the role that writes the table:
 -- it needs INSERT on broadcaster_outbox (and EXECUTE on broadcaster_publish), like any
 -- producer.
 CREATE FUNCTION @extschema@.broadcaster_capture() RETURNS trigger
@@ -50,7 +50,9 @@ BEGIN
         v_option := TG_ARGV[i];
         CASE pg_catalog.split_part(v_option, '=', 1)
             WHEN 'exclude' THEN
-                v_exclude := pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',');
+                SELECT COALESCE(pg_catalog.array_agg(pg_catalog.btrim(c)), '{}')
+                  INTO v_exclude
+                  FROM pg_catalog.unnest(pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',')) c;
             WHEN 'stream' THEN
                 v_stream := pg_catalog.substr(v_option, 8);
             WHEN 'partition_key' THEN
@@ -67,6 +69,13 @@ BEGIN
     ELSE
         v_row := pg_catalog.to_jsonb(NEW);
     END IF;
+    -- A column to leave out that is not there would leave a secret in, unseen.
+    FOR i IN 1 .. COALESCE(pg_catalog.array_length(v_exclude, 1), 0) LOOP
+        IF NOT v_row OPERATOR(pg_catalog.?) v_exclude[i] THEN
+            RAISE EXCEPTION 'broadcaster_capture: exclude=% names no column of %', v_exclude[i], TG_TABLE_NAME
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
     v_record := v_row OPERATOR(pg_catalog.-) v_exclude;
     IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         SELECT COALESCE(pg_catalog.jsonb_object_agg(o.key, o.value), '{}')
@@ -83,7 +92,14 @@ BEGIN
      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY k(attnum, ord)
       JOIN pg_catalog.pg_attribute a
         ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) k.attnum
-     WHERE i.indrelid OPERATOR(pg_catalog.=) TG_RELID AND i.indisprimary;
+     WHERE i.indrelid OPERATOR(pg_catalog.=) v_table AND i.indisprimary;
+    -- The key's values become the subject and partition key: never those of a column left out.
+    IF v_key_cols OPERATOR(pg_catalog.&&) v_exclude
+       OR v_key_col OPERATOR(pg_catalog.=) ANY (v_exclude) THEN
+        RAISE EXCEPTION 'broadcaster_capture: a key column of % is excluded; its value would be the event''s subject or partition key', v_table
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Leave key columns in, or name another partition_key column.';
+    END IF;
     IF v_key_cols IS NULL THEN
         v_key := v_table::text;
     ELSIF pg_catalog.array_length(v_key_cols, 1) OPERATOR(pg_catalog.=) 1 THEN

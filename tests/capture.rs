@@ -16,6 +16,8 @@ CREATE TABLE orders (
     note        text NOT NULL DEFAULT '',
     total_cents bigint GENERATED ALWAYS AS ((total * 100)::bigint) STORED
 );
+-- Kept out of line, uncompressed, past about 2 kB: the big note really is TOASTed.
+ALTER TABLE orders ALTER COLUMN note SET STORAGE EXTERNAL;
 CREATE TRIGGER orders_events AFTER INSERT OR UPDATE OR DELETE ON orders
     FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('shop.order', 'exclude=password', 'stream=capture');
 CREATE TABLE order_lines (order_id int, line int, sku text, PRIMARY KEY (order_id, line));
@@ -72,13 +74,23 @@ fn capture_refuses_bad_options_with_a_sqlstate() {
            FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('x'); \
          CREATE TABLE v (id int PRIMARY KEY); \
          CREATE TRIGGER nokey AFTER INSERT ON v \
-           FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('x', 'partition_key=nope')",
+           FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('x', 'partition_key=nope'); \
+         CREATE TABLE w (id int PRIMARY KEY, secret text); \
+         CREATE TRIGGER keyout AFTER INSERT ON w \
+           FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('x', 'exclude=id'); \
+         CREATE TABLE y (id int PRIMARY KEY, secret text); \
+         CREATE TRIGGER typo AFTER INSERT ON y \
+           FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('x', 'exclude=secrte')",
     )
     .expect("triggers");
     for (sql, code) in [
         ("INSERT INTO t VALUES (1)", "22023"),
         ("INSERT INTO u VALUES (1)", "22023"),
         ("INSERT INTO v VALUES (1)", "42703"),
+        // A key column's value would be the subject: it can't be left out.
+        ("INSERT INTO w VALUES (1, 's')", "22023"),
+        // A misspelt secret column would be sent: refused, not ignored.
+        ("INSERT INTO y VALUES (1, 's')", "42703"),
     ] {
         let err = c.batch_execute(sql).expect_err("refused");
         assert_eq!(err.code().map(|c| c.code()), Some(code), "{sql}: {err:?}");
@@ -92,4 +104,28 @@ fn capture_refuses_bad_options_with_a_sqlstate() {
         .expect("count")
         .get(0);
     assert_eq!(rows, 0);
+}
+
+#[test]
+fn excluded_columns_never_reach_the_broker() {
+    let s = Setup::new(&[]);
+    let mut c = s.cluster.connect();
+    c.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, name text, secret text, token text); \
+         CREATE TRIGGER accounts_events AFTER INSERT OR UPDATE ON accounts \
+           FOR EACH ROW EXECUTE FUNCTION broadcaster_capture('acct', 'exclude=secret, token'); \
+         INSERT INTO accounts VALUES (1, 'ada', 'hunter2', 't0k3n'); \
+         UPDATE accounts SET secret = 'hunter3', token = 't0k4n', name = 'ada l.'",
+    )
+    .expect("writes");
+    let entries = s.redis.wait_entries(DEFAULT_STREAM, 2);
+    for entry in &entries {
+        let data = entry.get("data").expect("data");
+        for secret in ["hunter", "t0k", "secret", "token"] {
+            assert!(!data.contains(secret), "{secret} in {data}");
+        }
+    }
+    let update: serde_json::Value =
+        serde_json::from_str(entries[1].get("data").expect("data")).expect("JSON");
+    assert_eq!(update["changes"], serde_json::json!({"name": "ada"}));
 }
