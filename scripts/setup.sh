@@ -57,8 +57,7 @@ fi
 # and ORMs applications publish through, and the CloudEvents SDK and redis-py a consumer reads
 # with.
 PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6" "cloudevents>=2.2,<3" "redis>=5,<7")
-if ! python3 -c "import psycopg, sqlalchemy, django, redis; import cloudevents.core.bindings.kafka" 2>/dev/null; then
-  echo "setup: installing ${PY_DEPS[*]}"
-  python3 -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}" 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${PY_DEPS[@]}"
-fi
+# Always asked for by version (pip does nothing when they are there): an older Debian package
+# of the same name would import, and fail later.
+python3 -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}" 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${PY_DEPS[@]}"

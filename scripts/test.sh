@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# A failure on one version does not hide the other's results: every version runs, every test
+# binary runs (--no-fail-fast), and the worst status is the script's.
+worst=0
 
 pg_config_of() {
   case "$1" in
@@ -30,7 +33,10 @@ for version in ${BROADCASTER_PG_VERSIONS:-15 18}; do
   # The end-to-end clusters load the installed library: install this build first, exactly as
   # the pgrx test framework does (so its own install is then a no-op), whichever tests run.
   cargo pgrx install --test --pg-config "$PG_CONFIG" --no-default-features --features "$FEATURES"
+  status=0
   PG_CONFIG="$PG_CONFIG" PGRX_FEATURES="$FEATURES" PGRX_BUILD_PROFILE=debug PGRX_NO_SCHEMA=false \
-    cargo test --no-default-features --features "$FEATURES" "$@"
-  echo "== PostgreSQL $version: the suite took $(($(date +%s) - started)) s"
+    cargo test --no-fail-fast --no-default-features --features "$FEATURES" "$@" || status=$?
+  echo "== PostgreSQL $version: the suite took $(($(date +%s) - started)) s, exit status $status"
+  [ "$status" = 0 ] || worst=$status
 done
+exit "$worst"

@@ -238,6 +238,10 @@ pub unsafe extern "C-unwind" fn broadcaster_publish(
                 nulls[i] = b'n' as std::ffi::c_char;
             }
         }
+        // Called through SQL only: DirectFunctionCall would give no function to look up.
+        if fcinfo.flinfo.is_null() {
+            error!("broadcaster_publish: call it from SQL");
+        }
         let function = publish_function((*fcinfo.flinfo).fn_oid);
         // The INSERT takes json. A jsonb value is printed as PostgreSQL prints it; text goes
         // through json's own input function, as an untyped literal did when data was json only:

@@ -38,6 +38,7 @@ fn consume(
         for entry in reply.keys.into_iter().flat_map(|key| key.ids) {
             // Binary mode: one ce_<attribute> field each, content-type and data.
             let mut event = EventBuilderV10::new();
+            let mut dataschema = None;
             for (name, value) in &entry.map {
                 let value: String = redis::from_redis_value_ref(value)?;
                 event = match name.strip_prefix("ce_") {
@@ -46,7 +47,11 @@ fn consume(
                     Some("type") => event.ty(value),
                     Some("time") => event.time(value.as_str()),
                     Some("subject") => event.subject(value),
-                    Some("specversion" | "dataschema") | None => event,
+                    Some("dataschema") => {
+                        dataschema = Some(value);
+                        event
+                    }
+                    Some("specversion") | None => event,
                     Some(extension) => event.extension(extension, value),
                 };
             }
@@ -54,10 +59,18 @@ fn consume(
                 entry.get::<String>("content-type"),
                 entry.get::<String>("data"),
             ) {
-                event = event.data(
-                    content_type,
-                    serde_json::from_str::<serde_json::Value>(&data)?,
-                );
+                // JSON content types carry JSON; any other, the bare text.
+                let json =
+                    content_type.starts_with("application/json") || content_type.contains("+json");
+                let data: cloudevents::Data = if json {
+                    cloudevents::Data::Json(serde_json::from_str(&data)?)
+                } else {
+                    cloudevents::Data::String(data)
+                };
+                event = match dataschema {
+                    Some(schema) => event.data_with_schema(content_type, schema.as_str(), data),
+                    None => event.data(content_type, data),
+                };
             }
             let event = event.build()?;
             if seen.insert(event.id().to_string()) {
