@@ -30,6 +30,78 @@ fn install_released_0_1_0() {
     .expect("copy the 0.1.0 script (the tests run as root, as scripts/test.sh does)");
 }
 
+/// Events a cluster holds when it is upgraded: 20 delivered and retained, one dead, and 100
+/// pending behind a Redis that refuses writes (left paused).
+struct InFlight {
+    retained: Vec<String>,
+    dead: String,
+    pending: Vec<String>,
+}
+
+/// One event of type `ty` (to `stream`), its id; through a call 0.1.0's SQL takes too.
+fn publish(c: &mut common::PgClient, ty: &str, stream: Option<&str>) -> String {
+    c.query_one(
+        "SELECT broadcaster_publish($1, '{\"v\": 1}', stream => $2)::text",
+        &[&ty, &stream],
+    )
+    .expect("publish")
+    .get(0)
+}
+
+fn put_events_in_flight(c: &mut common::PgClient, redis: &Redis, when: &str) -> InFlight {
+    let retained: Vec<String> = (0..20).map(|_| publish(c, "before", None)).collect();
+    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &retained, DEADLINE);
+    Tally::count(&retained, &delivered).assert_exactly_once(when);
+    redis.set_string("poisoned");
+    let dead = publish(c, "dead", Some("poisoned"));
+    common::wait_for("the dead event", DEADLINE, || {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM broadcaster_dead_events", &[])
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    });
+    redis.pause_writes();
+    let pending = (0..100).map(|_| publish(c, "pending", None)).collect();
+    InFlight {
+        retained,
+        dead,
+        pending,
+    }
+}
+
+/// After the upgrade, Redis writable again: every event in flight and each of `more` relayed
+/// exactly once, the dead one still dead, the retained ones kept.
+fn assert_all_came_through(
+    c: &mut common::PgClient,
+    redis: &Redis,
+    in_flight: &InFlight,
+    more: &[String],
+    what: &str,
+) {
+    redis.unpause();
+    let mut all = in_flight.retained.clone();
+    all.extend(in_flight.pending.iter().cloned());
+    all.extend(more.iter().cloned());
+    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &all, DEADLINE);
+    Tally::count(&all, &delivered).assert_exactly_once(what);
+    let still_dead: Vec<String> = c
+        .query("SELECT id::text FROM broadcaster_dead_events", &[])
+        .expect("dead events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(still_dead, vec![in_flight.dead.clone()], "{what}");
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM broadcaster_published WHERE type = 'before'",
+            &[],
+        )
+        .expect("retained")
+        .get(0);
+    assert_eq!(kept, 20, "{what}");
+}
+
 /// The extension's objects in `database`, as `pg_dump --binary-upgrade --schema-only` writes
 /// them, statement by statement, without what differs between any two databases (oids, frozen
 /// transaction ids, the sequence's position, pg_dump's session token) nor the test build's
@@ -100,15 +172,7 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
     .expect("0.1.0's grants");
 
     // This library serves 0.1.0's SQL meanwhile: events flow, status answers.
-    let retained: Vec<String> = (0..20)
-        .map(|_| {
-            c.query_one("SELECT broadcaster_publish('before')::text", &[])
-                .expect("publish at 0.1.0")
-                .get(0)
-        })
-        .collect();
-    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &retained, DEADLINE);
-    Tally::count(&retained, &delivered).assert_exactly_once("at 0.1.0");
+    let in_flight = put_events_in_flight(&mut c, &redis, "at 0.1.0");
     let states: i64 = c
         .query_one(
             "SELECT count(*) FROM broadcaster_status WHERE state = 'running'",
@@ -117,29 +181,6 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
         .expect("0.1.0's status through this library")
         .get(0);
     assert_eq!(states, 1);
-    redis.set_string("poisoned");
-    let dead: String = c
-        .query_one(
-            "SELECT broadcaster_publish('dead', stream => 'poisoned')::text",
-            &[],
-        )
-        .expect("publish")
-        .get(0);
-    common::wait_for("the dead event", DEADLINE, || {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM broadcaster_dead_events", &[])
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    });
-    redis.pause_writes();
-    let pending: Vec<String> = (0..100)
-        .map(|_| {
-            c.query_one("SELECT broadcaster_publish('pending')::text", &[])
-                .expect("publish")
-                .get(0)
-        })
-        .collect();
 
     cluster.stop_server("fast");
     cluster.start_server();
@@ -179,29 +220,15 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
 
     // Every event through the update: pending ones relayed once, the dead one still dead, the
     // retained ones kept; 0.2.0's own surface works.
-    redis.unpause();
-    let mut all = retained.clone();
-    all.extend(pending.iter().cloned());
-    let after = publish_jsonb(&mut c);
-    all.push(after);
-    all.extend(by_app);
-    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &all, DEADLINE);
-    Tally::count(&all, &delivered).assert_exactly_once("through ALTER EXTENSION UPDATE");
-    let still_dead: Vec<String> = c
-        .query("SELECT id::text FROM broadcaster_dead_events", &[])
-        .expect("dead events")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(still_dead, vec![dead]);
-    let kept: i64 = c
-        .query_one(
-            "SELECT count(*) FROM broadcaster_published WHERE type = 'before'",
-            &[],
-        )
-        .expect("retained")
-        .get(0);
-    assert_eq!(kept, 20);
+    let mut more = by_app;
+    more.push(publish_jsonb(&mut c));
+    assert_all_came_through(
+        &mut c,
+        &redis,
+        &in_flight,
+        &more,
+        "through ALTER EXTENSION UPDATE",
+    );
     let states: Vec<String> = c
         .query("SELECT state FROM broadcaster_status", &[])
         .expect("0.2.0's status")
@@ -328,28 +355,7 @@ fn pg_upgrade_from_15_to_18_keeps_every_pending_dead_and_retained_event() {
     let mut c = old.connect();
     c.batch_execute("CREATE EXTENSION broadcaster")
         .expect("extension on 15");
-    let publish = |c: &mut common::PgClient, ty: &str, stream: Option<&str>| -> String {
-        c.query_one(
-            "SELECT broadcaster_publish($1, '{\"v\": 1}', stream => $2)::text",
-            &[&ty, &stream],
-        )
-        .expect("publish")
-        .get(0)
-    };
-    let retained: Vec<String> = (0..20).map(|_| publish(&mut c, "before", None)).collect();
-    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &retained, DEADLINE);
-    Tally::count(&retained, &delivered).assert_exactly_once("on 15");
-    redis.set_string("poisoned");
-    let dead = publish(&mut c, "dead", Some("poisoned"));
-    common::wait_for("the dead event", DEADLINE, || {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM broadcaster_dead_events", &[])
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    });
-    redis.pause_writes();
-    let pending: Vec<String> = (0..100).map(|_| publish(&mut c, "pending", None)).collect();
+    let in_flight = put_events_in_flight(&mut c, &redis, "on 15");
     // Debian 12's 15.20 build stores an attribute option, pg_attver, on every column, which the
     // upstream 18 build refuses when pg_upgrade restores the schema: a quirk of these two
     // builds (any table fails), not of broadcaster. Removed before the upgrade.
@@ -386,26 +392,12 @@ fn pg_upgrade_from_15_to_18_keeps_every_pending_dead_and_retained_event() {
         .expect("version")
         .get(0);
     assert!(server >= 180_000, "{server}");
-    redis.unpause();
-    let mut all = retained.clone();
-    all.extend(pending);
     let after = publish(&mut c, "after", None);
-    all.push(after);
-    let delivered = redis.wait_for_ids(DEFAULT_STREAM, &all, DEADLINE);
-    Tally::count(&all, &delivered).assert_exactly_once("through pg_upgrade 15 -> 18");
-    let still_dead: Vec<String> = c
-        .query("SELECT id::text FROM broadcaster_dead_events", &[])
-        .expect("dead events")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(still_dead, vec![dead]);
-    let kept: i64 = c
-        .query_one(
-            "SELECT count(*) FROM broadcaster_published WHERE type = 'before'",
-            &[],
-        )
-        .expect("retained")
-        .get(0);
-    assert_eq!(kept, 20);
+    assert_all_came_through(
+        &mut c,
+        &redis,
+        &in_flight,
+        &[after],
+        "through pg_upgrade 15 -> 18",
+    );
 }
