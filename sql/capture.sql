@@ -13,7 +13,8 @@
 --   partition_key  <table>:<subject>, so one row's changes arrive in commit order; a table
 --                  without a primary key: <table> (all its changes in commit order, no subject)
 -- Options, as further trigger arguments: 'exclude=col,col' (secrets: each must be a column, and
--- not a key column), 'stream=name', 'partition_key=column' (that column's value instead). A
+-- not a key column), 'stream=name', 'backend=name' (a named backend: a server of the
+-- broadcaster wrapper), 'partition_key=column' (that column's value instead). A
 -- partition's changes name, and take their key from, the partitioned table it belongs to. Runs with the rights of the role that writes the table:
 -- it needs INSERT on broadcaster_outbox (and EXECUTE on broadcaster_publish), like any
 -- producer.
@@ -25,6 +26,7 @@ DECLARE
     v_prefix   text;
     v_exclude  text[] := '{}';
     v_stream   text;
+    v_backend  text;
     v_key_col  text;
     v_option   text;
     v_row      jsonb;
@@ -55,12 +57,14 @@ BEGIN
                   FROM pg_catalog.unnest(pg_catalog.string_to_array(pg_catalog.substr(v_option, 9), ',')) c;
             WHEN 'stream' THEN
                 v_stream := pg_catalog.substr(v_option, 8);
+            WHEN 'backend' THEN
+                v_backend := pg_catalog.substr(v_option, 9);
             WHEN 'partition_key' THEN
                 v_key_col := pg_catalog.substr(v_option, 15);
             ELSE
                 RAISE EXCEPTION 'broadcaster_capture: unknown option "%"', v_option
                     USING ERRCODE = 'invalid_parameter_value',
-                          HINT = 'Options: exclude=col,col  stream=name  partition_key=column';
+                          HINT = 'Options: exclude=col,col  stream=name  backend=name  partition_key=column';
         END CASE;
     END LOOP;
 
@@ -131,7 +135,8 @@ BEGIN
         data          => v_data,
         subject       => v_subject,
         partition_key => v_key,
-        stream        => v_stream);
+        stream        => v_stream,
+        backend       => v_backend);
     RETURN NULL;
 END
 $$;

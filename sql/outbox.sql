@@ -21,8 +21,21 @@ CREATE TABLE @extschema@.broadcaster_outbox (
     data            json,
     partition_key   text,
     extensions      jsonb       NOT NULL DEFAULT '{}',
-    stream          text
+    stream          text,
+    -- The named backend the event goes to: a server of the broadcaster foreign-data wrapper
+    -- (CREATE SERVER ... FOREIGN DATA WRAPPER broadcaster), on which the writer has USAGE.
+    -- NULL: the default backend (broadcaster.backend and its settings).
+    backend         text
 );
+
+-- Each named backend's relay claims its events in seq order through this index. Partial: an
+-- event for the default backend costs no entry here.
+CREATE INDEX broadcaster_outbox_backend ON @extschema@.broadcaster_outbox (backend, seq)
+    WHERE backend IS NOT NULL;
+-- And the default backend's relay through this one, so that a named backend's backlog (its
+-- broker down for an hour) never lies in the way of the default backend's claims.
+CREATE INDEX broadcaster_outbox_default ON @extschema@.broadcaster_outbox (seq)
+    WHERE backend IS NULL;
 
 -- Validation and wake-up, written in Rust: raises SQLSTATE 22023 naming the column at fault
 -- (23514 for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999), for raw INSERTs and the function alike, and wakes the relay when the
@@ -47,7 +60,9 @@ CREATE TABLE @extschema@.broadcaster_failures (
     attempts        integer     NOT NULL,
     next_attempt_at timestamptz NOT NULL,
     dead            boolean     NOT NULL,
-    last_error      text        NOT NULL
+    last_error      text        NOT NULL,
+    -- The event's backend when it failed: each backend's relay looks at its own failures.
+    backend         text
 );
 CREATE INDEX broadcaster_failures_key ON @extschema@.broadcaster_failures (partition_key, seq);
 CREATE TRIGGER broadcaster_failures_cleared
@@ -84,7 +99,8 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
@@ -98,7 +114,8 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
@@ -114,7 +131,8 @@ CREATE FUNCTION @extschema@.broadcaster_publish(
     subject       text  DEFAULT NULL,
     partition_key text  DEFAULT NULL,
     extensions    jsonb DEFAULT NULL,
-    stream        text  DEFAULT NULL
+    stream        text  DEFAULT NULL,
+    backend       text  DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'broadcaster_publish';
@@ -134,7 +152,8 @@ CREATE TABLE @extschema@.broadcaster_published (
     partition_key   text,
     extensions      jsonb       NOT NULL,
     stream          text,
-    published_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+    published_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    backend         text
 );
 CREATE INDEX broadcaster_published_published_at ON @extschema@.broadcaster_published (published_at);
 CREATE INDEX broadcaster_published_id ON @extschema@.broadcaster_published (id);
@@ -155,9 +174,9 @@ BEGIN
     END IF;
     INSERT INTO @extschema@.broadcaster_outbox
            (id, type, source, subject, time, datacontenttype, dataschema, data,
-            partition_key, extensions, stream)
+            partition_key, extensions, stream, backend)
     SELECT id, type, source, subject, time, datacontenttype, dataschema, data,
-           partition_key, extensions, stream
+           partition_key, extensions, stream, backend
       FROM (SELECT DISTINCT ON (id) *
               FROM @extschema@.broadcaster_published
              WHERE id = ANY (ids)
@@ -193,7 +212,7 @@ $$;
 -- Dead events: retried broadcaster.max_attempts times and refused each time.
 CREATE VIEW @extschema@.broadcaster_dead_events AS
     SELECT o.id, o.type, o.source, o.subject, o.time, o.partition_key, o.stream,
-           f.attempts, f.last_error
+           f.attempts, f.last_error, o.backend
       FROM @extschema@.broadcaster_outbox o
       JOIN @extschema@.broadcaster_failures f ON f.seq OPERATOR(pg_catalog.=) o.seq
      WHERE f.dead;
@@ -277,8 +296,11 @@ BEGIN
 END
 $$;
 
--- One row per relay since the cluster started: shared memory, plus the outbox's own counts for
--- the current database (NULL for the others, whose outboxes this session can't read).
+-- One row per relay since the cluster started, that is per database and backend (`backend`:
+-- the server's name; NULL for the default backend; `kind`: redis, file, function): shared
+-- memory, plus the outbox's own counts for the current database (NULL for the others, whose
+-- outboxes this session can't read). `state`: running, read only, stopped, standby, or
+-- `no server` for a named backend whose server was dropped (its events wait for one).
 CREATE FUNCTION @extschema@.broadcaster_status(
     OUT database           name,
     OUT pid                integer,
@@ -293,35 +315,61 @@ CREATE FUNCTION @extschema@.broadcaster_status(
     OUT dead               bigint,
     OUT published          bigint,
     OUT failed             bigint,
-    OUT published_per_second numeric
+    OUT published_per_second numeric,
+    OUT kind               text
 ) RETURNS SETOF record
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT d.datname,
+    WITH relays AS (
+        SELECT r.*, d.datname
+          FROM @extschema@.broadcaster_relays() r
+          JOIN pg_database d ON d.oid = r.database),
+    here AS (
+        SELECT o.backend,
+               count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
+               now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
+               count(*) FILTER (WHERE f.dead) AS dead
+          FROM @extschema@.broadcaster_outbox o
+          LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq
+         GROUP BY o.backend)
+    SELECT r.datname,
            r.pid,
-           r.state,
-           current_setting('broadcaster.backend'),
+           CASE WHEN r.backend IS NOT NULL AND r.datname = current_database()
+                 AND NOT EXISTS (SELECT 1 FROM pg_foreign_server s
+                                   JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+                                  WHERE w.fdwname = 'broadcaster' AND s.srvname = r.backend)
+                THEN 'no server' ELSE r.state END,
+           r.backend,
            r.healthy,
            pg_epoch + r.last_success_us * interval '1 microsecond',
            r.last_error,
            pg_epoch + r.last_error_us * interval '1 microsecond',
-           o.pending,
-           o.oldest_pending_age,
-           o.dead,
+           CASE WHEN r.datname = current_database() THEN coalesce(h.pending, 0) END,
+           h.oldest_pending_age,
+           CASE WHEN r.datname = current_database() THEN coalesce(h.dead, 0) END,
            r.published,
            r.failed,
-           round(r.recent_rate::numeric, 1)
-      FROM @extschema@.broadcaster_relays() r
-      JOIN pg_database d ON d.oid = r.database
+           round(r.recent_rate::numeric, 1),
+           r.kind
+      FROM relays r
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
-      LEFT JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE f.dead IS NOT TRUE) AS pending,
-                   now() - min(o.time) FILTER (WHERE f.dead IS NOT TRUE) AS oldest_pending_age,
-                   count(*) FILTER (WHERE f.dead) AS dead
-              FROM @extschema@.broadcaster_outbox o
-              LEFT JOIN @extschema@.broadcaster_failures f ON f.seq = o.seq) o
-           ON d.datname = current_database()
+      LEFT JOIN here h
+           ON r.datname = current_database() AND h.backend IS NOT DISTINCT FROM r.backend
+    UNION ALL
+    -- Named backends of this database holding events that no relay serves: a server whose relay
+    -- has not started yet, or none at all (dropped: its events wait for a server of that name).
+    SELECT current_database(), NULL,
+           CASE WHEN EXISTS (SELECT 1 FROM pg_foreign_server s
+                               JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+                              WHERE w.fdwname = 'broadcaster' AND s.srvname = h.backend)
+                THEN 'stopped' ELSE 'no server' END,
+           h.backend, false, NULL, NULL, NULL, h.pending, h.oldest_pending_age, h.dead,
+           0, 0, 0, NULL
+      FROM here h
+     WHERE h.backend IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM relays r
+                        WHERE r.datname = current_database() AND r.backend = h.backend)
 $$;
 
 CREATE VIEW @extschema@.broadcaster_status AS SELECT * FROM @extschema@.broadcaster_status();

@@ -5,32 +5,12 @@
 use std::sync::OnceLock;
 
 use pgrx::datum::TryFromDatumError;
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::event::{self, EventError};
+use crate::error::Error;
+use crate::event;
 use crate::{guc, shared};
-
-impl From<EventError> for ErrorReport {
-    fn from(e: EventError) -> Self {
-        let column = e.column();
-        let code = match e {
-            EventError::TooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            EventError::StreamOutsidePrefix { .. } => {
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
-            _ => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        };
-        ErrorReport::new(
-            code,
-            format!("broadcaster: invalid event: {e}"),
-            "broadcaster_outbox_accept",
-        )
-        .set_detail(format!("The value of \"{column}\" is refused."))
-        .set_hint("See the broadcaster_outbox column rules in the README.")
-    }
-}
 
 /// `'0001-01-01 00:00:00+00'` and `'10000-01-01 00:00:00+00'` as Postgres stores a timestamptz
 /// (microseconds from 2000-01-01 UTC): RFC 3339, so CloudEvents, has years 1 to 9999 only. The
@@ -63,9 +43,15 @@ fn broadcaster_outbox_accept<'a>(
     // disabled trigger, or above a lower max_event_size) would otherwise fail the whole COPY and
     // lose every event in it. Kept as they are; the relay's own checks send a row it can't
     // encode to dead.
+    // The backend column is missing from a table still at 0.1.0 (before ALTER EXTENSION
+    // UPDATE): every event there is the default backend's.
+    let backend = match row.get_by_name::<&str>("backend") {
+        Err(TryFromDatumError::NoSuchAttributeName(_)) => None,
+        other => other?,
+    };
     if unsafe { pg_sys::SessionReplicationRole } == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
     {
-        shared::wake_at_commit();
+        shared::wake_at_commit(backend.is_some());
         return Ok(Some(row));
     }
     let column = |name: &str| row.get_by_name::<&str>(name);
@@ -88,9 +74,12 @@ fn broadcaster_outbox_accept<'a>(
     }
     .validate(guc::max_event_size(), &stream_prefix);
     if let Err(e) = checked {
-        ErrorReport::from(e).report(PgLogLevel::ERROR);
+        Error::from(e).raise("broadcaster_outbox_accept");
     }
-    shared::wake_at_commit();
+    if let Some(name) = backend {
+        crate::fdw::check_backend_use(name);
+    }
+    shared::wake_at_commit(backend.is_some());
     Ok(Some(row))
 }
 
@@ -132,7 +121,8 @@ fn broadcaster_replicated_row<'a>(
 fn broadcaster_failures_cleared<'a>(
     _trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, TryFromDatumError> {
-    shared::wake_at_commit();
+    shared::wake_at_commit(false);
+    shared::wake_at_commit(true);
     Ok(None)
 }
 
@@ -202,17 +192,12 @@ fn accept_time(time: Option<TimestampWithTimeZone>) {
     };
     let micros = pg_sys::TimestampTz::from(time);
     if !(TIME_MIN..TIME_END).contains(&micros) {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-            format!("broadcaster: invalid event: time {time} is not an RFC 3339 time: it must be finite, in years 1 to 9999"),
-            "broadcaster_outbox_accept",
-        )
-        .set_detail("The value of \"time\" is refused.")
-        .report(PgLogLevel::ERROR);
+        Error::InvalidTime(time.to_string()).raise("broadcaster_outbox_accept");
     }
 }
 
-/// `broadcaster_publish(type, data, source, subject, partition_key, extensions, stream)`,
+/// `broadcaster_publish(type, data, source, subject, partition_key, extensions, stream,
+/// backend)` (0.1.0's declaration has no `backend`),
 /// declared in `sql/outbox.sql` as a C function: one INSERT through a plan kept for the session.
 /// A producer usually publishes once per transaction, and a PL/pgSQL function pays at the first
 /// call of each transaction to set up and revalidate its expressions and plans. Runs with the
@@ -225,14 +210,17 @@ pub unsafe extern "C-unwind" fn broadcaster_publish(
 ) -> pg_sys::Datum {
     unsafe {
         let fcinfo = &mut *fcinfo;
-        if usize::try_from(fcinfo.nargs) != Ok(PUBLISH_ARGS) {
+        let nargs = usize::try_from(fcinfo.nargs).unwrap_or(0);
+        if !(PUBLISH_ARGS_0_1..=PUBLISH_ARGS).contains(&nargs) {
             error!("broadcaster_publish: expected {PUBLISH_ARGS} arguments");
         }
-        // The INSERT's parameters: the arguments, then the id. It is made here, in the
-        // caller's memory, and returned: RETURNING it would need SELECT rights.
+        // The INSERT's parameters: the arguments (backend NULL when not declared), then the
+        // id. It is made here, in the caller's memory, and returned: RETURNING it would need
+        // SELECT rights.
         let mut values = [pg_sys::Datum::from(0usize); PUBLISH_ARGS + 1];
-        let mut nulls = [b' ' as std::ffi::c_char; PUBLISH_ARGS + 1];
-        for (i, arg) in fcinfo.args.as_slice(PUBLISH_ARGS).iter().enumerate() {
+        let mut nulls = [b'n' as std::ffi::c_char; PUBLISH_ARGS + 1];
+        for (i, arg) in fcinfo.args.as_slice(nargs).iter().enumerate() {
+            nulls[i] = b' ' as std::ffi::c_char;
             values[i] = arg.value;
             if arg.isnull {
                 nulls[i] = b'n' as std::ffi::c_char;
@@ -263,10 +251,11 @@ pub unsafe extern "C-unwind" fn broadcaster_publish(
             error!("broadcaster_publish: gen_random_uuid returned NULL");
         };
         values[PUBLISH_ARGS] = id;
+        nulls[PUBLISH_ARGS] = b' ' as std::ffi::c_char;
         if pg_sys::SPI_connect() < 0 {
             error!("broadcaster_publish: SPI_connect failed");
         }
-        let plan = publish_plan(function.schema);
+        let plan = publish_plan(function.schema, nargs == PUBLISH_ARGS);
         let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         if rc != pg_sys::SPI_OK_INSERT as i32 {
             error!("broadcaster_publish: the INSERT failed (SPI code {rc})");
@@ -296,7 +285,9 @@ pub extern "C" fn pg_finfo_broadcaster_publish() -> &'static pg_sys::Pg_finfo_re
 }
 
 /// `broadcaster_publish`'s arguments.
-const PUBLISH_ARGS: usize = 7;
+const PUBLISH_ARGS: usize = 8;
+/// Those of 0.1.0's declaration, without `backend`, served until `ALTER EXTENSION ... UPDATE`.
+const PUBLISH_ARGS_0_1: usize = 7;
 
 /// What `broadcaster_publish` needs to know of the SQL function it was called as: one of three
 /// overloads (data text, json or jsonb), all this C function.
@@ -319,10 +310,11 @@ thread_local! {
         })
     };
     /// `broadcaster_publish`'s INSERT, planned once per session, for the schema it was made
-    /// for (another after DROP and CREATE EXTENSION in another schema), and shared by the three
-    /// overloads. Postgres plans it again when the table changes.
-    static PUBLISH_PLAN: std::cell::Cell<(pg_sys::Oid, pg_sys::SPIPlanPtr)> =
-        const { std::cell::Cell::new((pg_sys::InvalidOid, std::ptr::null_mut())) };
+    /// for (another after DROP and CREATE EXTENSION in another schema) and whether it names
+    /// `backend`, and shared by the three overloads. Postgres plans it again when the table
+    /// changes.
+    static PUBLISH_PLAN: std::cell::Cell<(pg_sys::Oid, bool, pg_sys::SPIPlanPtr)> =
+        const { std::cell::Cell::new((pg_sys::InvalidOid, false, std::ptr::null_mut())) };
 }
 
 /// The overload `oid` of `broadcaster_publish`: its schema and its `data` type.
@@ -335,7 +327,8 @@ unsafe fn publish_function(oid: pg_sys::Oid) -> PublishFunction {
         let mut argtypes: *mut pg_sys::Oid = std::ptr::null_mut();
         let mut nargs: std::ffi::c_int = 0;
         pg_sys::get_func_signature(oid, &mut argtypes, &mut nargs);
-        if argtypes.is_null() || usize::try_from(nargs) != Ok(PUBLISH_ARGS) {
+        let declared = usize::try_from(nargs).unwrap_or(0);
+        if argtypes.is_null() || !(PUBLISH_ARGS_0_1..=PUBLISH_ARGS).contains(&declared) {
             error!("broadcaster_publish: expected {PUBLISH_ARGS} arguments");
         }
         let function = PublishFunction {
@@ -349,17 +342,18 @@ unsafe fn publish_function(oid: pg_sys::Oid) -> PublishFunction {
 }
 
 /// The kept plan of `broadcaster_publish`'s INSERT into the outbox of `schema`, prepared at its
-/// first call: the arguments as `$1` to `$7` (data as json), the id as `$8`. Inside
-/// SPI_connect.
-unsafe fn publish_plan(schema: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
-    let (made_for, plan) = PUBLISH_PLAN.get();
-    if made_for == schema && !plan.is_null() {
+/// first call: the arguments as `$1` to `$8` (data as json), the id as `$9`; `$8`, backend,
+/// left out for `0.1.0`'s declaration (`with_backend` false), whose table has no such column.
+/// Inside SPI_connect.
+unsafe fn publish_plan(schema: pg_sys::Oid, with_backend: bool) -> pg_sys::SPIPlanPtr {
+    let (made_for, made_with_backend, plan) = PUBLISH_PLAN.get();
+    if made_for == schema && made_with_backend == with_backend && !plan.is_null() {
         return plan;
     }
     unsafe {
         if !plan.is_null() {
             // Forgotten before anything below can raise an error.
-            PUBLISH_PLAN.set((pg_sys::InvalidOid, std::ptr::null_mut()));
+            PUBLISH_PLAN.set((pg_sys::InvalidOid, false, std::ptr::null_mut()));
             pg_sys::SPI_freeplan(plan);
         }
         let name = pg_sys::get_namespace_name(schema);
@@ -369,11 +363,16 @@ unsafe fn publish_plan(schema: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
         let quoted = std::ffi::CStr::from_ptr(pg_sys::quote_identifier(name))
             .to_string_lossy()
             .into_owned();
+        let (column, value) = if with_backend {
+            (", backend", ", $8")
+        } else {
+            ("", "")
+        };
         let sql = format!(
             "INSERT INTO {quoted}.broadcaster_outbox \
-                    (type, data, source, subject, partition_key, extensions, stream, id) \
+                    (type, data, source, subject, partition_key, extensions, stream, id{column}) \
              VALUES ($1, $2, coalesce($3, {quoted}.broadcaster_default_source()), $4, $5, \
-                     coalesce($6, '{{}}'), $7, $8)"
+                     coalesce($6, '{{}}'), $7, $9{value})"
         );
         let mut types = [
             pg_sys::TEXTOID,
@@ -382,6 +381,7 @@ unsafe fn publish_plan(schema: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
             pg_sys::TEXTOID,
             pg_sys::TEXTOID,
             pg_sys::JSONBOID,
+            pg_sys::TEXTOID,
             pg_sys::TEXTOID,
             pg_sys::UUIDOID,
         ];
@@ -392,7 +392,7 @@ unsafe fn publish_plan(schema: pg_sys::Oid) -> pg_sys::SPIPlanPtr {
         if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
             error!("broadcaster_publish: could not prepare its INSERT");
         }
-        PUBLISH_PLAN.set((schema, plan));
+        PUBLISH_PLAN.set((schema, with_backend, plan));
         plan
     }
 }
@@ -421,14 +421,6 @@ fn current_database() -> String {
     }
 }
 
-/// True when this database's relay worker is running and its last publish or broker check
-/// succeeded within `broadcaster.health_timeout`. Never raises, never waits.
-#[pg_extern(volatile, parallel_safe)]
-fn broadcaster_health() -> bool {
-    let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
-    shared::relay_of(unsafe { pg_sys::MyDatabaseId }).is_some_and(|r| r.healthy(timeout_us))
-}
-
 /// The relays' shared-memory state, raw; `broadcaster_status` presents it. `state` is
 /// `running`, `read only` (running, but waiting: its database is read-only), `stopped`, or, on
 /// a hot standby, `standby` for each database `broadcaster.database` lists (no relay runs there
@@ -443,6 +435,8 @@ fn broadcaster_relay_states() -> TableIterator<
     'static,
     (
         name!(database, pg_sys::Oid),
+        name!(backend, Option<String>),
+        name!(kind, Option<String>),
         name!(pid, Option<i32>),
         name!(state, &'static str),
         name!(healthy, bool),
@@ -479,6 +473,8 @@ fn broadcaster_relay_states() -> TableIterator<
         };
         (
             pg_sys::Oid::from(r.database),
+            r.backend(),
+            r.kind(),
             (r.pid != 0).then_some(r.pid),
             state,
             r.healthy(timeout_us),
@@ -513,9 +509,12 @@ fn broadcaster_relays() -> TableIterator<
         name!(recent_rate, f64),
     ),
 > {
-    TableIterator::new(broadcaster_relay_states().map(
+    // 0.1.0 knew one backend per database: its rows are the default backends'.
+    TableIterator::new(broadcaster_relay_states().filter(|r| r.1.is_none()).map(
         |(
             database,
+            _backend,
+            _kind,
             pid,
             _state,
             healthy,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
-use crate::backend::{BackendConfig, MessageMode};
+use crate::backend::{Context, Options};
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum MessageModeSetting {
@@ -316,23 +316,55 @@ pub fn health_timeout() -> Duration {
     millis(&HEALTH_TIMEOUT_MS)
 }
 
-/// The backend's configuration as the settings stand now, for the worker serving `database`.
-pub fn backend_config(database: &str) -> BackendConfig {
-    BackendConfig {
-        redis_url: redis_url(),
-        redis_tls_ca_file: string(&REDIS_TLS_CA_FILE).unwrap_or_default(),
-        redis_tls_cert_file: string(&REDIS_TLS_CERT_FILE).unwrap_or_default(),
-        redis_tls_key_file: string(&REDIS_TLS_KEY_FILE).unwrap_or_default(),
-        stream_prefix: stream_prefix(),
-        stream: string(&STREAM).unwrap_or_else(|| format!("broadcaster:{database}")),
-        maxlen: u64::try_from(REDIS_MAXLEN.get()).unwrap_or(0),
-        mode: match MESSAGE_MODE.get() {
-            MessageModeSetting::Binary => MessageMode::Binary,
-            MessageModeSetting::Structured => MessageMode::Structured,
-        },
+/// How errors name the default backend's options: by the settings they come from.
+const DEFAULT_BACKEND_LABELS: &[(&str, &str)] = &[
+    ("url", "broadcaster.redis_url"),
+    ("tls_ca_file", "broadcaster.redis_tls_ca_file"),
+    ("tls_cert_file", "broadcaster.redis_tls_cert_file"),
+    ("tls_key_file", "broadcaster.redis_tls_key_file"),
+    ("stream_prefix", "broadcaster.stream_prefix"),
+    ("stream", "broadcaster.stream"),
+    ("maxlen", "broadcaster.redis_maxlen"),
+    ("message_mode", "broadcaster.message_mode"),
+    ("network_timeout", "broadcaster.network_timeout"),
+    ("path", "broadcaster.file_path"),
+];
+
+/// What every backend of the relay serving `database` is told (`server`: None for the
+/// default backend).
+pub fn backend_context(database: &str, server: Option<&str>) -> Context {
+    Context {
+        server: server.map(str::to_string),
+        database: database.to_string(),
         timeout: millis(&NETWORK_TIMEOUT_MS),
-        file_path: string(&FILE_PATH).unwrap_or_default(),
         max_event_size: max_event_size(),
-        producer_id: format!("broadcaster:{database}"),
     }
+}
+
+/// The default backend's options as the `broadcaster.*` settings stand now, for the relay
+/// serving `database`.
+pub fn default_backend_options(database: &str) -> Options {
+    let mut pairs = vec![
+        ("url", redis_url()),
+        ("stream_prefix", stream_prefix()),
+        ("maxlen", REDIS_MAXLEN.get().to_string()),
+        (
+            "message_mode",
+            match MESSAGE_MODE.get() {
+                MessageModeSetting::Binary => "binary".to_string(),
+                MessageModeSetting::Structured => "structured".to_string(),
+            },
+        ),
+    ];
+    let optional = [
+        ("tls_ca_file", string(&REDIS_TLS_CA_FILE)),
+        ("tls_cert_file", string(&REDIS_TLS_CERT_FILE)),
+        ("tls_key_file", string(&REDIS_TLS_KEY_FILE)),
+        ("stream", string(&STREAM)),
+        ("path", string(&FILE_PATH)),
+    ];
+    pairs.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    let mut options = Options::new(pairs).with_context(backend_context(database, None));
+    options.labels = DEFAULT_BACKEND_LABELS;
+    options
 }

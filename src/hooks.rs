@@ -15,7 +15,6 @@
 
 use std::ffi::{c_char, CStr};
 
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgList;
 
@@ -224,19 +223,7 @@ fn refuse_drop_with_undelivered_events() {
     let sql = format!("SELECT pg_catalog.count(*) FROM {schema}.broadcaster_outbox");
     let undelivered = Spi::get_one::<i64>(&sql).ok().flatten().unwrap_or(0);
     if undelivered > 0 {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-            format!(
-                "broadcaster: {undelivered} events in broadcaster_outbox are not delivered yet; \
-                 dropping the extension would lose them"
-            ),
-            "broadcaster",
-        )
-        .set_hint(
-            "Let the relay deliver them (broadcaster_status shows what is pending), or discard \
-             them first with DELETE FROM broadcaster_outbox.",
-        )
-        .report(PgLogLevel::ERROR);
+        crate::error::Error::Undelivered(undelivered).raise("broadcaster");
     }
 }
 

@@ -3,19 +3,24 @@
 //!
 //! The data's path: `broadcaster_publish` / plain INSERT (`api`, `sql/outbox.sql`) → outbox
 //! table → relay worker (`worker`) → backend (`backend`) → broker. `event` and `backend` are
-//! plain Rust; `api`, `guc`, `shared` and `worker` are the pgrx side.
+//! plain Rust; `api`, `fdw` (named backends), `guc`, `shared`, `hooks` and `worker` are the
+//! pgrx side, and `error` is what they raise.
 
 use pgrx::prelude::*;
 
 mod api;
 pub mod backend;
+mod error;
 pub mod event;
+mod fdw;
 mod guc;
 mod hooks;
 mod shared;
 mod worker;
 
-pub use backend::{BackendConfig, BackendError, MessageMode, PublisherBackend};
+pub use backend::{
+    Backend, BatchError, Config, ConfigError, Options, Outcome, Pipelined, PublisherBackend,
+};
 pub use event::{EventError, OutboxEvent};
 
 ::pgrx::pg_module_magic!(name, version);
@@ -35,6 +40,11 @@ extension_sql_file!(
     "../sql/capture.sql",
     name = "capture",
     requires = ["outbox"]
+);
+extension_sql_file!(
+    "../sql/backends.sql",
+    name = "backends",
+    requires = ["outbox", fdw::broadcaster_fdw_validator]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

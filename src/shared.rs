@@ -1,7 +1,8 @@
 //! What the relay workers and every backend share: each relay's health and counters (read by
 //! `broadcaster_health()` and `broadcaster_status()`), and its latch, which a committing
-//! producer sets so the relay of its database works at once instead of at the next poll. One
-//! slot per served database.
+//! producer sets so the relays of its database work at once instead of at the next poll. One
+//! slot per served database and backend: the default backend's relay, and one relay per
+//! server of the `broadcaster` foreign-data wrapper.
 //!
 //! It also carries what the launcher must hear about from other processes: a database whose
 //! relay found no extension (and a `CREATE EXTENSION` that ended that), and databases a backend
@@ -16,7 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering}
 use pgrx::{pg_guard, pg_shmem_init, pg_sys, PGRXSharedMemory, PgAtomic, PgLwLock};
 
 /// Most databases one cluster's relays serve.
-pub const MAX_RELAYS: usize = 16;
+pub const MAX_DATABASES: usize = 16;
+/// Most relays with a slot: the default backend's of each database, and one per named backend
+/// (server). A relay without a slot still relays, without health reports or commit wake-ups.
+pub const MAX_RELAYS: usize = 64;
+/// Longest backend (server) name kept: PostgreSQL's NAMEDATALEN - 1.
+const NAME_TEXT: usize = 63;
 /// Most `DROP`/`RENAME`/`CREATE DATABASE ... TEMPLATE` commands stepping a relay aside at once.
 const MAX_ASIDE: usize = 8;
 const ERROR_TEXT: usize = 256;
@@ -28,6 +34,13 @@ pub struct RelayState {
     pub pid: i32,
     /// Database the slot belongs to; 0 for a free slot.
     pub database: u32,
+    /// The foreign server (named backend) relayed to; 0 for the default backend.
+    pub server: u32,
+    backend: [u8; NAME_TEXT],
+    backend_len: usize,
+    /// The backend's kind (`redis`, `file`, `function`).
+    kind: [u8; NAME_TEXT],
+    kind_len: usize,
     /// Last successful publish or broker check (Postgres timestamp, microseconds).
     pub last_ok: i64,
     /// Last failed publish or broker check, and what failed.
@@ -47,6 +60,9 @@ pub struct RelayState {
     pub recent_rate: f64,
     /// The relay runs but waits: its database is read-only.
     pub read_only: bool,
+    /// A named backend's relay: its backend has events in the outbox. The default backend's:
+    /// the outbox holds events naming a backend that has no server.
+    pub pending: bool,
 }
 
 /// Length of the window the recent publish rate is measured over.
@@ -57,6 +73,11 @@ impl Default for RelayState {
         RelayState {
             pid: 0,
             database: 0,
+            server: 0,
+            backend: [0; NAME_TEXT],
+            backend_len: 0,
+            kind: [0; NAME_TEXT],
+            kind_len: 0,
             last_ok: 0,
             last_error_at: 0,
             last_error: [0; ERROR_TEXT],
@@ -68,6 +89,7 @@ impl Default for RelayState {
             rate_base: 0,
             recent_rate: 0.0,
             read_only: false,
+            pending: false,
         }
     }
 }
@@ -80,6 +102,18 @@ impl RelayState {
             database: database.to_u32(),
             ..Default::default()
         }
+    }
+
+    /// The server's name; None for the default backend.
+    pub fn backend(&self) -> Option<String> {
+        (self.server != 0)
+            .then(|| String::from_utf8_lossy(&self.backend[..self.backend_len]).into_owned())
+    }
+
+    /// The backend's kind, as last started; None before.
+    pub fn kind(&self) -> Option<String> {
+        (self.kind_len > 0)
+            .then(|| String::from_utf8_lossy(&self.kind[..self.kind_len]).into_owned())
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -97,13 +131,24 @@ impl RelayState {
     }
 }
 
-#[derive(Copy, Clone, Default)]
+#[derive(Copy, Clone)]
 pub struct Relays([RelayState; MAX_RELAYS]);
+
+impl Default for Relays {
+    fn default() -> Self {
+        Relays([RelayState::default(); MAX_RELAYS])
+    }
+}
 unsafe impl PGRXSharedMemory for Relays {}
 
 /// Where each database's relay can be woken: read on the commit path, so lock-free.
-#[derive(Default)]
 pub struct Latches([Latch; MAX_RELAYS]);
+
+impl Default for Latches {
+    fn default() -> Self {
+        Latches(std::array::from_fn(|_| Latch::default()))
+    }
+}
 #[derive(Default)]
 struct Latch {
     database: AtomicU32,
@@ -111,6 +156,8 @@ struct Latch {
     procno: AtomicI32,
     /// The relay is waiting out a broker outage: a commit need not wake it.
     backing_off: AtomicBool,
+    /// The relay serves a named backend.
+    named: AtomicBool,
     /// A backend asks the relay to leave its database (see [`step_aside`]).
     leave: AtomicBool,
 }
@@ -122,9 +169,9 @@ pub struct LauncherMail {
     launcher: AtomicI32,
     /// Databases whose relay found the extension missing, until a `CREATE EXTENSION` commits
     /// there.
-    absent: [AtomicU32; MAX_RELAYS],
+    absent: [AtomicU32; MAX_DATABASES],
     /// Databases whose relay left for that reason, until the launcher has seen it stop.
-    probed: [AtomicU32; MAX_RELAYS],
+    probed: [AtomicU32; MAX_DATABASES],
     /// Databases a backend is dropping, renaming or copying: (database, that backend's pid).
     aside: [(AtomicU32, AtomicI32); MAX_ASIDE],
 }
@@ -139,8 +186,11 @@ static MAIL: PgAtomic<LauncherMail> = unsafe { PgAtomic::new(c"broadcaster_launc
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This relay process's slot.
 static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
-/// This backend's transaction wrote outbox rows: wake the relay when it commits.
-static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// This backend's transaction wrote outbox rows: wake the relays when it commits. Bit 1: for
+/// the default backend; bit 2: for a named one ([`WAKE_DEFAULT`], [`WAKE_NAMED`]).
+static WAKE_AT_COMMIT: AtomicU32 = AtomicU32::new(0);
+const WAKE_DEFAULT: u32 = 1;
+const WAKE_NAMED: u32 = 2;
 /// This backend's transaction created the extension: tell the launcher when it commits.
 static INSTALLED_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 static XACT_CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
@@ -162,52 +212,92 @@ pub fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// Takes the slot of `database` (or a free one) for this relay process. False when all slots
-/// serve other databases: the relay then works without health reports or commit wake-ups.
-pub fn relay_started(database: pg_sys::Oid) -> bool {
+/// What [`relay_started`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    /// This process has the slot of its database and backend.
+    Slot,
+    /// Every slot serves another database or backend: relayed without health reports or
+    /// commit wake-ups.
+    NoSlot,
+    /// Another live process already relays this database and backend.
+    AlreadyServed(i32),
+}
+
+/// Takes the slot of `database` and `server` (0: the default backend), or a free one, for this
+/// relay process, naming its backend and kind.
+pub fn relay_started(database: pg_sys::Oid, server: u32, backend: &str, kind: &str) -> Started {
     let db = database.to_u32();
     let (procno, pid) = (my_procno(), unsafe { pg_sys::MyProcPid });
     let mut relays = STATE.exclusive();
-    // Its database's slot, else a free one, else one whose relay stopped (its database dropped
-    // or no longer served; its counters go).
+    let mine = |s: &RelayState| s.database == db && s.server == server;
+    if let Some(other) = relays
+        .0
+        .iter()
+        .find(|s| mine(s) && s.pid != 0 && s.pid != pid)
+    {
+        if !unsafe { pg_sys::BackendPidGetProc(other.pid) }.is_null() {
+            return Started::AlreadyServed(other.pid);
+        }
+    }
+    // Its own slot, else a free one, else one whose relay stopped (its database dropped, its
+    // server dropped, or no longer served; its counters go).
     let slot = relays
         .0
         .iter()
-        .position(|s| s.database == db)
+        .position(mine)
         .or_else(|| relays.0.iter().position(|s| s.database == 0))
         .or_else(|| relays.0.iter().position(|s| s.pid == 0));
     let Some(slot) = slot else {
-        return false;
+        return Started::NoSlot;
     };
     let before = relays.0[slot];
+    let same = mine(&before);
     let started_at = now();
-    relays.0[slot] = RelayState {
+    let mut state = RelayState {
         pid,
         database: db,
+        server,
         started_at,
-        // Counters carry over from this database's previous relay.
-        published: if before.database == db {
-            before.published
-        } else {
-            0
-        },
-        failed: if before.database == db {
-            before.failed
-        } else {
-            0
-        },
+        // Counters carry over from this database's and backend's previous relay.
+        published: if same { before.published } else { 0 },
+        failed: if same { before.failed } else { 0 },
         ..Default::default()
     };
-    relays.0[slot].rate_since = started_at;
-    relays.0[slot].rate_base = relays.0[slot].published;
+    state.backend_len = copy_text(&mut state.backend, backend);
+    state.kind_len = copy_text(&mut state.kind, kind);
+    state.rate_since = started_at;
+    state.rate_base = state.published;
+    relays.0[slot] = state;
     let latch = &LATCHES.get().0[slot];
     latch.backing_off.store(false, Ordering::Release);
     // A command that asked while this relay was starting still wants it gone.
     latch.leave.store(is_aside(database), Ordering::Release);
+    latch.named.store(server != 0, Ordering::Release);
     latch.procno.store(procno, Ordering::Release);
     latch.database.store(db, Ordering::Release);
     MY_SLOT.store(slot, Ordering::Relaxed);
-    true
+    Started::Slot
+}
+
+/// Copies `text` into `buffer`, cut on a character boundary; returns the length kept.
+fn copy_text(buffer: &mut [u8], text: &str) -> usize {
+    let mut end = text.len().min(buffer.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    buffer[..end].copy_from_slice(&text.as_bytes()[..end]);
+    end
+}
+
+/// The relay of `database` and `server` (0: the default backend) is running.
+pub fn relay_running(database: pg_sys::Oid, server: u32) -> bool {
+    relays().iter().any(|s| {
+        s.database == database.to_u32()
+            && s.server == server
+            && s.pid != 0
+            && !unsafe { pg_sys::BackendPidGetProc(s.pid) }.is_null()
+    })
 }
 
 fn with_my_slot(f: impl FnOnce(&mut RelayState)) {
@@ -254,13 +344,7 @@ pub fn record_failure(failed: usize, error: &str) {
     with_my_slot(|s| {
         s.last_error_at = now();
         s.failed += failed as u64;
-        // Truncated on a character boundary.
-        let mut end = error.len().min(ERROR_TEXT);
-        while !error.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.last_error[..end].copy_from_slice(&error.as_bytes()[..end]);
-        s.last_error_len = end;
+        s.last_error_len = copy_text(&mut s.last_error, error);
     });
 }
 
@@ -278,22 +362,29 @@ pub fn relays() -> Vec<RelayState> {
         .collect()
 }
 
-/// The relay serving `database`, if one ever ran since the cluster started.
-pub fn relay_of(database: pg_sys::Oid) -> Option<RelayState> {
-    relays()
+/// Every relay of `database` that ran since the cluster started, the default backend's first.
+pub fn relays_of(database: pg_sys::Oid) -> Vec<RelayState> {
+    let mut relays: Vec<RelayState> = relays()
         .into_iter()
-        .find(|s| s.database == database.to_u32())
+        .filter(|s| s.database == database.to_u32())
+        .collect();
+    relays.sort_by_key(|s| s.server != 0);
+    relays
 }
 
-/// Arranges for this database's relay to be woken when the current transaction commits. Cheap
-/// enough for every row: one flag, and a callback registered once per backend.
-pub fn wake_at_commit() {
+/// Arranges for this database's relays to be woken when the current transaction commits: the
+/// default backend's, or (`named`) those of named backends. Cheap enough for every row: one
+/// flag, and a callback registered once per backend.
+pub fn wake_at_commit(named: bool) {
     // The relay never needs waking by its own writes.
     if !available() || MY_SLOT.load(Ordering::Relaxed) != usize::MAX {
         return;
     }
     register_xact_callback();
-    WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+    WAKE_AT_COMMIT.fetch_or(
+        if named { WAKE_NAMED } else { WAKE_DEFAULT },
+        Ordering::Relaxed,
+    );
 }
 
 /// Arranges for the launcher to hear, when the current transaction commits, that the extension
@@ -319,8 +410,9 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
-                wake_relay(database);
+            let wake = WAKE_AT_COMMIT.swap(0, Ordering::Relaxed);
+            if wake != 0 {
+                wake_relay(database, wake);
             }
             release_asides();
             if INSTALLED_AT_COMMIT.swap(false, Ordering::Relaxed) {
@@ -334,7 +426,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         }
         // A prepared transaction commits elsewhere; the relay's poll picks it up.
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            WAKE_AT_COMMIT.store(0, Ordering::Relaxed);
             INSTALLED_AT_COMMIT.store(false, Ordering::Relaxed);
             release_asides();
         }
@@ -342,19 +434,21 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-fn wake_relay(db: u32) {
-    let Some(latch) = LATCHES
-        .get()
-        .0
-        .iter()
-        .find(|l| l.database.load(Ordering::Acquire) == db)
-    else {
-        return;
-    };
-    if latch.backing_off.load(Ordering::Acquire) {
-        return;
+/// Wakes the relays of `db` that `wake` asks for: the default backend's, named backends'.
+fn wake_relay(db: u32, wake: u32) {
+    for latch in &LATCHES.get().0 {
+        let wanted = if latch.named.load(Ordering::Acquire) {
+            WAKE_NAMED
+        } else {
+            WAKE_DEFAULT
+        };
+        if latch.database.load(Ordering::Acquire) == db
+            && wake & wanted != 0
+            && !latch.backing_off.load(Ordering::Acquire)
+        {
+            set_latch_of(latch.procno.load(Ordering::Acquire));
+        }
     }
-    set_latch_of(latch.procno.load(Ordering::Acquire));
 }
 
 fn wake_launcher(mail: &LauncherMail) {
@@ -393,6 +487,11 @@ fn set_latch_of(procno: i32) {
 
 /// The relay's database is read-only (or writable again): `broadcaster_status` says so, and
 /// health is false meanwhile.
+/// See [`RelayState::pending`].
+pub fn set_pending(pending: bool) {
+    with_my_slot(|s| s.pending = pending);
+}
+
 pub fn set_read_only(read_only: bool) {
     with_my_slot(|s| s.read_only = read_only);
 }

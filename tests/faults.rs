@@ -804,9 +804,9 @@ fn redis_password_stays_secret() {
     let mut c = cluster.connect();
     c.batch_execute("CREATE EXTENSION broadcaster; CREATE ROLE app LOGIN; \
                      GRANT INSERT ON broadcaster_outbox TO app; \
-                     GRANT EXECUTE ON FUNCTION broadcaster_publish(text, text, text, text, text, jsonb, text), \
-                                               broadcaster_publish(text, json, text, text, text, jsonb, text), \
-                                               broadcaster_publish(text, jsonb, text, text, text, jsonb, text) TO app")
+                     GRANT EXECUTE ON FUNCTION broadcaster_publish(text, text, text, text, text, jsonb, text, text), \
+                                               broadcaster_publish(text, json, text, text, text, jsonb, text, text), \
+                                               broadcaster_publish(text, jsonb, text, text, text, jsonb, text, text) TO app")
         .expect("setup");
     let shown: String = c
         .query_one("SHOW broadcaster.redis_url", &[])

@@ -240,9 +240,9 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
     // The same schema as a fresh install (without the test's own grants to app).
     c.batch_execute(
         "REVOKE ALL ON broadcaster_outbox FROM app; \
-         REVOKE ALL ON FUNCTION broadcaster_publish(text, text, text, text, text, jsonb, text), \
-                               broadcaster_publish(text, json, text, text, text, jsonb, text), \
-                               broadcaster_publish(text, jsonb, text, text, text, jsonb, text) FROM app",
+         REVOKE ALL ON FUNCTION broadcaster_publish(text, text, text, text, text, jsonb, text, text), \
+                               broadcaster_publish(text, json, text, text, text, jsonb, text, text), \
+                               broadcaster_publish(text, jsonb, text, text, text, jsonb, text, text) FROM app",
     )
     .expect("revoke the test's grants");
     c.batch_execute("CREATE DATABASE fresh").expect("fresh");

@@ -1,243 +1,415 @@
-//! Where events go: the `PublisherBackend` trait, its error type, and the registry that builds a
-//! backend by name. Plain Rust: backends never touch Postgres.
+//! Where events go: the [`PublisherBackend`] contract, the options a backend is configured with,
+//! and the registry of backend kinds. Plain Rust: backends never touch Postgres.
 //!
-//! Adding a backend: one file in this folder implementing the trait, and one line in
-//! [`REGISTRY`].
+//! Adding a backend: one file (or folder) here with a type implementing [`PublisherBackend`]
+//! and [`Backend`], and one line in [`REGISTRY`]. The relay owns everything around a send: the
+//! claim, retries and backoff, the rule that holds a partition key's later events behind a
+//! failed one, and any overlap of the next claim with the current send.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::event::{EventError, OutboxEvent};
+use crate::event::OutboxEvent;
 
 pub mod file;
+pub mod order;
 pub mod redis;
 
-/// Every backend the worker can be configured with (`broadcaster.backend`), by name.
-pub const REGISTRY: &[(&str, Constructor)] = &[
-    ("redis", redis::RedisStreamBackend::from_config),
-    ("file", file::FileBackend::from_config),
+/// Every kind of backend a server (or `broadcaster.backend`) can name, by name.
+pub const REGISTRY: &[Kind] = &[
+    kind::<redis::RedisStreamBackend>("redis"),
+    kind::<file::FileBackend>("file"),
 ];
 
-pub type Constructor = fn(&BackendConfig) -> Result<Box<dyn PublisherBackend>, BackendError>;
-
-/// Builds the backend named `name`.
-pub fn build(
-    name: &str,
-    config: &BackendConfig,
-) -> Result<Box<dyn PublisherBackend>, BackendError> {
-    REGISTRY
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, construct)| construct(config))
-        .unwrap_or_else(|| {
-            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
-            Err(BackendError::Config(format!(
-                "unknown backend {name:?}; known backends: {}",
-                known.join(", ")
-            )))
-        })
+/// What became of one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker has it.
+    Delivered,
+    /// The broker (or the backend) refused this event: it counts as a failed attempt, is
+    /// retried with its own backoff, and becomes dead after `broadcaster.max_attempts`.
+    Rejected(String),
+    /// Not delivered, not the event's fault (the broker went away mid-batch): it stays pending,
+    /// no attempt counted, and the relay backs off as for an outage.
+    Deferred(String),
+    /// Not attempted (e.g. held behind an earlier failure of its key inside the broker's
+    /// transaction): it stays pending, untouched.
+    NotSent,
 }
 
-/// How an event is laid out in the broker's message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MessageMode {
-    /// One field per attribute (`ce_id`, `ce_type`, ...), `content-type` and `data`: the
-    /// CloudEvents Kafka binding's binary mode.
-    #[default]
-    Binary,
-    /// One field holding the whole event as `application/cloudevents+json`.
-    Structured,
-}
-
-/// Everything a backend may be configured with. The worker fills it from the `broadcaster.*`
-/// settings; each backend reads the fields it needs.
-#[derive(Clone, Default)]
-pub struct BackendConfig {
-    /// Secret: may hold a password. Never logged, never shown in an error.
-    pub redis_url: String,
-    /// CA certificate (PEM file) for `rediss://`; empty: the system's authorities.
-    pub redis_tls_ca_file: String,
-    /// Client certificate and its key (PEM files) for mutual TLS; empty: none.
-    pub redis_tls_cert_file: String,
-    pub redis_tls_key_file: String,
-    /// Every stream written to starts with this (`broadcaster.stream_prefix`); empty: any.
-    pub stream_prefix: String,
-    /// Stream for events whose `stream` column is NULL.
-    pub stream: String,
-    /// Approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
-    pub maxlen: u64,
-    pub mode: MessageMode,
-    /// Bound on every network operation (connect, read, write).
-    pub timeout: Duration,
-    /// Target of the `file` backend.
-    pub file_path: String,
-    /// Largest encoded event a backend sends; larger ones are rejected. 0: no limit.
-    pub max_event_size: usize,
-    /// Names this relay to brokers that de-duplicate per producer (Redis `XADD IDMP`).
-    pub producer_id: String,
-}
-
-impl std::fmt::Debug for BackendConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendConfig")
-            .field("redis_url", &"<hidden>")
-            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
-            .field("redis_tls_cert_file", &self.redis_tls_cert_file)
-            .field("redis_tls_key_file", &self.redis_tls_key_file)
-            .field("stream_prefix", &self.stream_prefix)
-            .field("stream", &self.stream)
-            .field("maxlen", &self.maxlen)
-            .field("mode", &self.mode)
-            .field("timeout", &self.timeout)
-            .field("file_path", &self.file_path)
-            .field("max_event_size", &self.max_event_size)
-            .field("producer_id", &self.producer_id)
-            .finish()
+impl Outcome {
+    /// A rejection for an event that does not make a valid message.
+    pub fn invalid(e: impl std::fmt::Display) -> Outcome {
+        Outcome::Rejected(e.to_string())
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// The broker can't be reached or isn't serving: not the event's fault. The worker keeps
-    /// the events pending and retries with backoff, without counting an attempt against them.
+/// Why a whole batch went nowhere. Nothing is counted against its events.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The broker can't be reached or isn't serving: the relay keeps the events pending and
+    /// retries with backoff.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    /// The broker refused this one event. It counts as a failed attempt for that event.
-    #[error("broker rejected the event: {0}")]
-    Rejected(String),
-    /// Not attempted: an earlier event of the same partition key failed in this batch. The
-    /// event stays pending, untouched, behind that one.
-    #[error("held behind an earlier event of its partition key")]
-    Held,
-    /// The row does not make a valid CloudEvent.
-    #[error(transparent)]
-    Event(#[from] EventError),
-    /// The backend's settings are wrong; fix `broadcaster.*` and reload.
+    /// The backend's configuration is wrong (a server's options, or `broadcaster.*`): the relay
+    /// rebuilds the backend after its backoff, so that a fix (`ALTER SERVER`, reload) is seen.
     #[error("backend misconfigured: {0}")]
-    Config(String),
+    Misconfigured(String),
 }
 
-impl BackendError {
-    /// Whether the failure belongs to the broker (retry the whole batch later) rather than to
-    /// one event.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, BackendError::Unavailable(_) | BackendError::Config(_))
-    }
-}
-
-/// Per-event outcomes of a batch, in the order the events were given.
-pub type BatchOutcome = Vec<Result<(), BackendError>>;
-
-/// The partition keys that failed earlier in a batch: their later events must be held.
-#[derive(Default)]
-pub struct HeldKeys<'a>(HashSet<&'a str>);
-
-impl<'a> HeldKeys<'a> {
-    pub fn holds(&self, event: &OutboxEvent) -> bool {
-        event
-            .partition_key
-            .as_deref()
-            .is_some_and(|k| self.0.contains(k))
-    }
-
-    pub fn fail(&mut self, event: &'a OutboxEvent) {
-        self.0.extend(event.partition_key.as_deref());
-    }
-}
-
-/// A destination for committed events.
+/// A destination for committed events: the one thing a backend author writes.
+///
+/// The relay calls [`publish`](Self::publish) with up to `broadcaster.batch_size` events in
+/// `seq` order and expects one [`Outcome`] per event, in the same order. Unless
+/// [`keeps_key_order`](Self::keeps_key_order) says otherwise, no partition key appears twice in
+/// one batch, so a backend may send the events in any order, at once or one by one; the relay
+/// holds a key's later events itself once one of them fails. Every network call must have a
+/// timeout: the relay waits for `publish` to return.
 pub trait PublisherBackend {
-    /// Short name for logs and `broadcaster_health`'s reports.
+    /// The backend's kind, for logs and errors (`redis`, `file`).
     fn name(&self) -> &'static str;
 
-    /// Delivers one event. Return [`BackendError::Unavailable`] when the broker is down.
-    fn publish(&mut self, event: &OutboxEvent) -> Result<(), BackendError>;
+    /// Delivers `events`: one outcome per event, in order, or an error for the whole batch.
+    fn publish(&mut self, events: &[OutboxEvent]) -> Result<Vec<Outcome>, BatchError>;
 
-    /// Delivers events in order. `Err` means nothing can be said about the batch (the broker is
-    /// unavailable) and it will be retried whole; `Ok` carries one outcome per event. Once an
-    /// event fails, the later events of its partition key must not be sent: answer them
-    /// [`BackendError::Held`], so a key's order survives a rejection. The default publishes one
-    /// at a time; backends override it to batch (e.g. one round trip).
-    fn publish_batch(&mut self, events: &[OutboxEvent]) -> Result<BatchOutcome, BackendError> {
-        publish_each(self, events)
+    /// A cheap check that the broker is reachable and serving; the relay calls it while idle,
+    /// so that `broadcaster_health()` stays truthful.
+    fn health_check(&mut self) -> Result<(), BatchError>;
+
+    /// True when this backend delivers a batch so that, once an event of a partition key fails,
+    /// none of the key's later events in the batch lands (one broker transaction, say), and
+    /// answers those [`Outcome::NotSent`]. The relay then gives it batches in which keys repeat.
+    /// False (the default): the relay never puts two events of one key in a batch.
+    fn keeps_key_order(&self) -> bool {
+        false
     }
 
-    /// [`PublisherBackend::publish_batch`], calling `meanwhile` while the broker works on the
-    /// batch (after sending it, before reading the reply), so the caller can claim the next one
-    /// and hand it to the [`Prepare`] it is given. What that returns comes back here with those
-    /// same events as `prepared`, and saves encoding them again. The default calls `meanwhile`
-    /// after publishing and prepares nothing; a backend that sends and receives in two steps
-    /// overrides it.
-    fn publish_batch_overlapped(
-        &mut self,
-        events: &[OutboxEvent],
-        prepared: Option<Prepared>,
-        meanwhile: &mut dyn FnMut(&mut dyn Prepare),
-    ) -> Result<BatchOutcome, BackendError> {
-        drop(prepared);
-        let outcome = self.publish_batch(events);
-        meanwhile(&mut NothingToPrepare);
-        outcome
-    }
-
-    /// Cheap check that the broker is reachable and serving.
-    fn health_check(&mut self) -> Result<(), BackendError>;
-}
-
-/// Encodes a batch ahead of its turn: see [`PublisherBackend::publish_batch_overlapped`].
-pub trait Prepare {
-    /// The backend's encoding of `events`, to be handed back with them; None when it has none.
-    /// The events are shared, so that a backend may encode them on a thread of its own (never
-    /// calling into Postgres from there).
-    fn prepare(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Option<Prepared>;
-}
-
-/// A batch encoded ahead by a backend: opaque to the relay, which only hands it back.
-pub struct Prepared(pub Box<dyn std::any::Any>);
-
-/// The [`Prepare`] of backends that encode as they send.
-pub struct NothingToPrepare;
-
-impl Prepare for NothingToPrepare {
-    fn prepare(&mut self, _: &Arc<Vec<OutboxEvent>>) -> Option<Prepared> {
+    /// The same backend, if it can send a batch and read the broker's replies in two steps.
+    /// The relay then claims the next batch while the broker works on this one.
+    fn pipelined(&mut self) -> Option<&mut dyn Pipelined> {
         None
     }
 }
 
-/// Publishes events one at a time, holding a key's later events after one of them failed. The
-/// default batch, and the relay's fallback when a backend refuses a batch as a whole.
-pub fn publish_each<B: PublisherBackend + ?Sized>(
-    backend: &mut B,
-    events: &[OutboxEvent],
-) -> Result<BatchOutcome, BackendError> {
-    each_in_key_order(events, |event| backend.publish(event))
+/// A backend that sends a batch and reads the broker's replies separately. The relay calls
+/// [`send`](Self::send), then [`receive`](Self::receive) for the same batch, never two sends in
+/// a row; in between it may claim the next batch and [`prepare`](Self::prepare) it.
+pub trait Pipelined {
+    /// Sends `events` without waiting for replies.
+    fn send(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Result<(), BatchError>;
+
+    /// The outcomes of the batch sent last, one per event.
+    fn receive(&mut self) -> Result<Vec<Outcome>, BatchError>;
+
+    /// `next` is the batch to be sent after the current one: a backend may start encoding it
+    /// (on a thread of its own, never calling Postgres). The default does nothing.
+    fn prepare(&mut self, next: &Arc<Vec<OutboxEvent>>) {
+        let _ = next;
+    }
 }
 
-/// Runs `send` on each event in order, answering [`BackendError::Held`] for a key's events after
-/// one of them failed; stops at the first outage. The per-key rule every batch must follow, for
-/// backends that send one event at a time.
-pub fn each_in_key_order(
-    events: &[OutboxEvent],
-    mut send: impl FnMut(&OutboxEvent) -> Result<(), BackendError>,
-) -> Result<BatchOutcome, BackendError> {
-    let mut outcome = Vec::with_capacity(events.len());
-    let mut held = HeldKeys::default();
-    for event in events {
-        if held.holds(event) {
-            outcome.push(Err(BackendError::Held));
-            continue;
-        }
-        match send(event) {
-            Err(e) if e.is_unavailable() => return Err(e),
-            Err(e) => {
-                held.fail(event);
-                outcome.push(Err(e));
-            }
-            Ok(()) => outcome.push(Ok(())),
+/// A backend kind's constructor, from its typed configuration.
+pub trait Backend: PublisherBackend + Sized + 'static {
+    /// The backend's own configuration, read from options.
+    type Config: Config;
+
+    /// A backend for `config`. Connecting may wait: it is done at the first publish.
+    fn new(config: Self::Config) -> Result<Self, BatchError>;
+}
+
+/// A backend's typed configuration.
+pub trait Config: Sized {
+    /// Option names a server may set (`CREATE SERVER ... OPTIONS (name 'value')`).
+    const OPTIONS: &'static [&'static str];
+    /// Option names that may hold a secret: also allowed in a `USER MAPPING`, never logged.
+    const SECRETS: &'static [&'static str] = &[];
+    /// Whether only a superuser may create a server of this kind: it acts on the server's host
+    /// with the relay's rights (writes files, runs functions).
+    const SUPERUSER_ONLY: bool = false;
+    /// Option names only a superuser may set: they make the relay read files of the server's
+    /// host (a TLS key, say), as the settings they mirror are superuser-only.
+    const SUPERUSER_OPTIONS: &'static [&'static str] = &[];
+
+    /// The configuration from `options`, or what is wrong with them. Reads no file and opens
+    /// no connection: the validator calls it at `CREATE SERVER`.
+    fn from_options(options: &Options) -> Result<Self, ConfigError>;
+}
+
+/// Bad options: unknown names, or a value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown backend \"{0}\"; known backends: {known}", known = known_kinds())]
+    UnknownBackend(String),
+    #[error("invalid option \"{name}\"; valid options here: {valid}")]
+    UnknownOption { name: String, valid: String },
+    #[error("invalid value for option \"{name}\": {why}")]
+    InvalidValue { name: String, why: String },
+    #[error("a {kind} server can be created or changed only by a superuser: the relay runs it with its own rights")]
+    SuperuserOnly { kind: &'static str },
+    #[error(
+        "only a superuser may set option \"{name}\": the relay reads that file with its own rights"
+    )]
+    SuperuserOption { name: String },
+}
+
+impl From<ConfigError> for BatchError {
+    fn from(e: ConfigError) -> Self {
+        BatchError::Misconfigured(e.to_string())
+    }
+}
+
+/// One backend kind in the [`REGISTRY`].
+pub struct Kind {
+    pub name: &'static str,
+    pub options: &'static [&'static str],
+    pub secrets: &'static [&'static str],
+    pub superuser_only: bool,
+    pub superuser_options: &'static [&'static str],
+    validate: fn(&Options) -> Result<(), ConfigError>,
+    build: fn(&Options) -> Result<Box<dyn PublisherBackend>, BatchError>,
+}
+
+/// The registry entry of `B`, known as `name`.
+pub const fn kind<B: Backend>(name: &'static str) -> Kind {
+    Kind {
+        name,
+        options: B::Config::OPTIONS,
+        secrets: B::Config::SECRETS,
+        superuser_only: B::Config::SUPERUSER_ONLY,
+        superuser_options: B::Config::SUPERUSER_OPTIONS,
+        validate: validate::<B>,
+        build: build_kind::<B>,
+    }
+}
+
+fn validate<B: Backend>(options: &Options) -> Result<(), ConfigError> {
+    B::Config::from_options(options).map(drop)
+}
+
+fn build_kind<B: Backend>(options: &Options) -> Result<Box<dyn PublisherBackend>, BatchError> {
+    let config = B::Config::from_options(options)?;
+    Ok(Box::new(B::new(config)?))
+}
+
+impl Kind {
+    /// The kind named `name`.
+    pub fn find(name: &str) -> Result<&'static Kind, ConfigError> {
+        REGISTRY
+            .iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| ConfigError::UnknownBackend(name.to_string()))
+    }
+
+    /// Checks `options` without connecting anywhere.
+    pub fn validate(&self, options: &Options) -> Result<(), ConfigError> {
+        (self.validate)(options)
+    }
+
+    /// A backend configured by `options`.
+    pub fn build(&self, options: &Options) -> Result<Box<dyn PublisherBackend>, BatchError> {
+        (self.build)(options)
+    }
+}
+
+fn known_kinds() -> String {
+    REGISTRY
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Options a backend is configured with: a server's options (with its user mapping's), or the
+/// `broadcaster.*` settings for the default backend, as name/value text; plus what the relay
+/// knows of where it runs.
+#[derive(Clone, Default)]
+pub struct Options {
+    values: HashMap<String, String>,
+    /// Set by the relay, never by a user.
+    pub context: Context,
+    /// What the user calls an option when it is not its own name (the default backend's
+    /// options are `broadcaster.*` settings): `(option, label)` pairs.
+    pub labels: &'static [(&'static str, &'static str)],
+}
+
+/// What the relay tells every backend about where it runs.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The server's name; None for the default backend.
+    pub server: Option<String>,
+    /// The database whose outbox is relayed; empty while validating.
+    pub database: String,
+    /// `broadcaster.network_timeout`: the bound on every network operation unless a server
+    /// sets its own.
+    pub timeout: Duration,
+    /// `broadcaster.max_event_size`: larger encoded events are rejected; 0 for no limit.
+    pub max_event_size: usize,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Context {
+            server: None,
+            database: String::new(),
+            timeout: Duration::from_secs(2),
+            max_event_size: 0,
         }
     }
-    Ok(outcome)
+}
+
+impl Context {
+    /// A name for this relay that brokers which de-duplicate per producer can key on (Redis
+    /// `XADD IDMP`): `broadcaster:<database>[:<server>]`.
+    pub fn producer_id(&self) -> String {
+        match &self.server {
+            Some(server) => format!("broadcaster:{}:{server}", self.database),
+            None => format!("broadcaster:{}", self.database),
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.values.keys().collect();
+        names.sort();
+        f.debug_struct("Options")
+            .field("names", &names)
+            .field("context", &self.context)
+            .finish()
+    }
+}
+
+impl Options {
+    /// Options from name/value pairs; a later pair overrides an earlier one of the same name.
+    pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Options {
+            values: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            context: Context::default(),
+            labels: &[],
+        }
+    }
+
+    /// How errors name the option `name`: its setting for the default backend.
+    pub fn label(&self, name: &str) -> String {
+        self.labels
+            .iter()
+            .find(|(option, _)| *option == name)
+            .map_or(name, |(_, label)| label)
+            .to_string()
+    }
+
+    /// With `context`.
+    pub fn with_context(mut self, context: Context) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Adds or replaces one option.
+    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+        self.values.insert(name.to_string(), value.into());
+    }
+
+    /// The names set.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
+    /// The value of `name`, or `default`.
+    pub fn text(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or(default).to_string()
+    }
+
+    /// The value of `name` parsed as `T`, or `default` when unset.
+    pub fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(text) => text
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| ConfigError::InvalidValue {
+                    name: self.label(name),
+                    why: format!("{text:?}: {e}"),
+                }),
+        }
+    }
+
+    /// A duration given in milliseconds, or the relay's network timeout when unset.
+    pub fn timeout(&self, name: &str) -> Result<Duration, ConfigError> {
+        match self.get(name) {
+            None => Ok(self.context.timeout),
+            Some(_) => {
+                let ms: u64 = self.parse(name, 0)?;
+                if ms == 0 {
+                    return Err(ConfigError::InvalidValue {
+                        name: self.label(name),
+                        why: "must be at least 1 (milliseconds)".into(),
+                    });
+                }
+                Ok(Duration::from_millis(ms))
+            }
+        }
+    }
+
+    /// Refuses any name outside `allowed`.
+    pub fn only(&self, allowed: &[&str]) -> Result<(), ConfigError> {
+        let mut names: Vec<&str> = self.names().collect();
+        names.sort_unstable();
+        match names.into_iter().find(|n| !allowed.contains(n)) {
+            None => Ok(()),
+            Some(name) => Err(ConfigError::UnknownOption {
+                name: name.to_string(),
+                valid: allowed.join(", "),
+            }),
+        }
+    }
+}
+
+/// Whether `value` (a URL) carries a password: `scheme://user:password@host`.
+pub fn has_password(value: &str) -> bool {
+    let Some((_, rest)) = value.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// The option that names a server's backend kind.
+pub const KIND_OPTION: &str = "backend";
+
+/// `events` cut, in order, into runs in which no partition key appears twice: the batches the
+/// relay hands a backend that does not keep key order ([`PublisherBackend::keeps_key_order`]).
+pub fn key_runs(events: &[OutboxEvent]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut keys: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for (i, event) in events.iter().enumerate() {
+        if let Some(key) = event.partition_key.as_deref() {
+            if !keys.insert(key) {
+                runs.push(start..i);
+                start = i;
+                keys.clear();
+                keys.insert(key);
+            }
+        }
+    }
+    if start < events.len() {
+        runs.push(start..events.len());
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -246,7 +418,7 @@ mod tests {
 
     #[test]
     fn unknown_backend_lists_the_known_ones() {
-        let err = build("kafka", &BackendConfig::default())
+        let err = Kind::find("kafka")
             .err()
             .expect("unknown backend is refused");
         let msg = err.to_string();
@@ -255,77 +427,58 @@ mod tests {
     }
 
     #[test]
-    fn debug_never_shows_the_redis_url() {
-        let config = BackendConfig {
-            redis_url: "redis://user:s3cret@localhost".into(),
+    fn debug_never_shows_option_values() {
+        let options = Options::new([("url", "redis://user:s3cret@localhost")]);
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("url"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_options_are_named_with_the_valid_ones() {
+        let err = Options::new([("stream", "a"), ("colour", "red")])
+            .only(&["stream", "url"])
+            .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "invalid option \"colour\"; valid options here: stream, url"
+        );
+    }
+
+    #[test]
+    fn values_parse_or_say_why() {
+        let options = Options::new([("maxlen", "ten")]);
+        let err = options.parse::<u64>("maxlen", 0).expect_err("refused");
+        assert!(err.to_string().contains("\"maxlen\""), "{err}");
+        assert_eq!(options.parse::<u64>("other", 7), Ok(7));
+        assert!(Options::new([("t", "0")]).timeout("t").is_err());
+    }
+
+    fn keyed(k: Option<&str>) -> OutboxEvent {
+        OutboxEvent {
+            partition_key: k.map(Into::into),
             ..Default::default()
-        };
-        assert!(!format!("{config:?}").contains("s3cret"));
-    }
-
-    struct Flaky {
-        calls: usize,
-        fail_at: usize,
-        unavailable: bool,
-    }
-
-    impl PublisherBackend for Flaky {
-        fn name(&self) -> &'static str {
-            "flaky"
-        }
-        fn publish(&mut self, _: &OutboxEvent) -> Result<(), BackendError> {
-            self.calls += 1;
-            if self.calls == self.fail_at {
-                if self.unavailable {
-                    return Err(BackendError::Unavailable("down".into()));
-                }
-                return Err(BackendError::Rejected("no".into()));
-            }
-            Ok(())
-        }
-        fn health_check(&mut self) -> Result<(), BackendError> {
-            Ok(())
         }
     }
 
     #[test]
-    fn default_batch_holds_a_failed_key() {
-        let keyed = |k: &str| OutboxEvent {
-            partition_key: Some(k.into()),
-            ..Default::default()
-        };
-        let events = vec![keyed("a"), keyed("b"), keyed("a"), keyed("b")];
-        let mut rejecting = Flaky {
-            calls: 0,
-            fail_at: 1,
-            unavailable: false,
-        };
-        let outcome = rejecting.publish_batch(&events).expect("batch ran");
-        assert!(matches!(outcome[0], Err(BackendError::Rejected(_))));
-        assert!(outcome[1].is_ok());
-        assert!(matches!(outcome[2], Err(BackendError::Held)));
-        assert!(outcome[3].is_ok());
-        assert_eq!(rejecting.calls, 3, "the held event is never sent");
+    fn passwords_in_urls_are_seen() {
+        assert!(has_password("redis://:s3cret@host:6379/0"));
+        assert!(has_password("rediss://user:s3cret@host"));
+        assert!(!has_password("redis://user@host"));
+        assert!(!has_password("redis://host:6379"));
+        assert!(!has_password("not a url"));
     }
 
     #[test]
-    fn default_batch_reports_each_event_and_stops_on_outage() {
-        let events = vec![OutboxEvent::default(); 3];
-        let mut rejecting = Flaky {
-            calls: 0,
-            fail_at: 2,
-            unavailable: false,
-        };
-        let outcome = rejecting.publish_batch(&events).expect("batch ran");
-        assert_eq!(outcome.len(), 3);
-        assert!(outcome[0].is_ok() && outcome[1].is_err() && outcome[2].is_ok());
-
-        let mut down = Flaky {
-            calls: 0,
-            fail_at: 2,
-            unavailable: true,
-        };
-        assert!(down.publish_batch(&events).is_err());
-        assert_eq!(down.calls, 2, "stops at the first outage");
+    fn key_runs_never_repeat_a_key() {
+        let events: Vec<OutboxEvent> = [Some("a"), Some("b"), None, Some("a"), None, Some("c")]
+            .into_iter()
+            .map(keyed)
+            .collect();
+        assert_eq!(key_runs(&events), vec![0..3, 3..6]);
+        let one_key: Vec<OutboxEvent> = (0..3).map(|_| keyed(Some("k"))).collect();
+        assert_eq!(key_runs(&one_key), vec![0..1, 1..2, 2..3]);
+        assert!(key_runs(&[]).is_empty());
     }
 }

@@ -1,0 +1,157 @@
+//! The Redis backend's options: `CREATE SERVER ... OPTIONS (backend 'redis', url '...', ...)`,
+//! or the `broadcaster.*` settings for the default backend.
+
+use std::time::Duration;
+
+use redis::{Client, RedisError};
+
+use crate::backend::{Config, ConfigError, Options};
+
+/// How an event is laid out in a stream entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MessageMode {
+    /// One field per attribute (`ce_id`, `ce_type`, ...), `content-type` and `data`: the
+    /// CloudEvents Kafka binding's binary mode.
+    #[default]
+    Binary,
+    /// One field holding the whole event as `application/cloudevents+json`.
+    Structured,
+}
+
+/// A Redis backend's configuration.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `url`: `redis[s]://[user:password@]host[:port][/db]`. Secret: may hold a password;
+    /// never logged, never shown in an error. May be set in a `USER MAPPING` instead.
+    pub url: String,
+    /// `tls_ca_file`: CA certificate (PEM file) for `rediss://`; empty: the system's.
+    pub tls_ca_file: String,
+    /// `tls_cert_file`, `tls_key_file`: client certificate and key (PEM) for mutual TLS.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// `stream_prefix`: every stream written to starts with this; empty: any.
+    pub stream_prefix: String,
+    /// `stream`: the stream of events whose `stream` column is NULL. Default
+    /// `broadcaster:<database>` (the default backend) or `broadcaster:<database>:<server>`.
+    pub stream: String,
+    /// `maxlen`: approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
+    pub maxlen: u64,
+    /// `message_mode`: `binary` or `structured`.
+    pub mode: MessageMode,
+    /// `network_timeout` (milliseconds): bound on every network operation; default
+    /// `broadcaster.network_timeout`.
+    pub timeout: Duration,
+    /// `broadcaster.max_event_size`, in bytes; 0: no limit.
+    pub max_event_size: usize,
+    /// Names this relay to a server that de-duplicates (`XADD IDMP`).
+    pub producer_id: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &"<hidden>")
+            .field("stream", &self.stream)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("maxlen", &self.maxlen)
+            .field("mode", &self.mode)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            stream_prefix: String::new(),
+            stream: "events".into(),
+            maxlen: 0,
+            mode: MessageMode::Binary,
+            timeout: Duration::from_secs(2),
+            max_event_size: 0,
+            producer_id: String::new(),
+        }
+    }
+}
+
+impl Config for RedisConfig {
+    const OPTIONS: &'static [&'static str] = &[
+        "url",
+        "stream",
+        "stream_prefix",
+        "maxlen",
+        "message_mode",
+        "network_timeout",
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
+    ];
+    const SECRETS: &'static [&'static str] = &["url"];
+    const SUPERUSER_OPTIONS: &'static [&'static str] =
+        &["tls_ca_file", "tls_cert_file", "tls_key_file"];
+
+    fn from_options(options: &Options) -> Result<Self, ConfigError> {
+        let invalid = |name: &str, why: String| ConfigError::InvalidValue {
+            name: options.label(name),
+            why,
+        };
+        let context = &options.context;
+        let default_stream = match &context.server {
+            Some(server) => format!("broadcaster:{}:{server}", context.database),
+            None => format!("broadcaster:{}", context.database),
+        };
+        let config = RedisConfig {
+            url: options.text("url", "redis://127.0.0.1:6379"),
+            tls_ca_file: options.text("tls_ca_file", ""),
+            tls_cert_file: options.text("tls_cert_file", ""),
+            tls_key_file: options.text("tls_key_file", ""),
+            stream_prefix: options.text("stream_prefix", ""),
+            stream: options.text("stream", &default_stream),
+            maxlen: options.parse("maxlen", 0)?,
+            mode: match options.get("message_mode").unwrap_or("binary") {
+                "binary" => MessageMode::Binary,
+                "structured" => MessageMode::Structured,
+                other => {
+                    return Err(invalid(
+                        "message_mode",
+                        format!("{other:?}; expected binary or structured"),
+                    ))
+                }
+            },
+            timeout: options.timeout("network_timeout")?,
+            max_event_size: context.max_event_size,
+            producer_id: context.producer_id(),
+        };
+        // Parsing opens no connection. The error says what is wrong without the URL: it may
+        // hold a password.
+        Client::open(config.url.as_str()).map_err(|e: RedisError| {
+            invalid(
+                "url",
+                format!(
+                    "not a valid Redis URL ({:?}); expected redis[s]://[user:password@]host[:port][/db]",
+                    e.kind()
+                ),
+            )
+        })?;
+        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
+            return Err(invalid(
+                "tls_cert_file",
+                format!(
+                    "{} and {} go together: set both, or neither",
+                    options.label("tls_cert_file"),
+                    options.label("tls_key_file")
+                ),
+            ));
+        }
+        if config.stream.is_empty() {
+            return Err(invalid("stream", "the stream name is empty".into()));
+        }
+        crate::event::validate_stream(&config.stream, &config.stream_prefix)
+            .map_err(|e| invalid("stream", e.to_string()))?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,175 @@
+//! The server's replies to a batch, read back as one outcome per event, and which errors are
+//! the broker's (an outage: retry later) rather than the event's (a rejection).
+
+use redis::{Connection, ConnectionLike, RedisError};
+
+use super::encode::BATCH_SCRIPT;
+use crate::backend::{BatchError, Outcome};
+
+/// Reads the reply to a packed `EVALSHA` already sent; when the server doesn't have the script (a
+/// restarted or flushed server), loads it and sends the command again.
+pub(super) fn receive_script_reply(
+    c: &mut Connection,
+    packed: &[u8],
+) -> Result<redis::Value, RedisError> {
+    match c.recv_response().and_then(redis::Value::extract_error) {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            BATCH_SCRIPT.load(c)?;
+            c.req_packed_command(packed)?.extract_error()
+        }
+        other => other,
+    }
+}
+
+/// Per-entry outcomes of a batch sent as a transaction: the replies to `MULTI`, to each of the
+/// `n` `XADD`s, and to `EXEC`. An `XADD` refused while queued (the server out of memory, say)
+/// makes `EXEC` discard them all: that entry is answered with its error and the others are not
+/// sent. The inner `Err` means the replies are not what was sent for.
+pub(super) fn receive_transaction_replies(
+    c: &mut Connection,
+    n: usize,
+) -> Result<Result<Vec<Outcome>, BatchError>, RedisError> {
+    let in_transaction = matches!(c.recv_response()?, redis::Value::Okay);
+    // While queued, each reply is `QUEUED` or why the entry was refused. Had `MULTI` itself
+    // been refused, each `XADD` ran on its own: its reply is its outcome (and `EXEC` fails).
+    let mut direct: Vec<Outcome> = Vec::new();
+    let mut refused: Vec<(usize, Outcome)> = Vec::new();
+    for i in 0..n {
+        let reply = entry_outcome(c.recv_response()?);
+        if !in_transaction {
+            direct.push(reply);
+        } else if reply != Outcome::Delivered {
+            refused.push((i, reply));
+        }
+    }
+    let exec = c.recv_response()?;
+    if !in_transaction {
+        return Ok(Ok(direct));
+    }
+    Ok(match exec {
+        redis::Value::Array(replies) if replies.len() == n => {
+            Ok(replies.into_iter().map(entry_outcome).collect())
+        }
+        // Discarded for the refused entries: the others were never added.
+        redis::Value::ServerError(_) if !refused.is_empty() => {
+            let mut outcome: Vec<Outcome> = vec![Outcome::NotSent; n];
+            for (i, refusal) in refused {
+                outcome[i] = refusal;
+            }
+            Ok(outcome)
+        }
+        // The batch as a whole, e.g. EXEC refused for lack of memory.
+        redis::Value::ServerError(e) => Err(BatchError::Unavailable(server_error_message(&e))),
+        other => Err(BatchError::Unavailable(format!(
+            "unexpected reply to a batch of {n}: {other:?}"
+        ))),
+    })
+}
+
+/// Per-entry outcomes from the batch script's reply.
+pub(super) fn script_outcomes(
+    reply: redis::Value,
+    n: usize,
+) -> Result<Result<Vec<Outcome>, BatchError>, RedisError> {
+    Ok(match reply {
+        // Every entry added.
+        redis::Value::Int(added) if usize::try_from(added) == Ok(n) => {
+            Ok(vec![Outcome::Delivered; n])
+        }
+        redis::Value::Array(replies) if replies.len() == n => {
+            Ok(replies.into_iter().map(script_entry_outcome).collect())
+        }
+        other => Err(BatchError::Unavailable(format!(
+            "unexpected reply to a batch of {n}: {other:?}"
+        ))),
+    })
+}
+
+/// One entry's reply to `XADD`. Only an entry id counts as delivered.
+pub(super) fn entry_outcome(reply: redis::Value) -> Outcome {
+    match reply {
+        redis::Value::BulkString(_) | redis::Value::SimpleString(_) => Outcome::Delivered,
+        redis::Value::ServerError(e) => classify_message(server_error_message(&e)),
+        other => Outcome::Deferred(format!("unexpected reply for an entry: {other:?}")),
+    }
+}
+
+/// `CODE message`, as the server wrote it.
+fn server_error_message(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(details) => format!("{} {details}", e.code()),
+        None => e.code().to_string(),
+    }
+}
+
+/// One entry's reply from the batch script. Only an entry id counts as delivered.
+pub(super) fn script_entry_outcome(reply: redis::Value) -> Outcome {
+    let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
+    match reply {
+        redis::Value::BulkString(_) | redis::Value::SimpleString(_) => Outcome::Delivered,
+        redis::Value::Array(marker) => match marker.first().and_then(text).as_deref() {
+            Some("HELD") => Outcome::NotSent,
+            Some("ERR") => classify_message(
+                marker
+                    .get(1)
+                    .and_then(text)
+                    .unwrap_or_else(|| "unknown error".into()),
+            ),
+            _ => Outcome::Deferred(format!("unexpected reply for an entry: {marker:?}")),
+        },
+        other => Outcome::Deferred(format!("unexpected reply for an entry: {other:?}")),
+    }
+}
+
+/// An error the server reported for one entry, as `CODE message`.
+pub(super) fn classify_message(message: String) -> Outcome {
+    let code = message.split_whitespace().next().unwrap_or_default();
+    if is_outage(code, &message) {
+        Outcome::Deferred(message)
+    } else {
+        Outcome::Rejected(message)
+    }
+}
+
+/// Whether a server error with `code` (and its whole `message`) says the server can't take
+/// writes now, whatever the entry ([`OUTAGE_CODES`]). Except a `NOPERM` about a key: the
+/// relay's ACL user may not write the stream this event names (`~prefix*`), which is the
+/// event's fault, not the broker's; held as an outage it would stall every event behind it.
+/// Redis words it "no permissions to access one of the keys" (7.0) or "No permissions to
+/// access a key" (7.2 and later); a command it may not run is "... to run the 'xadd' command".
+fn is_outage(code: &str, message: &str) -> bool {
+    if code == "NOPERM" && message.to_ascii_lowercase().contains("access") {
+        return false;
+    }
+    OUTAGE_CODES.contains(&code)
+}
+
+/// `(major, minor)` from the `redis_version:` line of `INFO server`.
+pub(super) fn server_version(info: &str) -> Option<(u32, u32)> {
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))?
+        .trim();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// Error codes that say the server can't take writes now, whatever the entry.
+const OUTAGE_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+];
+
+/// Any error talking to the server, outside an entry's reply: the batch's outcome is unknown,
+/// so it is retried whole. What an outage is ([`OUTAGE_CODES`]) matters only per entry.
+pub(super) fn classify(e: RedisError) -> BatchError {
+    BatchError::Unavailable(e.to_string())
+}
