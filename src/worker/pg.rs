@@ -194,8 +194,11 @@ pub fn sleep_micros(micros: u128) {
 
 /// Ends this worker process with `code`: 1 has the postmaster start it again after its restart
 /// time (unless the server is shutting down), 0 has it forgotten.
+// PostgreSQL 15's bindings say proc_exit never returns, 18's do not.
+#[allow(unreachable_code)]
 pub fn exit(code: i32) -> ! {
-    unsafe { pg_sys::proc_exit(code) }
+    unsafe { pg_sys::proc_exit(code) };
+    unreachable!("proc_exit does not return")
 }
 
 /// Calls `on_exit` however this process ends, an ERROR included.
