@@ -10,7 +10,7 @@ use pgrx::JsonB;
 
 use crate::error::Error;
 use crate::event;
-use crate::{guc, shared};
+use crate::{guc, pg, shared};
 
 /// `'0001-01-01 00:00:00+00'` and `'10000-01-01 00:00:00+00'` as Postgres stores a timestamptz
 /// (microseconds from 2000-01-01 UTC): RFC 3339, so CloudEvents, has years 1 to 9999 only. The
@@ -35,7 +35,7 @@ fn broadcaster_outbox_accept<'a>(
     // A row a logical replication subscriber applies is an event of the publisher, whose relay
     // sends it: kept here too, it would be sent twice. Dropped instead (and its DELETE, when
     // the publisher's relay delivers it, then finds nothing).
-    if applied_by_replication() {
+    if pg::applies_logical_replication() {
         return Ok(None);
     }
     // A superuser loading data (`session_replication_role = replica`, a superuser-only setting):
@@ -49,8 +49,7 @@ fn broadcaster_outbox_accept<'a>(
         Err(TryFromDatumError::NoSuchAttributeName(_)) => None,
         other => other?,
     };
-    if unsafe { pg_sys::SessionReplicationRole } == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
-    {
+    if pg::replication_role_replica() {
         shared::wake_at_commit(backend.is_some());
         return Ok(Some(row));
     }
@@ -83,22 +82,6 @@ fn broadcaster_outbox_accept<'a>(
     Ok(Some(row))
 }
 
-/// Whether this process applies rows replicated from elsewhere: one of PostgreSQL's logical
-/// replication workers (apply, table sync, parallel apply: their `bgw_type` starts with
-/// "logical replication"), which run with `session_replication_role = replica`. Another
-/// background worker in that role (a bulk load, say) writes events of its own.
-fn applied_by_replication() -> bool {
-    unsafe {
-        if pg_sys::SessionReplicationRole != pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32
-            || pg_sys::MyBgworkerEntry.is_null()
-        {
-            return false;
-        }
-        let kind = std::ffi::CStr::from_ptr((*pg_sys::MyBgworkerEntry).bgw_type.as_ptr());
-        kind.to_bytes().starts_with(b"logical replication")
-    }
-}
-
 /// Row trigger (BEFORE INSERT, UPDATE or DELETE) on every table of the extension, enabled
 /// REPLICA: it fires only with `session_replication_role = replica`, so never on the relay's or
 /// producers' own writes. A subscriber that replicates these tables from a publisher keeps its
@@ -108,7 +91,7 @@ fn applied_by_replication() -> bool {
 fn broadcaster_replicated_row<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, TryFromDatumError> {
-    if applied_by_replication() {
+    if pg::applies_logical_replication() {
         return Ok(None);
     }
     Ok(trigger.new().or_else(|| trigger.old()))
@@ -410,15 +393,7 @@ fn broadcaster_default_source() -> String {
 }
 
 fn current_database() -> String {
-    unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            return String::new();
-        }
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
-    }
+    pg::my_database_name()
 }
 
 /// The relays' shared-memory state, raw; `broadcaster_status` presents it. `state` is
@@ -451,17 +426,13 @@ fn broadcaster_relay_states() -> TableIterator<
 > {
     let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
     let nonzero = |v: i64| (v != 0).then_some(v);
-    let standby = unsafe { pg_sys::RecoveryInProgress() };
+    let standby = pg::in_recovery();
     let mut relays = shared::relays();
     if standby {
         // Shared memory holds nothing of a primary's relays here: one row per listed database.
         relays = guc::databases()
             .iter()
-            .filter_map(|name| {
-                let name = std::ffi::CString::new(name.as_str()).ok()?;
-                let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
-                (oid != pg_sys::InvalidOid).then(|| shared::RelayState::of(oid))
-            })
+            .filter_map(|name| pg::database_oid(name).map(shared::RelayState::of))
             .collect();
     }
     TableIterator::new(relays.into_iter().map(move |r| {

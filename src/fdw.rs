@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use crate::backend::{ConfigError, Context, Kind, Options, KIND_OPTION, REGISTRY};
 use crate::error::Error;
 use crate::worker::function;
-use crate::{guc, shared};
+use crate::{guc, pg, shared};
 
 fn refuse(e: ConfigError) -> ! {
     Error::from(e).raise("broadcaster_fdw_validator")
@@ -55,7 +55,7 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
                 ..Context::default()
             });
         if kind == function::KIND {
-            if !unsafe { pg_sys::superuser() } {
+            if !pg::superuser() {
                 refuse(ConfigError::SuperuserOnly {
                     kind: function::KIND,
                 });
@@ -71,7 +71,7 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
             return;
         }
         let kind = Kind::find(&kind).unwrap_or_else(|e| refuse(e));
-        let superuser = unsafe { pg_sys::superuser() };
+        let superuser = pg::superuser();
         if kind.superuser_only && !superuser {
             refuse(ConfigError::SuperuserOnly { kind: kind.name });
         }
@@ -125,41 +125,16 @@ fn kinds() -> String {
 /// `broadcaster` wrapper by that name (else ERROR 42704), on which the writing role has USAGE
 /// (else ERROR 42501: naming a backend routes an event to it).
 pub fn check_backend_use(name: &str) {
-    let Ok(c_name) = std::ffi::CString::new(name) else {
+    let Some(server) = pg::broadcaster_server(name) else {
         no_backend(name);
     };
-    let server = unsafe {
-        let wrapper = pg_sys::GetForeignDataWrapperByName(c"broadcaster".as_ptr(), true);
-        let server = pg_sys::GetForeignServerByName(c_name.as_ptr(), true);
-        if wrapper.is_null() || server.is_null() || (*server).fdwid != (*wrapper).fdwid {
-            no_backend(name);
-        }
-        (*server).serverid
-    };
-    if !may_use(server) {
+    if !pg::may_use_server(server) {
         Error::BackendNotPermitted(name.to_string()).raise("broadcaster_outbox_accept");
     }
 }
 
 fn no_backend(name: &str) -> ! {
     Error::UnknownBackend(name.to_string()).raise("broadcaster_outbox_accept")
-}
-
-/// Whether the current role has USAGE on foreign server `server`.
-fn may_use(server: pg_sys::Oid) -> bool {
-    let mode = pg_sys::AclMode::from(pg_sys::ACL_USAGE);
-    #[cfg(feature = "pg15")]
-    let result = unsafe { pg_sys::pg_foreign_server_aclcheck(server, pg_sys::GetUserId(), mode) };
-    #[cfg(not(feature = "pg15"))]
-    let result = unsafe {
-        pg_sys::object_aclcheck(
-            pg_sys::ForeignServerRelationId,
-            server,
-            pg_sys::GetUserId(),
-            mode,
-        )
-    };
-    result == pg_sys::AclResult::ACLCHECK_OK
 }
 
 fn health_timeout_us() -> i64 {
@@ -173,7 +148,7 @@ fn health_timeout_us() -> i64 {
 #[pg_extern(volatile, parallel_safe)]
 fn broadcaster_health() -> bool {
     let timeout_us = health_timeout_us();
-    let relays = shared::relays_of(unsafe { pg_sys::MyDatabaseId });
+    let relays = shared::relays_of(pg::my_database());
     let default = relays.iter().find(|r| r.server == 0);
     default.is_some_and(|r| r.healthy(timeout_us) && !r.pending)
         && relays
@@ -189,16 +164,12 @@ fn broadcaster_health() -> bool {
 fn broadcaster_health_of(backend: Option<&str>) -> bool {
     let timeout_us = health_timeout_us();
     if let Some(name) = backend {
-        let known = std::ffi::CString::new(name).is_ok_and(|c| unsafe {
-            let wrapper = pg_sys::GetForeignDataWrapperByName(c"broadcaster".as_ptr(), true);
-            let server = pg_sys::GetForeignServerByName(c.as_ptr(), true);
-            !wrapper.is_null() && !server.is_null() && (*server).fdwid == (*wrapper).fdwid
-        });
+        let known = pg::broadcaster_server(name).is_some();
         if !known {
             no_backend(name);
         }
     }
-    shared::relays_of(unsafe { pg_sys::MyDatabaseId })
+    shared::relays_of(pg::my_database())
         .iter()
         .any(|r| r.backend().as_deref() == backend && r.healthy(timeout_us))
 }

@@ -159,7 +159,7 @@ unsafe extern "C-unwind" fn process_utility(
     // Held until this transaction ends, committed or not: a RENAME inside a transaction block is
     // not done before its COMMIT, and a relay started in between would find the old name.
     if let Command::NeedsDatabaseAlone(name) = &command {
-        if let Some(oid) = database_oid(name) {
+        if let Some(oid) = crate::pg::database_oid(name) {
             shared::step_aside(oid);
         }
     }
@@ -225,13 +225,6 @@ fn refuse_drop_with_undelivered_events() {
     if undelivered > 0 {
         crate::error::Error::Undelivered(undelivered).raise("broadcaster");
     }
-}
-
-/// The oid of the database named `name`, if there is one.
-fn database_oid(name: &str) -> Option<pg_sys::Oid> {
-    let name = std::ffi::CString::new(name).ok()?;
-    let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
-    (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
 /// # Safety

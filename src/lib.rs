@@ -15,6 +15,7 @@ pub mod event;
 mod fdw;
 mod guc;
 mod hooks;
+mod pg;
 mod shared;
 mod worker;
 

@@ -209,7 +209,7 @@ pub fn available() -> bool {
 
 /// Now, as a Postgres timestamp.
 pub fn now() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
+    crate::pg::now()
 }
 
 /// What [`relay_started`] found.
@@ -228,7 +228,7 @@ pub enum Started {
 /// relay process, naming its backend and kind.
 pub fn relay_started(database: pg_sys::Oid, server: u32, backend: &str, kind: &str) -> Started {
     let db = database.to_u32();
-    let (procno, pid) = (my_procno(), unsafe { pg_sys::MyProcPid });
+    let (procno, pid) = (crate::pg::my_procno(), crate::pg::my_pid());
     let mut relays = STATE.exclusive();
     let mine = |s: &RelayState| s.database == db && s.server == server;
     if let Some(other) = relays
@@ -236,7 +236,7 @@ pub fn relay_started(database: pg_sys::Oid, server: u32, backend: &str, kind: &s
         .iter()
         .find(|s| mine(s) && s.pid != 0 && s.pid != pid)
     {
-        if !unsafe { pg_sys::BackendPidGetProc(other.pid) }.is_null() {
+        if crate::pg::process_alive(other.pid) {
             return Started::AlreadyServed(other.pid);
         }
     }
@@ -293,10 +293,7 @@ fn copy_text(buffer: &mut [u8], text: &str) -> usize {
 /// The relay of `database` and `server` (0: the default backend) is running.
 pub fn relay_running(database: pg_sys::Oid, server: u32) -> bool {
     relays().iter().any(|s| {
-        s.database == database.to_u32()
-            && s.server == server
-            && s.pid != 0
-            && !unsafe { pg_sys::BackendPidGetProc(s.pid) }.is_null()
+        s.database == database.to_u32() && s.server == server && crate::pg::process_alive(s.pid)
     })
 }
 
@@ -399,7 +396,7 @@ pub fn installed_at_commit() {
 
 fn register_xact_callback() {
     if !XACT_CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
-        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+        crate::pg::register_xact_callback(on_xact_event);
     }
 }
 
@@ -409,7 +406,7 @@ fn register_xact_callback() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
-            let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+            let database = crate::pg::my_database().to_u32();
             let wake = WAKE_AT_COMMIT.swap(0, Ordering::Relaxed);
             if wake != 0 {
                 wake_relay(database, wake);
@@ -446,43 +443,13 @@ fn wake_relay(db: u32, wake: u32) {
             && wake & wanted != 0
             && !latch.backing_off.load(Ordering::Acquire)
         {
-            set_latch_of(latch.procno.load(Ordering::Acquire));
+            crate::pg::set_latch(latch.procno.load(Ordering::Acquire));
         }
     }
 }
 
 fn wake_launcher(mail: &LauncherMail) {
-    set_latch_of(mail.launcher.load(Ordering::Acquire) - 1);
-}
-
-/// This process's PGPROC number, by which others set its latch: its place in
-/// `ProcGlobal->allProcs`, what PostgreSQL 17 and later compute the same way
-/// (`GetNumberFromPGProc`), 16 and earlier also kept in `PGPROC.pgprocno`.
-fn my_procno() -> i32 {
-    unsafe {
-        let global = pg_sys::ProcGlobal;
-        if global.is_null() || pg_sys::MyProc.is_null() {
-            return -1;
-        }
-        let offset = pg_sys::MyProc.offset_from((*global).allProcs);
-        i32::try_from(offset).unwrap_or(-1)
-    }
-}
-
-/// Sets the latch of the process with PGPROC number `procno`; nothing for -1. A stale number
-/// only wakes some other process once: latches tolerate spurious sets.
-fn set_latch_of(procno: i32) {
-    let Ok(index) = u32::try_from(procno) else {
-        return;
-    };
-    unsafe {
-        let global = pg_sys::ProcGlobal;
-        if global.is_null() || index >= (*global).allProcCount {
-            return;
-        }
-        let proc_ = (*global).allProcs.add(index as usize);
-        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
-    }
+    crate::pg::set_latch(mail.launcher.load(Ordering::Acquire) - 1);
 }
 
 /// The relay's database is read-only (or writable again): `broadcaster_status` says so, and
@@ -507,7 +474,7 @@ pub fn launcher_started() {
     if available() {
         MAIL.get()
             .launcher
-            .store(my_procno() + 1, Ordering::Release);
+            .store(crate::pg::my_procno() + 1, Ordering::Release);
     }
 }
 
@@ -588,7 +555,7 @@ pub fn step_aside(database: pg_sys::Oid) {
     }
     let db = database.to_u32();
     let mail = MAIL.get();
-    let me = unsafe { pg_sys::MyProcPid };
+    let me = crate::pg::my_pid();
     let Some(slot) = mail.aside.iter().position(|(d, pid)| {
         let taken = d
             .compare_exchange(0, db, Ordering::AcqRel, Ordering::Relaxed)
@@ -603,12 +570,12 @@ pub fn step_aside(database: pg_sys::Oid) {
     MY_ASIDE.fetch_or(1 << slot, Ordering::AcqRel);
     register_xact_callback();
     if !ASIDE_EXIT_REGISTERED.swap(true, Ordering::Relaxed) {
-        unsafe { pg_sys::before_shmem_exit(Some(release_at_exit), pg_sys::Datum::from(0usize)) };
+        crate::pg::before_exit(release_at_exit);
     }
     for latch in &LATCHES.get().0 {
         if latch.database.load(Ordering::Acquire) == db {
             latch.leave.store(true, Ordering::Release);
-            set_latch_of(latch.procno.load(Ordering::Acquire));
+            crate::pg::set_latch(latch.procno.load(Ordering::Acquire));
         }
     }
 }
@@ -648,7 +615,7 @@ pub fn is_aside(database: pg_sys::Oid) -> bool {
         }
         let holder = pid.load(Ordering::Acquire);
         // 0: being taken right now.
-        if holder == 0 || !unsafe { pg_sys::BackendPidGetProc(holder) }.is_null() {
+        if holder == 0 || crate::pg::process_alive(holder) {
             return true;
         }
         if pid

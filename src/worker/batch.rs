@@ -8,11 +8,11 @@ use std::time::Duration;
 use pgrx::prelude::*;
 
 use super::claim::{self, Claimed, Deleted, Statements};
-use super::pg::{SignalsHeld, SubTransaction};
 use super::{Tick, RETRY_BASE_DELAY};
 use crate::backend::order::{in_key_order, publish_in_key_order};
 use crate::backend::{key_runs, BatchError, Outcome, PublisherBackend};
 use crate::event::OutboxEvent;
+use crate::pg::{SignalsHeld, SubTransaction};
 use crate::{guc, shared};
 
 /// Deletes published rows after a batch that did not go out whole (by `seq`: the claim's delete

@@ -9,8 +9,8 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgOid;
 
-use super::pg;
 use crate::event::OutboxEvent;
+use crate::pg;
 use crate::{api, guc};
 
 /// Which events a relay claims: its backend's.

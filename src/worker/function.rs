@@ -12,9 +12,9 @@
 
 use pgrx::prelude::*;
 
-use super::pg;
 use crate::backend::{BatchError, ConfigError, Options, Outcome, PublisherBackend};
 use crate::event::OutboxEvent;
+use crate::pg;
 
 /// The kind's name, as a server's `backend` option gives it.
 pub const KIND: &str = "function";

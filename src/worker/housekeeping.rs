@@ -55,7 +55,7 @@ DELETE FROM @extschema@.broadcaster_failures f
 /// too go out twice, with the same ids, for consumers to de-duplicate on `ce_id`. Then records
 /// this database as the outbox's own.
 pub fn check_origin(database: &str, schema: &str) {
-    let mine = super::pg::my_database();
+    let mine = crate::pg::my_database();
     let q = |sql: &str| in_schema(sql, schema);
     let result = Spi::connect_mut(|client| {
         // Not there while the database still has 0.1.0's SQL (ALTER EXTENSION ... UPDATE not run).
@@ -174,7 +174,7 @@ impl Vacuum {
         };
         let due = self.last.is_none_or(|t| t.elapsed() >= VACUUM_EVERY);
         if self.retired >= threshold && due && !crate::shared::asked_to_leave() {
-            super::pg::vacuum(outbox);
+            crate::pg::vacuum(outbox);
             self.retired = 0;
             self.last = Some(std::time::Instant::now());
         }

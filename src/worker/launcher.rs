@@ -11,8 +11,8 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 
-use super::pg::{self, Database};
 use super::RESTART_DELAY;
+use crate::pg::{self, Database};
 use crate::{guc, shared};
 
 /// How often the launcher looks for the database and at the relay.

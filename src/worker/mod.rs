@@ -1,8 +1,8 @@
 //! The workers: the launcher (`launcher.rs`) starts a relay (`relay.rs`) per database and
 //! backend; each pass of a relay claims a batch (`claim.rs`), hands it to the backend and keeps
 //! what was delivered (`batch.rs`), with housekeeping in between (`housekeeping.rs`). The
-//! `function` backend, which runs SQL, is here too (`function.rs`); every raw PostgreSQL call
-//! is in `pg.rs`.
+//! `function` backend, which runs SQL, is here too (`function.rs`). Their raw PostgreSQL calls
+//! are in the crate's `pg.rs`.
 
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ mod claim;
 pub(crate) mod function;
 mod housekeeping;
 mod launcher;
-mod pg;
 mod relay;
 
 pub use launcher::register;

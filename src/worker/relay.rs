@@ -17,9 +17,9 @@ use super::batch::{relay_batch, relay_in_transaction};
 use super::claim::{in_schema, outbox_got_backend, prepare_session, Scope, Statements};
 use super::housekeeping::{self, Vacuum};
 use super::launcher::launch_relay;
-use super::pg::{self, SignalsHeld};
 use super::{function, Tick, RESTART_DELAY, RETRY_BASE_DELAY};
 use crate::backend::{BatchError, Kind, Options, PublisherBackend, KIND_OPTION};
+use crate::pg::{self, SignalsHeld};
 use crate::{guc, shared};
 
 /// Least time from one small batch to the next. Under a stream of small transactions the relay

@@ -1,6 +1,9 @@
-//! The workers' raw PostgreSQL calls, each behind a safe function: signal masks around network
-//! calls, internal subtransactions, a catalog scan without a database, VACUUM, and reading a
-//! text datum in place. Nothing else in the workers calls `pg_sys` functions directly.
+//! Raw PostgreSQL calls, each behind a safe function: signal masks around network calls,
+//! internal subtransactions, catalog lookups (with and without a database), VACUUM, reading
+//! SPI results in place, latches and callbacks, and who the session is. Elsewhere `pg_sys` is
+//! called only where the code is PostgreSQL's own interface: the hooks (`hooks.rs`), the
+//! `broadcaster_publish` C function and its datums (`api.rs`), and shared memory's
+//! declarations (`shared.rs`).
 
 use pgrx::pg_sys::AsPgCStr;
 use pgrx::prelude::*;
@@ -351,4 +354,117 @@ pub fn read_spi_rows(types: &[pg_sys::Oid], mut f: impl FnMut(Row<'_>)) -> Optio
         });
     }
     Some(n)
+}
+
+/// Now, as a PostgreSQL timestamp (microseconds since 2000-01-01 UTC).
+pub fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Whether a process with this pid is a live backend or worker of this cluster.
+pub fn process_alive(pid: i32) -> bool {
+    pid != 0 && !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+}
+
+/// Whether the current role is a superuser.
+pub fn superuser() -> bool {
+    unsafe { pg_sys::superuser() }
+}
+
+/// Whether this server is a standby (in recovery).
+pub fn in_recovery() -> bool {
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// The oid of the database named `name`, if there is one.
+pub fn database_oid(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// Whether `session_replication_role` is `replica` (a superuser loading data, or a logical
+/// replication worker).
+pub fn replication_role_replica() -> bool {
+    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
+}
+
+/// Whether this process applies rows replicated from elsewhere: one of PostgreSQL's logical
+/// replication workers (apply, table sync, parallel apply: their `bgw_type` starts with
+/// "logical replication"), which run with `session_replication_role = replica`.
+pub fn applies_logical_replication() -> bool {
+    unsafe {
+        if !replication_role_replica() || pg_sys::MyBgworkerEntry.is_null() {
+            return false;
+        }
+        let kind = std::ffi::CStr::from_ptr((*pg_sys::MyBgworkerEntry).bgw_type.as_ptr());
+        kind.to_bytes().starts_with(b"logical replication")
+    }
+}
+
+/// The server named `name` of the `broadcaster` foreign-data wrapper, if there is one.
+pub fn broadcaster_server(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    unsafe {
+        let wrapper = pg_sys::GetForeignDataWrapperByName(c"broadcaster".as_ptr(), true);
+        let server = pg_sys::GetForeignServerByName(name.as_ptr(), true);
+        if wrapper.is_null() || server.is_null() || (*server).fdwid != (*wrapper).fdwid {
+            return None;
+        }
+        Some((*server).serverid)
+    }
+}
+
+/// Whether the current role has USAGE on foreign server `server`.
+pub fn may_use_server(server: pg_sys::Oid) -> bool {
+    let mode = pg_sys::AclMode::from(pg_sys::ACL_USAGE);
+    #[cfg(feature = "pg15")]
+    let result = unsafe { pg_sys::pg_foreign_server_aclcheck(server, pg_sys::GetUserId(), mode) };
+    #[cfg(not(feature = "pg15"))]
+    let result = unsafe {
+        pg_sys::object_aclcheck(
+            pg_sys::ForeignServerRelationId,
+            server,
+            pg_sys::GetUserId(),
+            mode,
+        )
+    };
+    result == pg_sys::AclResult::ACLCHECK_OK
+}
+
+/// This process's PGPROC number, by which others set its latch: its place in
+/// `ProcGlobal->allProcs`, what PostgreSQL 17 and later compute the same way
+/// (`GetNumberFromPGProc`), 16 and earlier also kept in `PGPROC.pgprocno`. -1 outside one.
+pub fn my_procno() -> i32 {
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || pg_sys::MyProc.is_null() {
+            return -1;
+        }
+        let offset = pg_sys::MyProc.offset_from((*global).allProcs);
+        i32::try_from(offset).unwrap_or(-1)
+    }
+}
+
+/// Sets the latch of the process with PGPROC number `procno`; nothing for -1. A stale number
+/// only wakes some other process once: latches tolerate spurious sets.
+pub fn set_latch(procno: i32) {
+    let Ok(index) = u32::try_from(procno) else {
+        return;
+    };
+    unsafe {
+        let global = pg_sys::ProcGlobal;
+        if global.is_null() || index >= (*global).allProcCount {
+            return;
+        }
+        let proc_ = (*global).allProcs.add(index as usize);
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    }
+}
+
+/// Calls `callback` at each transaction event of this backend, from now on.
+pub fn register_xact_callback(
+    callback: unsafe extern "C-unwind" fn(pg_sys::XactEvent::Type, *mut std::ffi::c_void),
+) {
+    unsafe { pg_sys::RegisterXactCallback(Some(callback), std::ptr::null_mut()) };
 }
