@@ -29,9 +29,9 @@ CREATE TEMPORARY TABLE broadcaster_upgrade_grants AS
     SELECT 'status view', relacl FROM pg_catalog.pg_class
      WHERE oid OPERATOR(pg_catalog.=) '@extschema@.broadcaster_status'::pg_catalog.regclass;
 
--- Named backends (foreign servers of the broadcaster wrapper): each event may name one. The two
--- indexes are built under a lock that makes writers to the outbox wait while they are built:
--- a scan of what is pending, usually little.
+-- Named backends (foreign servers of the broadcaster wrapper): each event may name one. The index
+-- is built under a lock that makes writers to the outbox wait while it is built: a scan of what
+-- is pending, usually little.
 ALTER TABLE @extschema@.broadcaster_outbox ADD COLUMN backend text;
 ALTER TABLE @extschema@.broadcaster_failures ADD COLUMN backend text;
 ALTER TABLE @extschema@.broadcaster_published ADD COLUMN backend text;
@@ -39,10 +39,6 @@ ALTER TABLE @extschema@.broadcaster_published ADD COLUMN backend text;
 -- event for the default backend costs no entry here.
 CREATE INDEX broadcaster_outbox_backend ON @extschema@.broadcaster_outbox (backend, seq)
     WHERE backend IS NOT NULL;
--- And the default backend's relay through this one, so that a named backend's backlog (its
--- broker down for an hour) never lies in the way of the default backend's claims.
-CREATE INDEX broadcaster_outbox_default ON @extschema@.broadcaster_outbox (seq)
-    WHERE backend IS NULL;
 
 DROP VIEW @extschema@.broadcaster_status;
 DROP FUNCTION @extschema@.broadcaster_status();

@@ -32,10 +32,6 @@ CREATE TABLE @extschema@.broadcaster_outbox (
 -- event for the default backend costs no entry here.
 CREATE INDEX broadcaster_outbox_backend ON @extschema@.broadcaster_outbox (backend, seq)
     WHERE backend IS NOT NULL;
--- And the default backend's relay through this one, so that a named backend's backlog (its
--- broker down for an hour) never lies in the way of the default backend's claims.
-CREATE INDEX broadcaster_outbox_default ON @extschema@.broadcaster_outbox (seq)
-    WHERE backend IS NULL;
 
 -- Validation and wake-up, written in Rust: raises SQLSTATE 22023 naming the column at fault
 -- (23514 for a time RFC 3339 can't carry: infinite, or outside years 1 to 9999), for raw INSERTs and the function alike, and wakes the relay when the
