@@ -387,13 +387,9 @@ fn broadcaster_default_source() -> String {
     static FOR_THIS_DATABASE: OnceLock<String> = OnceLock::new();
     guc::default_source().unwrap_or_else(|| {
         FOR_THIS_DATABASE
-            .get_or_init(|| event::default_source_for(&current_database()))
+            .get_or_init(|| event::default_source_for(&pg::my_database_name()))
             .clone()
     })
-}
-
-fn current_database() -> String {
-    pg::my_database_name()
 }
 
 /// The relays' shared-memory state, raw; `broadcaster_status` presents it. `state` is

@@ -44,7 +44,7 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
     if catalog == pg_sys::ForeignServerRelationId {
         let Some(kind) = options.get(KIND_OPTION).map(str::to_string) else {
             Error::MissingKind {
-                known: format!("{}, {}", kinds(), function::KIND),
+                known: format!("{}, {}", crate::backend::known_kinds(), function::KIND),
             }
             .raise("broadcaster_fdw_validator")
         };
@@ -111,14 +111,6 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
     } else {
         options.only(&[]).unwrap_or_else(|e| refuse(e));
     }
-}
-
-fn kinds() -> String {
-    REGISTRY
-        .iter()
-        .map(|k| k.name)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// What an event naming backend `name` must pass when it is written: a server of the

@@ -111,33 +111,17 @@ fn servers_are_validated_when_created_and_altered() {
         postgres::NoTls,
     )
     .expect("ops connects");
-    assert_eq!(
-        sqlstate(
-            &mut ops,
-            "CREATE SERVER r FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis')"
-        ),
-        "ok"
-    );
-    assert_eq!(
-        sqlstate(&mut ops, "CREATE SERVER f FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'file', path '/tmp/x')"),
-        "42501"
-    );
-    assert_eq!(
-        sqlstate(&mut ops, "CREATE SERVER g FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'function', function 'public.sink(jsonb)')"),
-        "42501"
-    );
-    assert_eq!(
-        sqlstate(
-            &mut ops,
-            "ALTER SERVER r OPTIONS (SET backend 'file', ADD path '/tmp/x')"
-        ),
-        "42501"
-    );
-    // Nor TLS files: the relay would read them with its rights.
-    assert_eq!(
-        sqlstate(&mut ops, "CREATE SERVER t FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis', tls_ca_file '/etc/ssl/private/key.pem')"),
-        "42501"
-    );
+    let as_ops = [
+        ("CREATE SERVER r FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis')", "ok"),
+        ("CREATE SERVER f FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'file', path '/tmp/x')", "42501"),
+        ("CREATE SERVER g FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'function', function 'public.sink(jsonb)')", "42501"),
+        ("ALTER SERVER r OPTIONS (SET backend 'file', ADD path '/tmp/x')", "42501"),
+        // Nor TLS files: the relay would read them with its rights.
+        ("CREATE SERVER t FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis', tls_ca_file '/etc/ssl/private/key.pem')", "42501"),
+    ];
+    for (sql, want) in as_ops {
+        assert_eq!(sqlstate(&mut ops, sql), want, "as ops: {sql}");
+    }
     assert_eq!(
         sqlstate(&mut c, "CREATE SERVER g FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'function', function 'public.sink(jsonb)')"),
         "ok"

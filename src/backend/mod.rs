@@ -212,7 +212,8 @@ impl Kind {
     }
 }
 
-fn known_kinds() -> String {
+/// The registry's kinds, for messages: `redis, file`.
+pub fn known_kinds() -> String {
     REGISTRY
         .iter()
         .map(|k| k.name)

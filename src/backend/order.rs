@@ -15,8 +15,16 @@ pub fn publish_in_key_order(
     backend: &mut dyn PublisherBackend,
     events: &[OutboxEvent],
 ) -> Result<Vec<Outcome>, BatchError> {
-    let runs = key_runs(events);
-    if runs.len() == 1 {
+    publish_in_runs(backend, events, key_runs(events))
+}
+
+/// [`publish_in_key_order`] with the runs already cut ([`key_runs`] of `events`).
+pub fn publish_in_runs(
+    backend: &mut dyn PublisherBackend,
+    events: &[OutboxEvent],
+    runs: Vec<std::ops::Range<usize>>,
+) -> Result<Vec<Outcome>, BatchError> {
+    if runs.len() <= 1 {
         return backend.publish(events);
     }
     let mut outcome: Vec<Outcome> = Vec::with_capacity(events.len());

@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 
 use super::claim::{self, Claimed, Deleted, Statements};
 use super::{Tick, RETRY_BASE_DELAY};
-use crate::backend::order::{in_key_order, publish_in_key_order};
+use crate::backend::order::{in_key_order, publish_in_key_order, publish_in_runs};
 use crate::backend::{key_runs, BatchError, Outcome, PublisherBackend};
 use crate::event::OutboxEvent;
 use crate::pg::{SignalsHeld, SubTransaction};
@@ -123,9 +123,16 @@ pub fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) 
             batch
         };
         let events = Arc::clone(&claimed.events);
+        // Runs in which no key repeats, for a backend that does not keep key order itself.
+        let runs = (!backend.keeps_key_order())
+            .then(|| key_runs(&events))
+            .filter(|runs| runs.len() > 1);
         let outcome = if events.is_empty() {
             Ok(Vec::new())
-        } else if backend.keeps_key_order() || key_runs(&events).len() == 1 {
+        } else if let Some(runs) = runs {
+            let _held = SignalsHeld::new();
+            publish_in_runs(backend, &events, runs)
+        } else {
             match backend.pipelined() {
                 Some(pipelined) => {
                     let sent = {
@@ -149,9 +156,6 @@ pub fn relay_batch(statements: &Statements, backend: &mut dyn PublisherBackend) 
                     backend.publish(&events)
                 }
             }
-        } else {
-            let _held = SignalsHeld::new();
-            publish_in_key_order(backend, &events)
         };
         let outcome = outcome.and_then(|o| key_order_checked(backend.name(), &events, o));
         let whole = claimed.unreadable.is_empty()

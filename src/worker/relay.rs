@@ -144,6 +144,24 @@ fn read_server(oid: u32) -> Option<ServerDefinition> {
     })
 }
 
+/// What became of a relay's server since its definition `known` was read.
+enum ServerChange {
+    Same,
+    Changed(ServerDefinition),
+    /// Dropped, or renamed: its events name it by the name the claim was prepared with.
+    Gone,
+}
+
+/// Reads server `oid` again and compares it with `known`. Inside a transaction.
+fn server_change(oid: u32, known: Option<&ServerDefinition>) -> ServerChange {
+    match read_server(oid) {
+        None => ServerChange::Gone,
+        Some(now) if known.is_some_and(|k| k.name != now.name) => ServerChange::Gone,
+        Some(now) if Some(&now) != known => ServerChange::Changed(now),
+        Some(_) => ServerChange::Same,
+    }
+}
+
 /// The servers of the `broadcaster` wrapper in this database. Inside a transaction.
 fn list_servers() -> Vec<(u32, String)> {
     let listed = Spi::connect(|client| {
@@ -434,13 +452,13 @@ impl Relay {
             return;
         }
         let schema = &self.statements.schema;
-        let orphaned = BackgroundWorker::transaction(|| {
-            Spi::get_one::<bool>(&in_schema(ORPHANED, schema))
+        let (orphaned, servers) = BackgroundWorker::transaction(|| {
+            let orphaned = Spi::get_one::<bool>(&in_schema(ORPHANED, schema))
                 .ok()
-                .flatten()
+                .flatten();
+            (orphaned, list_servers())
         });
         shared::set_pending(orphaned.unwrap_or(false));
-        let servers = BackgroundWorker::transaction(list_servers);
         self.siblings
             .retain(|oid, _| servers.iter().any(|(listed, _)| listed == oid));
         let database = pg::my_database();
@@ -472,10 +490,7 @@ impl Relay {
     }
 
     /// Takes the server's new definition: the backend is built again before the next claim.
-    fn reconfigure(&mut self, now: Option<ServerDefinition>) {
-        let Some(now) = now else {
-            return;
-        };
+    fn reconfigure(&mut self, now: ServerDefinition) {
         log!(
             "broadcaster: server \"{}\" of database \"{}\" changed; its backend is built again",
             now.name,
@@ -580,14 +595,11 @@ impl Relay {
         if self.server != 0 && self.sink.is_none() {
             // About to build the backend: from the server as it is now (an ALTER SERVER may
             // have fixed what made the last build fail).
-            let now = BackgroundWorker::transaction(|| read_server(self.server));
-            match now {
-                None => return Tick::ServerGone,
-                Some(now) if self.definition.as_ref().is_some_and(|k| k.name != now.name) => {
-                    return Tick::ServerGone
-                }
-                Some(now) if self.definition.as_ref() != Some(&now) => self.reconfigure(Some(now)),
-                Some(_) => {}
+            let known = self.definition.as_ref();
+            match BackgroundWorker::transaction(|| server_change(self.server, known)) {
+                ServerChange::Gone => return Tick::ServerGone,
+                ServerChange::Changed(now) => self.reconfigure(now),
+                ServerChange::Same => {}
             }
         }
         let mut sink = match self.sink.take() {
@@ -604,17 +616,13 @@ impl Relay {
             // In the claim's own transaction: an event committed after an ALTER SERVER is
             // claimed with what it set, and none after a DROP SERVER.
             if server != 0 {
-                match read_server(server) {
-                    None => return Tick::ServerGone,
-                    // Its events name it by the name the claim was prepared with.
-                    Some(now) if known.is_some_and(|k| k.name != now.name) => {
-                        return Tick::ServerGone
-                    }
-                    Some(now) if Some(&now) != known => {
+                match server_change(server, known) {
+                    ServerChange::Gone => return Tick::ServerGone,
+                    ServerChange::Changed(now) => {
                         changed = Some(now);
                         return Tick::Reconfigured;
                     }
-                    Some(_) => {}
+                    ServerChange::Same => {}
                 }
             }
             if sink.transactional {
@@ -625,7 +633,9 @@ impl Relay {
         }));
         match tick {
             Tick::Reconfigured => {
-                self.reconfigure(changed);
+                if let Some(now) = changed {
+                    self.reconfigure(now);
+                }
                 return Tick::Reconfigured;
             }
             Tick::ServerGone => return tick,
