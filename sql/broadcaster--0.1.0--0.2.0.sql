@@ -56,7 +56,8 @@ CREATE FUNCTION @extschema@.broadcaster_relays() RETURNS TABLE (
 	"published" bigint,  /* i64 */
 	"failed" bigint,  /* i64 */
 	"started_us" bigint,  /* Option < i64 > */
-	"recent_rate" double precision  /* f64 */
+	"recent_rate" double precision,  /* f64 */
+	"warning" TEXT  /* Option < String > */
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -78,7 +79,8 @@ CREATE FUNCTION @extschema@.broadcaster_status(
     OUT published          bigint,
     OUT failed             bigint,
     OUT published_per_second numeric,
-    OUT kind               text
+    OUT kind               text,
+    OUT warning            text
 ) RETURNS SETOF record
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -113,7 +115,8 @@ AS $$
            r.published,
            r.failed,
            round(r.recent_rate::numeric, 1),
-           r.kind
+           r.kind,
+           r.warning
       FROM relays r
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
       LEFT JOIN here h
@@ -127,7 +130,7 @@ AS $$
                               WHERE w.fdwname = 'broadcaster' AND s.srvname = h.backend)
                 THEN 'stopped' ELSE 'no server' END,
            h.backend, false, NULL, NULL, NULL, h.pending, h.oldest_pending_age, h.dead,
-           0, 0, 0, NULL
+           0, 0, 0, NULL, NULL
       FROM here h
      WHERE h.backend IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM relays r

@@ -297,6 +297,8 @@ $$;
 -- memory, plus the outbox's own counts for the current database (NULL for the others, whose
 -- outboxes this session can't read). `state`: running, read only, stopped, standby, or
 -- `no server` for a named backend whose server was dropped (its events wait for one).
+-- `warning`: what the backend found wrong with its broker that is not an outage, such as a
+-- Redis memory policy that may evict the streams; NULL when nothing is.
 CREATE FUNCTION @extschema@.broadcaster_status(
     OUT database           name,
     OUT pid                integer,
@@ -312,7 +314,8 @@ CREATE FUNCTION @extschema@.broadcaster_status(
     OUT published          bigint,
     OUT failed             bigint,
     OUT published_per_second numeric,
-    OUT kind               text
+    OUT kind               text,
+    OUT warning            text
 ) RETURNS SETOF record
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -347,7 +350,8 @@ AS $$
            r.published,
            r.failed,
            round(r.recent_rate::numeric, 1),
-           r.kind
+           r.kind,
+           r.warning
       FROM relays r
      CROSS JOIN (SELECT timestamptz '2000-01-01 00:00:00+00' AS pg_epoch) e
       LEFT JOIN here h
@@ -361,7 +365,7 @@ AS $$
                               WHERE w.fdwname = 'broadcaster' AND s.srvname = h.backend)
                 THEN 'stopped' ELSE 'no server' END,
            h.backend, false, NULL, NULL, NULL, h.pending, h.oldest_pending_age, h.dead,
-           0, 0, 0, NULL
+           0, 0, 0, NULL, NULL
       FROM here h
      WHERE h.backend IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM relays r

@@ -418,6 +418,7 @@ fn broadcaster_relay_states() -> TableIterator<
         name!(failed, i64),
         name!(started_us, Option<i64>),
         name!(recent_rate, f64),
+        name!(warning, Option<String>),
     ),
 > {
     let timeout_us = i64::try_from(guc::health_timeout().as_micros()).unwrap_or(i64::MAX);
@@ -452,6 +453,7 @@ fn broadcaster_relay_states() -> TableIterator<
             i64::try_from(r.failed).unwrap_or(i64::MAX),
             nonzero(r.started_at),
             r.recent_rate,
+            r.warning(),
         )
     }))
 }
@@ -492,6 +494,7 @@ fn broadcaster_relays() -> TableIterator<
             failed,
             started,
             rate,
+            _warning,
         )| {
             (
                 database, pid, healthy, ok, error, error_at, published, failed, started, rate,

@@ -27,6 +27,8 @@ static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 static STREAM_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static STREAM: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_MAXLEN: GucSetting<i32> = GucSetting::<i32>::new(0);
+static REDIS_WAIT_REPLICAS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static REDIS_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static MESSAGE_MODE: GucSetting<MessageModeSetting> =
     GucSetting::<MessageModeSetting>::new(MessageModeSetting::Binary);
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -125,6 +127,26 @@ pub fn register() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.redis_wait_replicas",
+        c"A batch counts as delivered only once this many Redis replicas acknowledged it (WAIT).",
+        c"0 counts the primary's acknowledgement alone: Redis replicates asynchronously, so an entry acknowledged just before a failover can be lost.",
+        &REDIS_WAIT_REPLICAS,
+        0,
+        64,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"broadcaster.redis_wait_timeout",
+        c"How long WAIT waits for broadcaster.redis_wait_replicas replicas.",
+        c"A batch they did not all acknowledge in time is sent again later, with the same event ids.",
+        &REDIS_WAIT_TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_enum_guc(
         c"broadcaster.message_mode",
@@ -327,6 +349,8 @@ const DEFAULT_BACKEND_LABELS: &[(&str, &str)] = &[
     ("maxlen", "broadcaster.redis_maxlen"),
     ("message_mode", "broadcaster.message_mode"),
     ("network_timeout", "broadcaster.network_timeout"),
+    ("wait_replicas", "broadcaster.redis_wait_replicas"),
+    ("wait_timeout", "broadcaster.redis_wait_timeout"),
     ("path", "broadcaster.file_path"),
 ];
 
@@ -348,6 +372,8 @@ pub fn default_backend_options(database: &str) -> Options {
         ("url", redis_url()),
         ("stream_prefix", stream_prefix()),
         ("maxlen", REDIS_MAXLEN.get().to_string()),
+        ("wait_replicas", REDIS_WAIT_REPLICAS.get().to_string()),
+        ("wait_timeout", REDIS_WAIT_TIMEOUT_MS.get().to_string()),
         (
             "message_mode",
             match MESSAGE_MODE.get() {

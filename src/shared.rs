@@ -63,6 +63,10 @@ pub struct RelayState {
     /// A named backend's relay: its backend has events in the outbox. The default backend's:
     /// the outbox holds events naming a backend that has no server.
     pub pending: bool,
+    /// What the backend last found wrong with its broker that is not an outage
+    /// ([`crate::backend::PublisherBackend::warning`]).
+    warning: [u8; ERROR_TEXT],
+    warning_len: usize,
 }
 
 /// Length of the window the recent publish rate is measured over.
@@ -90,6 +94,8 @@ impl Default for RelayState {
             recent_rate: 0.0,
             read_only: false,
             pending: false,
+            warning: [0; ERROR_TEXT],
+            warning_len: 0,
         }
     }
 }
@@ -119,6 +125,11 @@ impl RelayState {
     pub fn last_error(&self) -> Option<String> {
         (self.last_error_len > 0)
             .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+    }
+
+    pub fn warning(&self) -> Option<String> {
+        (self.warning_len > 0)
+            .then(|| String::from_utf8_lossy(&self.warning[..self.warning_len]).into_owned())
     }
 
     /// Running, and its last contact with the broker succeeded less than `timeout_us` ago.
@@ -457,6 +468,11 @@ fn wake_launcher(mail: &LauncherMail) {
 /// See [`RelayState::pending`].
 pub fn set_pending(pending: bool) {
     with_my_slot(|s| s.pending = pending);
+}
+
+/// What the backend finds wrong with its broker now; None clears it.
+pub fn set_warning(warning: Option<&str>) {
+    with_my_slot(|s| s.warning_len = copy_text(&mut s.warning, warning.unwrap_or("")));
 }
 
 pub fn set_read_only(read_only: bool) {

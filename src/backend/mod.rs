@@ -85,6 +85,14 @@ pub trait PublisherBackend {
         false
     }
 
+    /// What this backend found wrong with its broker that is not an outage: events flow, but
+    /// the broker may lose them (a Redis memory policy that evicts streams, say). The relay
+    /// logs it once when it appears and shows it in `broadcaster_status.warning`. None (the
+    /// default): nothing.
+    fn warning(&self) -> Option<String> {
+        None
+    }
+
     /// The same backend, if it can send a batch and read the broker's replies in two steps.
     /// The relay then claims the next batch while the broker works on this one.
     fn pipelined(&mut self) -> Option<&mut dyn Pipelined> {

@@ -304,6 +304,8 @@ struct Relay {
     statements: Statements,
     /// When the relay last said its database is read-only; None while it is writable.
     said_read_only: Option<Instant>,
+    /// The backend's warning as last logged and shown.
+    warning: Option<String>,
     /// Whether the origin check has run: once, at the first writable pass.
     origin_checked: bool,
     /// Consecutive outages, for the backoff.
@@ -337,6 +339,7 @@ impl Relay {
             sink: None,
             statements,
             said_read_only: None,
+            warning: None,
             origin_checked: false,
             outages: 0,
             retry_at: None,
@@ -357,6 +360,11 @@ impl Relay {
             Some(d) => format!(" backend \"{}\"", d.name),
             None => String::new(),
         }
+    }
+
+    /// `backend "name": ` for a named backend's messages; empty for the default's.
+    fn named_prefix(&self) -> String {
+        named_prefix(self.definition.as_ref().map(|d| d.name.as_str()))
     }
 
     fn run(&mut self) {
@@ -639,7 +647,11 @@ impl Relay {
                 return Tick::Reconfigured;
             }
             Tick::ServerGone => return tick,
-            _ => self.sink = Some(sink),
+            _ => {
+                let name = self.definition.as_ref().map(|d| d.name.as_str());
+                note_warning(&mut self.warning, name, sink.backend.warning());
+                self.sink = Some(sink);
+            }
         }
         let retired = match tick {
             Tick::Published { retired, .. } => retired,
@@ -705,6 +717,8 @@ impl Relay {
             let _held = SignalsHeld::new();
             sink.backend.health_check()
         };
+        let name = self.definition.as_ref().map(|d| d.name.as_str());
+        note_warning(&mut self.warning, name, sink.backend.warning());
         match checked {
             Ok(()) => {
                 self.last_contact = Some(Instant::now());
@@ -757,10 +771,7 @@ impl Relay {
         if matches!(error, BatchError::Misconfigured(_)) {
             self.sink = None;
         }
-        let named = match &self.definition {
-            Some(d) => format!("backend \"{}\": ", d.name),
-            None => String::new(),
-        };
+        let named = self.named_prefix();
         self.log_rate_limited(&format!(
             "broadcaster: {named}{error}; events stay pending, retrying in {} ms",
             delay.as_millis()
@@ -793,4 +804,25 @@ impl Relay {
         self.jitter_state = x;
         x
     }
+}
+
+/// `backend "name": ` for a named backend's messages; empty for the default's (`name` None).
+fn named_prefix(name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("backend \"{name}\": "),
+        None => String::new(),
+    }
+}
+
+/// Logs a backend's warning (of the backend `name`; None: the default) when it appears or
+/// changes from `last`, and shows it in `broadcaster_status`.
+fn note_warning(last: &mut Option<String>, name: Option<&str>, warning: Option<String>) {
+    if warning == *last {
+        return;
+    }
+    if let Some(text) = &warning {
+        warning!("broadcaster: {}{text}", named_prefix(name));
+    }
+    shared::set_warning(warning.as_deref());
+    *last = warning;
 }

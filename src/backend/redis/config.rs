@@ -21,8 +21,10 @@ pub enum MessageMode {
 /// A Redis backend's configuration.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// `url`: `redis[s]://[user:password@]host[:port][/db]`. Secret: may hold a password;
-    /// never logged, never shown in an error. May be set in a `USER MAPPING` instead.
+    /// `url`: `redis[s]://[user:password@]host[:port][/db]`, or several such URLs separated by
+    /// commas: seed nodes of a Redis Cluster, tried in order (any one node's URL is enough;
+    /// the relay finds the others). Secret: may hold a password; never logged, never shown in
+    /// an error. May be set in a `USER MAPPING` instead.
     pub url: String,
     /// `tls_ca_file`: CA certificate (PEM file) for `rediss://`; empty: the system's.
     pub tls_ca_file: String,
@@ -41,10 +43,24 @@ pub struct RedisConfig {
     /// `network_timeout` (milliseconds): bound on every network operation; default
     /// `broadcaster.network_timeout`.
     pub timeout: Duration,
+    /// `wait_replicas`: a batch counts as delivered only once this many replicas acknowledged
+    /// it (`WAIT`); 0 (the default) counts Redis's own acknowledgement. Redis replicates
+    /// asynchronously: without it, an entry acknowledged just before a failover can be lost.
+    pub wait_replicas: u32,
+    /// `wait_timeout` (milliseconds): how long `WAIT` waits for the replicas; a batch not
+    /// acknowledged by then is sent again later (a duplicate with the same id). Default 1000.
+    pub wait_timeout: Duration,
     /// `broadcaster.max_event_size`, in bytes; 0: no limit.
     pub max_event_size: usize,
     /// Names this relay to a server that de-duplicates (`XADD IDMP`).
     pub producer_id: String,
+}
+
+impl RedisConfig {
+    /// The URLs in `url`: one, or a cluster's seed nodes.
+    pub fn seed_urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -72,6 +88,8 @@ impl Default for RedisConfig {
             maxlen: 0,
             mode: MessageMode::Binary,
             timeout: Duration::from_secs(2),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
             max_event_size: 0,
             producer_id: String::new(),
         }
@@ -86,6 +104,8 @@ impl Config for RedisConfig {
         "maxlen",
         "message_mode",
         "network_timeout",
+        "wait_replicas",
+        "wait_timeout",
         "tls_ca_file",
         "tls_cert_file",
         "tls_key_file",
@@ -123,20 +143,44 @@ impl Config for RedisConfig {
                 }
             },
             timeout: options.timeout("network_timeout")?,
+            wait_replicas: options.parse("wait_replicas", 0)?,
+            wait_timeout: Duration::from_millis(options.parse("wait_timeout", 1000)?),
             max_event_size: context.max_event_size,
             producer_id: context.producer_id(),
         };
         // Parsing opens no connection. The error says what is wrong without the URL: it may
         // hold a password.
-        Client::open(config.url.as_str()).map_err(|e: RedisError| {
-            invalid(
-                "url",
-                format!(
-                    "not a valid Redis URL ({:?}); expected redis[s]://[user:password@]host[:port][/db]",
-                    e.kind()
-                ),
-            )
-        })?;
+        if config.seed_urls().next().is_none() {
+            return Err(invalid("url", "no Redis URL given".into()));
+        }
+        let urls: Vec<&str> = config.seed_urls().collect();
+        for url in &urls {
+            if let Some(parsed) = super::SentinelUrl::parse(url) {
+                parsed.map_err(|why| invalid("url", why))?;
+                if urls.len() > 1 {
+                    return Err(invalid(
+                        "url",
+                        "a redis+sentinel:// URL lists its sentinels itself; give it alone".into(),
+                    ));
+                }
+                continue;
+            }
+            Client::open(*url).map_err(|e: RedisError| {
+                invalid(
+                    "url",
+                    format!(
+                        "not a valid Redis URL ({:?}); expected redis[s]://[user:password@]host[:port][/db], or several separated by commas",
+                        e.kind()
+                    ),
+                )
+            })?;
+        }
+        if config.wait_timeout.is_zero() {
+            return Err(invalid(
+                "wait_timeout",
+                "0 would make WAIT wait forever; give milliseconds".into(),
+            ));
+        }
         if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
             return Err(invalid(
                 "tls_cert_file",

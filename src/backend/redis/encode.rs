@@ -19,8 +19,8 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// the next one from Postgres, this thread encodes it. Plain Rust runs there, never Postgres.
 pub(super) struct AheadEncoder {
     jobs: mpsc::Sender<Job>,
-    /// Whether entries are written for a server that de-duplicates; learnt on connect.
-    pub(super) idempotent_xadd: bool,
+    /// What the server takes; learnt on connect.
+    pub(super) dialect: Dialect,
     /// Buffers of sent batches, for the next ones.
     pub(super) spare: Vec<Vec<u8>>,
 }
@@ -28,7 +28,7 @@ pub(super) struct AheadEncoder {
 /// A batch for the [`AheadEncoder`]'s thread; the result comes back through `done`.
 struct Job {
     events: Arc<Vec<OutboxEvent>>,
-    idempotent_xadd: bool,
+    dialect: Dialect,
     packed: Vec<u8>,
     done: mpsc::SyncSender<Encoded>,
 }
@@ -42,7 +42,7 @@ impl AheadEncoder {
             .name("broadcaster encoder".into())
             .spawn(move || {
                 for job in queue {
-                    encoder.idempotent_xadd = job.idempotent_xadd;
+                    encoder.dialect = job.dialect;
                     encoder.spare = job.packed;
                     // The relay may have given up on the batch: then nobody waits.
                     let _ = job.done.send(encoder.encode(&job.events));
@@ -51,7 +51,7 @@ impl AheadEncoder {
             .ok()?;
         Some(AheadEncoder {
             jobs,
-            idempotent_xadd: false,
+            dialect: Dialect::default(),
             spare: Vec::new(),
         })
     }
@@ -64,7 +64,7 @@ impl AheadEncoder {
         let (done, encoded) = mpsc::sync_channel(1);
         let job = Job {
             events: Arc::clone(events),
-            idempotent_xadd: self.idempotent_xadd,
+            dialect: self.dialect,
             packed: self.spare.pop().unwrap_or_default(),
             done,
         };
@@ -77,8 +77,8 @@ impl AheadEncoder {
 /// next batch while the server works on the current one.
 pub(super) struct Encoder {
     pub(super) config: RedisConfig,
-    /// The server de-duplicates `XADD ... IDMP` (Redis 8.6 and later); learnt on connect.
-    pub(super) idempotent_xadd: bool,
+    /// What the server takes; learnt on connect.
+    pub(super) dialect: Dialect,
     /// Buffers kept from batch to batch, so that a batch allocates nothing once they have grown:
     /// one entry's fields, the script's arguments, the command, and the bytes of a sent batch.
     entry: Cmd,
@@ -100,10 +100,31 @@ pub(super) enum Shape {
     Script,
 }
 
+/// What a server takes, learnt when the relay connects to it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct Dialect {
+    /// The server de-duplicates `XADD ... IDMP` (Redis 8.6 and later).
+    pub(super) idempotent_xadd: bool,
+    /// The server's `proto-max-bulk-len`: the largest argument it reads, in bytes. A larger one
+    /// makes it drop the connection, so an entry with a larger field is refused before it is
+    /// sent. Redis's default, 512 MiB, when the server won't say (`CONFIG` is often disabled
+    /// on managed services).
+    pub(super) max_bulk_len: usize,
+}
+
+impl Default for Dialect {
+    fn default() -> Self {
+        Dialect {
+            idempotent_xadd: false,
+            max_bulk_len: 512 * 1024 * 1024,
+        }
+    }
+}
+
 /// A batch ready to go: its commands on the wire, and the events answered without sending.
 pub(super) struct Encoded {
-    /// Whether entries were written for a server that de-duplicates.
-    pub(super) idempotent_xadd: bool,
+    /// The server's dialect the entries were written for.
+    pub(super) dialect: Dialect,
     pub(super) shape: Shape,
     /// Per event: an error for those not sent (too large, or held behind one), Ok for the rest
     /// until the reply says otherwise.
@@ -117,7 +138,7 @@ impl Encoder {
     pub(super) fn new(config: &RedisConfig) -> Self {
         Encoder {
             config: config.clone(),
-            idempotent_xadd: false,
+            dialect: Dialect::default(),
             entry: Cmd::new(),
             argv: Cmd::new(),
             command: Cmd::new(),
@@ -172,7 +193,7 @@ impl Encoder {
             self.pack_command(events, &sent, &mut packed);
         }
         Encoded {
-            idempotent_xadd: self.idempotent_xadd,
+            dialect: self.dialect,
             shape,
             outcome,
             sent,
@@ -225,7 +246,7 @@ impl Encoder {
         let command = &mut self.command;
         command.clear();
         command.arg("XADD").arg(stream);
-        if self.idempotent_xadd {
+        if self.dialect.idempotent_xadd {
             // CloudEvents identity is source + id: two sources may reuse an id.
             command
                 .arg("IDMP")
@@ -237,6 +258,7 @@ impl Encoder {
         }
         command.arg("*");
         write_entry(event, self.config.mode, command)?;
+        check_bulk_lengths(command, self.dialect.max_bulk_len)?;
         command.write_packed_command(packed);
         Ok(())
     }
@@ -246,13 +268,14 @@ impl Encoder {
     pub(super) fn encode_entry(&mut self, event: &OutboxEvent) -> Result<(), String> {
         self.check(event)?;
         self.entry.clear();
-        write_entry(event, self.config.mode, &mut self.entry)
+        write_entry(event, self.config.mode, &mut self.entry)?;
+        check_bulk_lengths(&self.entry, self.dialect.max_bulk_len)
     }
 
     /// Appends the encoded entry of `event` to the script's arguments.
     fn add_entry(&mut self, event: &OutboxEvent) {
         self.argv.arg(event.partition_key.as_deref().unwrap_or(""));
-        if self.idempotent_xadd {
+        if self.dialect.idempotent_xadd {
             // CloudEvents identity is source + id: two sources may reuse an id.
             self.argv
                 .write_arg_fmt(format_args!("{} {}", event.source, event.id));
@@ -280,7 +303,7 @@ impl Encoder {
         }
         self.command
             .arg(self.config.maxlen)
-            .arg(if self.idempotent_xadd {
+            .arg(if self.dialect.idempotent_xadd {
                 self.config.producer_id.as_str()
             } else {
                 ""
@@ -289,6 +312,18 @@ impl Encoder {
             self.command.arg(arg_bytes(&arg));
         }
         self.command.write_packed_command(packed);
+    }
+}
+
+/// Refuses a command with an argument longer than the server reads (`proto-max-bulk-len`):
+/// sent, it would make the server drop the connection, which looks like an outage and never
+/// charges the event an attempt.
+fn check_bulk_lengths(command: &Cmd, max: usize) -> Result<(), String> {
+    match command.args_iter().map(|a| arg_bytes(&a).len()).max() {
+        Some(longest) if longest > max => Err(format!(
+            "a field of the entry is {longest} bytes, over the server's proto-max-bulk-len of {max} bytes"
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -4,31 +4,47 @@
 //! (structured mode).
 //!
 //! - `config.rs`: its options;
+//! - `cluster.rs`: a Redis Cluster's batches, split by hash slot;
 //! - `encode.rs`: events into entries, batches into commands;
 //! - `reply.rs`: replies into outcomes, errors into outages or rejections;
 //! - `batch.lua`: the script.
 
 use std::sync::{mpsc, Arc};
 
-use redis::{Client, Connection, RedisError};
+use redis::{Client, Connection, ConnectionInfo, RedisError};
 
 use super::{Backend, BatchError, Outcome, Pipelined, PublisherBackend};
 use crate::event::OutboxEvent;
 
+mod cluster;
 mod config;
 mod encode;
 mod reply;
+mod sentinel;
 #[cfg(test)]
 mod tests;
 
+pub use cluster::slot;
+use cluster::ClusterRouter;
 pub use config::{MessageMode, RedisConfig};
 pub use encode::STRUCTURED_CONTENT_TYPE;
-use encode::{AheadEncoder, Encoded, Encoder, Shape};
+use encode::{AheadEncoder, Dialect, Encoded, Encoder, Shape};
 use reply::{classify, receive_script_reply, receive_transaction_replies, script_outcomes};
+pub use sentinel::SentinelUrl;
 
 pub struct RedisStreamBackend {
-    client: Client,
+    /// The `url` option's servers, in order: one, or a cluster's seed nodes.
+    seeds: Vec<ConnectionInfo>,
+    /// A `redis+sentinel://` URL: the primary is asked of the sentinels at each connect.
+    sentinel: Option<SentinelUrl>,
     connection: Option<Connection>,
+    /// Set when the server connected to said it is a Redis Cluster node: then every batch goes
+    /// through it, and `connection` stays None.
+    cluster: Option<ClusterRouter>,
+    /// What a cluster's batch sent by [`Pipelined::send`] came to.
+    cluster_outcome: Option<Result<Vec<Outcome>, BatchError>>,
+    /// What [`PublisherBackend::warning`] says, learnt on connect.
+    warning: Option<String>,
     /// Encodes the batches that were not prepared.
     encoder: Encoder,
     /// Encodes the batches prepared ahead, on a thread of its own; None if it can't start.
@@ -70,24 +86,39 @@ impl Backend for RedisStreamBackend {
         let url_error = |e: RedisError| {
             BatchError::Misconfigured(format!("not a valid Redis URL ({:?})", e.kind()))
         };
-        let client = if client_tls.is_none() && root_cert.is_none() {
-            Client::open(config.url.as_str()).map_err(url_error)?
-        } else {
-            let certs = redis::TlsCertificates {
-                client_tls,
-                root_cert,
+        let mut seeds = Vec::new();
+        let mut sentinel = None;
+        for url in config.seed_urls() {
+            if let Some(parsed) = SentinelUrl::parse(url) {
+                sentinel = Some(parsed.map_err(BatchError::Misconfigured)?);
+                continue;
+            }
+            let client = if client_tls.is_none() && root_cert.is_none() {
+                Client::open(url).map_err(url_error)?
+            } else {
+                let certs = redis::TlsCertificates {
+                    client_tls: client_tls.clone(),
+                    root_cert: root_cert.clone(),
+                };
+                Client::build_with_tls(url, certs).map_err(url_error)?
             };
-            Client::build_with_tls(config.url.as_str(), certs).map_err(url_error)?
-        };
-        Ok(RedisStreamBackend::with_client(client, &config))
+            seeds.push(client.get_connection_info().clone());
+        }
+        let mut backend = RedisStreamBackend::with_seeds(seeds, &config);
+        backend.sentinel = sentinel;
+        Ok(backend)
     }
 }
 
 impl RedisStreamBackend {
-    fn with_client(client: Client, config: &RedisConfig) -> Self {
+    fn with_seeds(seeds: Vec<ConnectionInfo>, config: &RedisConfig) -> Self {
         RedisStreamBackend {
-            client,
+            seeds,
+            sentinel: None,
             connection: None,
+            cluster: None,
+            cluster_outcome: None,
+            warning: None,
             encoder: Encoder::new(config),
             ahead: AheadEncoder::start(config),
             prepared: None,
@@ -95,23 +126,79 @@ impl RedisStreamBackend {
         }
     }
 
+    /// Connects to the first seed that answers and learns what it takes (`INFO`, and
+    /// `CONFIG GET proto-max-bulk-len` where `CONFIG` is allowed). A Redis Cluster node makes
+    /// this backend route through a [`ClusterRouter`] from then on.
+    fn connect(&mut self) -> Result<(), BatchError> {
+        let timeout = self.read_timeout();
+        let mut last_error = None;
+        let candidates = match &self.sentinel {
+            Some(sentinel) => vec![sentinel.primary().map_err(|e| {
+                BatchError::Unavailable(format!("no primary from the sentinels: {e}"))
+            })?],
+            None => self.seeds.clone(),
+        };
+        for seed in candidates {
+            let connected = cluster::connect(seed.clone(), timeout).and_then(|mut c| {
+                let info: String = redis::cmd("INFO").query(&mut c)?;
+                // Refused by an ACL or a managed service's renamed CONFIG: Redis's default.
+                let max_bulk_len = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("proto-max-bulk-len")
+                    .query::<Vec<String>>(&mut c)
+                    .ok()
+                    .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()));
+                Ok((c, info, max_bulk_len))
+            });
+            match connected {
+                Ok((c, info, max_bulk_len)) => {
+                    self.learn(&info, max_bulk_len);
+                    if reply::info_field(&info, "cluster_enabled") == Some("1") {
+                        let node = cluster::node_of(&seed).ok_or_else(|| {
+                            BatchError::Misconfigured(
+                                "a Redis Cluster is reached over TCP, not a Unix socket".into(),
+                            )
+                        })?;
+                        self.cluster =
+                            Some(ClusterRouter::new(self.seeds.clone(), (node, c), timeout));
+                    } else {
+                        self.connection = Some(c);
+                    }
+                    return Ok(());
+                }
+                Err(e) => last_error = Some(classify(e)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| BatchError::Misconfigured("no Redis URL".into())))
+    }
+
+    /// Bound on waiting for a reply: the network timeout, and `WAIT`'s own when it is asked.
+    fn read_timeout(&self) -> std::time::Duration {
+        let config = &self.encoder.config;
+        if config.wait_replicas > 0 {
+            config.timeout + config.wait_timeout
+        } else {
+            config.timeout
+        }
+    }
+
+    /// Takes what `INFO` said (and `proto-max-bulk-len`, when the server told it) into the
+    /// encoder, and whether the server may evict the streams into [`Self::warning`].
+    fn learn(&mut self, info: &str, max_bulk_len: Option<usize>) {
+        self.encoder.dialect = Dialect {
+            idempotent_xadd: reply::server_version(info).is_some_and(|v| v >= (8, 6)),
+            max_bulk_len: max_bulk_len.unwrap_or(Dialect::default().max_bulk_len),
+        };
+        self.warning = reply::info_field(info, "maxmemory_policy")
+            .filter(|policy| reply::evicts_streams(policy))
+            .map(|policy| format!(
+                "the Redis server's maxmemory-policy is {policy}: once it reaches maxmemory it may delete a whole stream, entries no consumer has read included; set it to noeviction"
+            ));
+    }
+
     fn connection(&mut self) -> Result<&mut Connection, BatchError> {
-        if self.connection.is_none() {
-            let timeout = Some(self.encoder.config.timeout);
-            let connection = self
-                .client
-                .get_connection_with_timeout(self.encoder.config.timeout)
-                .and_then(|mut c| {
-                    c.set_read_timeout(timeout)?;
-                    c.set_write_timeout(timeout)?;
-                    let info: String = redis::cmd("INFO").arg("server").query(&mut c)?;
-                    Ok((c, info))
-                })
-                .map_err(classify)?;
-            let (connection, info) = connection;
-            self.encoder.idempotent_xadd =
-                reply::server_version(&info).is_some_and(|v| v >= (8, 6));
-            self.connection = Some(connection);
+        if self.connection.is_none() && self.cluster.is_none() {
+            self.connect()?;
         }
         self.connection
             .as_mut()
@@ -134,15 +221,15 @@ impl RedisStreamBackend {
     /// The encoding of `events`: the one prepared ahead when it is for these events and the
     /// server's dialect has not changed since, else made now.
     fn encoded(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Encoded {
-        let idempotent_xadd = self.encoder.idempotent_xadd;
+        let dialect = self.encoder.dialect;
         if let Some(ahead) = self.ahead.as_mut() {
-            ahead.idempotent_xadd = idempotent_xadd;
+            ahead.dialect = dialect;
         }
         self.prepared
             .take()
             .filter(|(prepared, _)| Arc::ptr_eq(prepared, events))
             .and_then(|(_, encoded)| encoded.recv().ok())
-            .filter(|e| e.idempotent_xadd == idempotent_xadd && e.outcome.len() == events.len())
+            .filter(|e| e.dialect == dialect && e.outcome.len() == events.len())
             .unwrap_or_else(|| self.encoder.encode(events))
     }
 
@@ -167,13 +254,23 @@ impl PublisherBackend for RedisStreamBackend {
     }
 
     fn health_check(&mut self) -> Result<(), BatchError> {
-        self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop))
+        if self.connection.is_none() && self.cluster.is_none() {
+            self.connect()?;
+        }
+        match self.cluster.as_mut() {
+            Some(cluster) => cluster.health_check(),
+            None => self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop)),
+        }
     }
 
     /// A key's entries all go to one stream in one transaction, or through the script that
     /// stops a key at its first failure.
     fn keeps_key_order(&self) -> bool {
         true
+    }
+
+    fn warning(&self) -> Option<String> {
+        self.warning.clone()
     }
 
     fn pipelined(&mut self) -> Option<&mut dyn Pipelined> {
@@ -184,7 +281,19 @@ impl PublisherBackend for RedisStreamBackend {
 impl Pipelined for RedisStreamBackend {
     fn send(&mut self, events: &Arc<Vec<OutboxEvent>>) -> Result<(), BatchError> {
         // Connect first: how entries are written depends on the server's version.
-        self.connection()?;
+        if self.connection.is_none() && self.cluster.is_none() {
+            self.connect()?;
+        }
+        if let Some(cluster) = self.cluster.as_mut() {
+            // A cluster's batch goes out and comes back here: its slots' replies, redirects
+            // and WAITs interleave across nodes.
+            let config = &self.encoder.config;
+            let wait =
+                (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout));
+            self.prepared = None;
+            self.cluster_outcome = Some(cluster.publish(&mut self.encoder, events, wait));
+            return Ok(());
+        }
         let Encoded {
             shape,
             outcome,
@@ -208,6 +317,9 @@ impl Pipelined for RedisStreamBackend {
     }
 
     fn receive(&mut self) -> Result<Vec<Outcome>, BatchError> {
+        if let Some(outcome) = self.cluster_outcome.take() {
+            return outcome;
+        }
         let Some(InFlight {
             shape,
             mut outcome,
@@ -228,6 +340,12 @@ impl Pipelined for RedisStreamBackend {
         });
         self.recycle(packed);
         let replies = match replies {
+            // A demoted primary (a failover under way or done): the next connection finds the
+            // new one (through the sentinels, with a sentinel URL).
+            Ok(Ok(replies)) if replies.iter().any(reply::says_not_primary) => {
+                self.connection = None;
+                replies
+            }
             Ok(Ok(replies)) => replies,
             Ok(Err(e)) | Err(e) => {
                 // Replies may be left unread or out of step: start on a new connection.
@@ -235,13 +353,32 @@ impl Pipelined for RedisStreamBackend {
                 return Err(e);
             }
         };
+        let delivered = replies.contains(&Outcome::Delivered);
         for (i, reply) in sent.into_iter().zip(replies) {
             outcome[i] = reply;
+        }
+        if delivered && self.encoder.config.wait_replicas > 0 {
+            let (replicas, timeout) = (
+                self.encoder.config.wait_replicas,
+                self.encoder.config.wait_timeout,
+            );
+            let acknowledged = match self.connection.as_mut() {
+                Some(c) => reply::wait(c, replicas, timeout),
+                None => Err("the connection is gone".into()),
+            };
+            if let Err(why) = acknowledged {
+                for o in outcome.iter_mut().filter(|o| **o == Outcome::Delivered) {
+                    *o = Outcome::Deferred(why.clone());
+                }
+            }
         }
         Ok(outcome)
     }
 
     fn prepare(&mut self, next: &Arc<Vec<OutboxEvent>>) {
+        if self.cluster.is_some() {
+            return;
+        }
         let encoded = match self.ahead.as_mut() {
             Some(ahead) => ahead.prepare(next),
             None => None,

@@ -1,6 +1,8 @@
 //! The server's replies to a batch, read back as one outcome per event, and which errors are
 //! the broker's (an outage: retry later) rather than the event's (a rejection).
 
+use std::time::Duration;
+
 use redis::{Connection, ConnectionLike, RedisError};
 
 use super::encode::BATCH_SCRIPT;
@@ -142,6 +144,46 @@ fn is_outage(code: &str, message: &str) -> bool {
         return false;
     }
     OUTAGE_CODES.contains(&code)
+}
+
+/// The value of `name:` in an `INFO` reply.
+pub(super) fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+/// Whether a `maxmemory-policy` may delete a key that has no expiry, such as a stream:
+/// `allkeys-lru`, `allkeys-lfu`, `allkeys-random` (the `volatile-*` policies evict only keys with
+/// a TTL, and `noeviction` refuses writes instead).
+pub(super) fn evicts_streams(policy: &str) -> bool {
+    policy.starts_with("allkeys-")
+}
+
+/// `WAIT replicas timeout` on `c`: Ok once at least `replicas` replicas acknowledged every
+/// write made on this connection so far; Err says how many did.
+pub(super) fn wait(c: &mut Connection, replicas: u32, timeout: Duration) -> Result<(), String> {
+    let acknowledged: u32 = redis::cmd("WAIT")
+        .arg(replicas)
+        .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+        .query(c)
+        .map_err(|e| format!("WAIT: {e}"))?;
+    if acknowledged >= replicas {
+        Ok(())
+    } else {
+        Err(format!(
+            "WAIT: {acknowledged} of {replicas} replicas acknowledged the batch within {} ms; it will be sent again",
+            timeout.as_millis()
+        ))
+    }
+}
+
+/// Whether an entry's outcome says the server is not (or no longer) a primary that takes
+/// writes: `READONLY` (a replica), `MASTERDOWN` (a replica that lost its primary).
+pub(super) fn says_not_primary(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Deferred(m) if m.starts_with("READONLY") || m.starts_with("MASTERDOWN"))
 }
 
 /// `(major, minor)` from the `redis_version:` line of `INFO server`.

@@ -230,8 +230,11 @@ fn structured_mode_is_one_cloudevents_json_field() {
 }
 
 fn backend(config: RedisConfig) -> RedisStreamBackend {
-    RedisStreamBackend::with_client(
-        Client::open("redis://127.0.0.1:1").expect("valid url"),
+    RedisStreamBackend::with_seeds(
+        vec![Client::open("redis://127.0.0.1:1")
+            .expect("valid url")
+            .get_connection_info()
+            .clone()],
         &config,
     )
 }
@@ -280,7 +283,7 @@ fn batch_is_one_transaction_naming_streams_trimming_and_using_idmp_when_availabl
     assert_eq!(plain[2][..2], ["XADD", "audit"]);
     assert_eq!(plain[3], ["EXEC"]);
 
-    b.encoder.idempotent_xadd = true;
+    b.encoder.dialect.idempotent_xadd = true;
     b.encoder.config.maxlen = 0;
     let idmp = sent_commands(&mut b, &events);
     let id = format!("{} {}", event().source, event().id);
@@ -468,4 +471,38 @@ fn unreachable_broker_is_unavailable_not_rejected() {
         backend.publish(&[event()]),
         Err(BatchError::Unavailable(_))
     ));
+}
+
+#[test]
+fn a_field_longer_than_the_server_reads_is_the_events_fault() {
+    let mut b = backend(RedisConfig::default());
+    b.encoder.dialect.max_bulk_len = 1024;
+    let mut big = event();
+    big.data = Some(format!("\"{}\"", "x".repeat(2000)));
+    let mut other = event();
+    other.partition_key = Some("c-2".into());
+    let encoded = b.encoder.encode(&[big, other]);
+    match &encoded.outcome[0] {
+        Outcome::Rejected(why) => assert!(
+            why.contains("2002 bytes") && why.contains("proto-max-bulk-len of 1024"),
+            "{why}"
+        ),
+        other => panic!("not rejected: {other:?}"),
+    }
+    // Another key's event still goes.
+    assert_eq!(encoded.sent, vec![1]);
+}
+
+#[test]
+fn info_fields_and_evicting_policies() {
+    let info = "# Server\r\nredis_version:7.0.15\r\n# Memory\r\nmaxmemory_policy:allkeys-lru\r\n# Cluster\r\ncluster_enabled:1\r\n";
+    assert_eq!(reply::info_field(info, "cluster_enabled"), Some("1"));
+    assert_eq!(
+        reply::info_field(info, "maxmemory_policy"),
+        Some("allkeys-lru")
+    );
+    assert_eq!(reply::info_field(info, "maxmemory"), None);
+    assert!(reply::evicts_streams("allkeys-lfu"));
+    assert!(!reply::evicts_streams("volatile-lru"));
+    assert!(!reply::evicts_streams("noeviction"));
 }

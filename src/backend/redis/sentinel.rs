@@ -1,0 +1,168 @@
+//! Redis Sentinel: the relay asks the sentinels where the primary is each time it connects, so
+//! that after a failover (or a `READONLY` reply from a demoted primary, which drops the
+//! connection) it finds the new primary by itself. The sentinels are asked, and the primary's
+//! role checked with `ROLE`, by redis-rs's `SentinelClient`.
+//!
+//! URL: `redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]`, or
+//! `rediss+sentinel://...` for TLS to the primary. The credentials are the primary's; the
+//! sentinels are asked without them.
+
+use percent_encoding::percent_decode_str;
+use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+use redis::{ConnectionAddr, ConnectionInfo, RedisError, TlsMode};
+
+/// A parsed `redis+sentinel://` URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelUrl {
+    /// The sentinels' addresses, in the order given.
+    pub sentinels: Vec<(String, u16)>,
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    pub master: String,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `rediss+sentinel://`: TLS to the primary.
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for SentinelUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelUrl")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The expected form, for errors.
+pub const FORM: &str =
+    "redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]";
+
+impl SentinelUrl {
+    /// None when `url` is not a sentinel URL; Err says what is wrong (never with the password).
+    pub fn parse(url: &str) -> Option<Result<SentinelUrl, String>> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            (false, rest)
+        } else {
+            (true, url.strip_prefix("rediss+sentinel://")?)
+        };
+        Some(Self::parse_rest(tls, rest))
+    }
+
+    fn parse_rest(tls: bool, rest: &str) -> Result<SentinelUrl, String> {
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (credentials, hosts) = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => (Some(credentials), hosts),
+            None => (None, authority),
+        };
+        let decode = |s: &str| -> Result<String, String> {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| "the credentials are not UTF-8 once percent-decoded".to_string())
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(c) => {
+                let (user, password) = c.split_once(':').unwrap_or((c, ""));
+                let user = Some(decode(user)?).filter(|u| !u.is_empty());
+                let password = Some(decode(password)?).filter(|p| !p.is_empty());
+                (user, password)
+            }
+        };
+        let mut sentinels = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| format!("sentinel {host:?} has no port; expected {FORM}"))?;
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("sentinel {host:?}: bad port; expected {FORM}"))?;
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            sentinels.push((name.to_string(), port));
+        }
+        if sentinels.is_empty() {
+            return Err(format!("no sentinel address; expected {FORM}"));
+        }
+        let mut segments = path.split('/').filter(|s| !s.is_empty());
+        let master = segments
+            .next()
+            .map(decode)
+            .transpose()?
+            .ok_or_else(|| format!("no master name; expected {FORM}"))?;
+        let db = match segments.next() {
+            Some(db) => db
+                .parse::<i64>()
+                .map_err(|_| format!("database {db:?} is not a number; expected {FORM}"))?,
+            None => 0,
+        };
+        Ok(SentinelUrl {
+            sentinels,
+            master,
+            db,
+            username,
+            password,
+            tls,
+        })
+    }
+
+    /// Asks the sentinels where the primary is, and checks it says it is one: how to connect
+    /// to it (with this URL's credentials).
+    pub fn primary(&self) -> Result<ConnectionInfo, RedisError> {
+        let addrs = self
+            .sentinels
+            .iter()
+            .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port));
+        let mut builder =
+            SentinelClientBuilder::new(addrs, &self.master, SentinelServerType::Master)?
+                .set_client_to_redis_db(self.db);
+        if let Some(user) = &self.username {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = &self.password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if self.tls {
+            builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+        }
+        Ok(builder.build()?.get_client()?.get_connection_info().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_parse_or_say_why_without_the_password() {
+        let url =
+            SentinelUrl::parse("redis+sentinel://relay:p%40ss@10.0.0.1:26379,[::1]:26380/orders/2")
+                .expect("a sentinel URL")
+                .expect("valid");
+        assert_eq!(
+            url.sentinels,
+            vec![("10.0.0.1".to_string(), 26379), ("::1".to_string(), 26380)]
+        );
+        assert_eq!((url.master.as_str(), url.db), ("orders", 2));
+        assert_eq!(url.username.as_deref(), Some("relay"));
+        assert_eq!(url.password.as_deref(), Some("p@ss"));
+        assert!(!url.tls);
+        assert!(!format!("{url:?}").contains("p@ss"));
+        assert!(SentinelUrl::parse("redis://h:1").is_none());
+        let tls = SentinelUrl::parse("rediss+sentinel://h:1/m")
+            .expect("sentinel")
+            .expect("valid");
+        assert!(tls.tls && tls.password.is_none());
+        for bad in [
+            "redis+sentinel:///m",
+            "redis+sentinel://h/m",
+            "redis+sentinel://h:x/m",
+            "redis+sentinel://h:1",
+            "redis+sentinel://u:secret@h:1/m/x",
+        ] {
+            let why = SentinelUrl::parse(bad).expect("sentinel").expect_err(bad);
+            assert!(!why.contains("secret"), "{why}");
+        }
+    }
+}
