@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, PgClient, RedisCluster, Tally};
+use common::{Cluster, PgClient, Redis, RedisCluster, Sentinels, Tally, DEFAULT_STREAM};
 
 /// Streams the cluster tests write to: spread over every primary's slots.
 const STREAMS: usize = 24;
@@ -51,12 +51,23 @@ struct Traffic {
 }
 
 impl Traffic {
+    /// Key `k`'s `n`th event goes to [`stream_of`]`(k, n)`.
     fn start(port: u16, keys: usize, pause: Duration) -> Traffic {
+        Self::start_on(port, keys, pause, stream_of)
+    }
+
+    /// Key `k`'s `n`th event goes to `stream(k, n)`.
+    fn start_on(
+        port: u16,
+        keys: usize,
+        pause: Duration,
+        stream: fn(usize, i64) -> String,
+    ) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let handles = (0..keys)
             .map(|k| {
                 let stop = stop.clone();
-                std::thread::spawn(move || produce(port, k, pause, &stop))
+                std::thread::spawn(move || produce(port, k, pause, stream, &stop))
             })
             .collect();
         Traffic { stop, handles }
@@ -72,7 +83,13 @@ impl Traffic {
     }
 }
 
-fn produce(port: u16, k: usize, pause: Duration, stop: &AtomicBool) -> Vec<String> {
+fn produce(
+    port: u16,
+    k: usize,
+    pause: Duration,
+    stream: fn(usize, i64) -> String,
+    stop: &AtomicBool,
+) -> Vec<String> {
     let mut committed = Vec::new();
     let mut client: Option<PgClient> = None;
     let key = format!("k-{k}");
@@ -86,7 +103,7 @@ fn produce(port: u16, k: usize, pause: Duration, stop: &AtomicBool) -> Vec<Strin
         let row = c.query_one(
             "SELECT broadcaster_publish('cluster.test', json_build_object('k', $1::int, 'n', $2::bigint), \
              partition_key => $3, stream => $4)::text",
-            &[&(k as i32), &n, &key, &stream_of(k, n)],
+            &[&(k as i32), &n, &key, &stream(k, n)],
         );
         match row {
             Ok(row) => {
@@ -309,4 +326,255 @@ fn a_redis_cluster_reshards_fails_over_and_loses_a_primary_without_losing_an_eve
     );
     assert_eq!((tally.lost, tally.unexpected), (0, 0), "{tally:?}");
     assert_eq!(dead_and_failed(&mut c).0, 0, "no event dead");
+}
+
+/// Events of one stream (the default), entries as (event id, key index, n).
+fn stream_entries(entries: Vec<common::Entry>) -> Vec<(String, i64, i64)> {
+    entries
+        .into_iter()
+        .map(|e| {
+            let data: serde_json::Value =
+                serde_json::from_str(e.get("data").expect("data field")).expect("JSON");
+            (
+                e.event_id(),
+                data["k"].as_i64().unwrap_or(-1),
+                data["n"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
+fn wait_outbox_empty(c: &mut PgClient, deadline: Duration) {
+    common::wait_for("the outbox empty", deadline, || {
+        c.query_one("SELECT count(*) = 0 FROM broadcaster_outbox", &[])
+            .ok()
+            .filter(|r| r.get::<_, bool>(0))
+    });
+}
+
+fn publish_plain(c: &mut PgClient, n: usize, key: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            c.query_one(
+                "SELECT broadcaster_publish('wait.test', json_build_object('k', 0, 'n', $1::int), partition_key => $2)::text",
+                &[&(i as i32), &key],
+            )
+            .expect("broadcaster_publish")
+            .get(0)
+        })
+        .collect()
+}
+
+/// Through Sentinel: the relay knows only the sentinels; the primary is killed mid-traffic, the
+/// sentinels promote its replica, the relay finds it by itself. `WAIT 1`, and the killed server
+/// comes back as the new primary's replica: nothing lost, every key in order.
+#[test]
+fn sentinel_failover_mid_traffic_loses_nothing() {
+    let mut redis = Sentinels::start();
+    let sentinels: Vec<String> = redis
+        .sentinel_ports()
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let url = format!(
+        "redis+sentinel://{}/{}",
+        sentinels.join(","),
+        redis.master_name()
+    );
+    let pg = Cluster::start(
+        &url,
+        &[
+            ("broadcaster.redis_wait_replicas", "1"),
+            ("broadcaster.retry_max_delay", "2000"),
+        ],
+    );
+    let mut c = pg.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION");
+    let keys = 6;
+    let traffic = Traffic::start_on(pg.port, keys, Duration::from_millis(10), |_, _| {
+        DEFAULT_STREAM.to_string()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let old = redis.kill_primary();
+    let new = redis.wait_failover(old);
+    println!(
+        "sentinels promoted {new} {:?} after {old} was killed",
+        started.elapsed()
+    );
+    redis.restart(old);
+    std::thread::sleep(Duration::from_secs(4));
+    let produced = traffic.finish();
+    wait_outbox_empty(&mut c, Duration::from_secs(120));
+    let entries = stream_entries(redis.entries(DEFAULT_STREAM));
+    check_key_order("sentinel", &[(DEFAULT_STREAM.to_string(), entries.clone())]);
+    let delivered: Vec<String> = entries.into_iter().map(|(id, _, _)| id).collect();
+    let tally = Tally::count(&produced, &delivered);
+    println!(
+        "| sentinel: primary killed | {} | {} | {} | {} |",
+        tally.produced, tally.delivered, tally.duplicates, tally.lost
+    );
+    assert!(tally.produced > 300, "{tally:?}");
+    assert_eq!((tally.lost, tally.unexpected), (0, 0), "{tally:?}");
+    assert_eq!(dead_and_failed(&mut c).0, 0, "no event dead");
+}
+
+/// What `WAIT` is for, counted: the replica stops replicating (`REPLICAOF NO ONE`: a partition,
+/// or a replica promoted while it lagged), events are published, the primary is killed, and the
+/// relay is pointed at the promoted replica. Without `wait_replicas`, Redis acknowledged every
+/// event, the relay deleted their rows, and the promoted replica never had them: all lost.
+/// With `wait_replicas 1`, `WAIT` answered 0, so none counted as delivered; all arrive at the
+/// promoted replica (which gets a replica of its own).
+#[test]
+fn wait_for_a_replica_keeps_what_a_failover_loses_without_it() {
+    let mut lost = Vec::new();
+    for wait in [false, true] {
+        let mut primary = Redis::start();
+        let replica = Redis::start_replica_of(primary.port);
+        let mut settings = vec![("broadcaster.retry_max_delay", "1000")];
+        if wait {
+            settings.push(("broadcaster.redis_wait_replicas", "1"));
+            settings.push(("broadcaster.redis_wait_timeout", "200"));
+        }
+        let pg = Cluster::start(&primary.url(), &settings);
+        let mut c = pg.connect();
+        c.batch_execute("CREATE EXTENSION broadcaster")
+            .expect("CREATE EXTENSION");
+        // Replication works: the first event reaches the replica.
+        let first = publish_plain(&mut c, 1, "k");
+        replica.wait_for_ids(DEFAULT_STREAM, &first, common::DEADLINE);
+
+        let mut promoted: redis::Connection = replica.connection();
+        redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query::<()>(&mut promoted)
+            .expect("REPLICAOF NO ONE");
+        let produced = publish_plain(&mut c, 50, "k");
+        if wait {
+            // WAIT answers 0: the events stay pending.
+            std::thread::sleep(Duration::from_secs(2));
+            let pending: i64 = c
+                .query_one("SELECT count(*) FROM broadcaster_outbox", &[])
+                .expect("count")
+                .get(0);
+            assert_eq!(pending, 50, "with WAIT 1, nothing counts as delivered");
+        } else {
+            wait_outbox_empty(&mut c, common::DEADLINE);
+        }
+        primary.kill();
+        let _second = wait.then(|| Redis::start_replica_of(replica.port));
+        pg.set_and_reload("broadcaster.redis_url", &replica.url());
+        wait_outbox_empty(&mut c, common::DEADLINE);
+        let delivered = replica.event_ids(DEFAULT_STREAM);
+        let tally = Tally::count(&produced, &delivered);
+        println!(
+            "| primary killed, replica promoted, wait_replicas {} | {} | {} | {} | {} |",
+            u8::from(wait),
+            tally.produced,
+            tally.delivered,
+            tally.duplicates,
+            tally.lost
+        );
+        lost.push(tally.lost);
+    }
+    assert_eq!(lost, vec![50, 0], "lost without WAIT, then with WAIT 1");
+}
+
+/// An event larger than the server's `proto-max-bulk-len` (1 MB here, 2 MiB event): refused
+/// before it is sent, charged its attempts, dead with the sizes in `last_error`; other keys'
+/// events flow meanwhile.
+#[test]
+fn an_event_over_the_servers_bulk_limit_goes_dead_and_others_flow() {
+    let redis = Redis::start_with(&["--proto-max-bulk-len", "1mb"]);
+    let pg = Cluster::start(
+        &redis.url(),
+        &[
+            ("broadcaster.max_event_size", "4MB"),
+            ("broadcaster.max_attempts", "2"),
+        ],
+    );
+    let mut c = pg.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION");
+    let big = "x".repeat(2 * 1024 * 1024);
+    c.query_one(
+        "SELECT broadcaster_publish('big', to_json($1::text), partition_key => 'big')",
+        &[&big],
+    )
+    .expect("a 2 MiB event is within max_event_size");
+    let started = Instant::now();
+    let others = publish_plain(&mut c, 20, "small");
+    let ids = redis.wait_for_ids(DEFAULT_STREAM, &others, Duration::from_secs(10));
+    println!(
+        "20 other events delivered {:?} after the big one",
+        started.elapsed()
+    );
+    assert_eq!(Tally::count(&others, &ids).lost, 0);
+    let (attempts, dead, error): (i32, bool, String) =
+        common::wait_for("the big event dead", common::DEADLINE, || {
+            let row = c
+                .query_opt(
+                    "SELECT attempts, dead, last_error FROM broadcaster_failures WHERE dead",
+                    &[],
+                )
+                .ok()??;
+            Some((row.get(0), row.get(1), row.get(2)))
+        });
+    println!("last_error: {error}");
+    assert!(dead && attempts == 2, "attempts {attempts}");
+    assert!(
+        error.contains("2097154 bytes") && error.contains("proto-max-bulk-len of 1048576"),
+        "{error}"
+    );
+}
+
+/// A memory policy that may evict the stream: said once in the log, and in
+/// `broadcaster_status.warning`; gone from status once the policy is fixed and the relay
+/// reconnects.
+#[test]
+fn an_evicting_memory_policy_is_a_warning_in_status_and_the_log() {
+    let redis = Redis::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let pg = Cluster::start(&redis.url(), &[]);
+    let mut c = pg.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION");
+    let ids = publish_plain(&mut c, 3, "k");
+    redis.wait_for_ids(DEFAULT_STREAM, &ids, common::DEADLINE);
+    let warning: String = common::wait_for("the warning in status", common::DEADLINE, || {
+        c.query_one("SELECT warning FROM broadcaster_status", &[])
+            .ok()?
+            .get::<_, Option<String>>(0)
+    });
+    assert!(warning.contains("allkeys-lru"), "{warning}");
+    let ids = publish_plain(&mut c, 3, "k");
+    redis.wait_for_ids(DEFAULT_STREAM, &ids, common::DEADLINE);
+    assert_eq!(
+        common::lines_with(&pg.log(), "maxmemory-policy is allkeys-lru").len(),
+        1,
+        "said once"
+    );
+    // Fixed, and the relay reconnected (it learns the policy when it connects).
+    let mut r = redis.connection();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query::<()>(&mut r)
+        .expect("CONFIG SET");
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query::<i64>(&mut r)
+        .expect("CLIENT KILL");
+    publish_plain(&mut c, 1, "k");
+    common::wait_for("the warning gone", common::DEADLINE, || {
+        c.query_one("SELECT warning IS NULL FROM broadcaster_status", &[])
+            .ok()
+            .filter(|row| row.get::<_, bool>(0))
+    });
 }

@@ -95,6 +95,42 @@ impl Redis {
         Self::spawn(port, Some(dir.to_path_buf()), Vec::new())
     }
 
+    /// A server that keeps nothing on disk, with more redis-server arguments (`--proto-max-bulk-len
+    /// 1mb`, `--maxmemory-policy allkeys-lru`, ...).
+    pub fn start_with(args: &[&str]) -> Redis {
+        Self::spawn(
+            free_port(),
+            None,
+            args.iter().map(|a| a.to_string()).collect(),
+        )
+    }
+
+    /// A replica of the server on `primary` (`--replicaof`), once its link is up.
+    pub fn start_replica_of(primary: u16) -> Redis {
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &primary.to_string()]);
+        wait_for("the replica's link to its primary", DEADLINE, || {
+            let mut c = replica.try_connection()?;
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+            info.contains("master_link_status:up").then_some(())
+        });
+        replica
+    }
+
+    /// Freezes the server process (SIGSTOP): its connections stay open, it answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Ends [`Redis::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        run(Command::new("kill").arg(signal).arg(pid.to_string()));
+    }
+
     /// Restarts a killed server on the same port (and, if persistent, the same data).
     pub fn restart(&mut self) {
         self.kill();
@@ -110,7 +146,11 @@ impl Redis {
             Some(d) => cmd
                 .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
                 .arg(d),
-            None => cmd.args(["--appendonly", "no"]),
+            // A folder of its own all the same: a replica's full sync writes dump.rdb there,
+            // and a server started later in the same folder would load it.
+            None => cmd
+                .args(["--appendonly", "no", "--dir"])
+                .arg(scratch_dir(port)),
         };
         let child = cmd
             .stdout(Stdio::null())
@@ -297,7 +337,15 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(scratch_dir(self.port));
     }
+}
+
+/// The working folder of a server on `port` that keeps nothing on purpose.
+fn scratch_dir(port: u16) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/bc-redis-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch folder for redis-server");
+    dir
 }
 
 /// One stream entry: its Redis id and its fields as text.
@@ -1804,6 +1852,16 @@ impl Sentinels {
     }
 
     /// SIGKILLs the current primary and returns its port.
+    /// Starts a killed server of the group again, same port and arguments: the sentinels make
+    /// a former primary a replica of the new one.
+    pub fn restart(&mut self, port: u16) {
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("no server of the group on port {port}"))
+            .spawn();
+    }
+
     pub fn kill_primary(&mut self) -> u16 {
         let port = self.primary_port();
         self.servers

@@ -57,9 +57,17 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The URLs in `url`: one, or a cluster's seed nodes.
-    pub fn seed_urls(&self) -> impl Iterator<Item = &str> {
-        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    /// The URLs in `url`: one, or a cluster's seed nodes. A sentinel URL, which lists its
+    /// sentinels with commas itself, is one.
+    pub fn seed_urls(&self) -> Vec<&str> {
+        let url = self.url.trim();
+        if super::SentinelUrl::parse(url).is_some() {
+            return vec![url];
+        }
+        url.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 }
 
@@ -150,19 +158,13 @@ impl Config for RedisConfig {
         };
         // Parsing opens no connection. The error says what is wrong without the URL: it may
         // hold a password.
-        if config.seed_urls().next().is_none() {
+        if config.seed_urls().is_empty() {
             return Err(invalid("url", "no Redis URL given".into()));
         }
-        let urls: Vec<&str> = config.seed_urls().collect();
+        let urls = config.seed_urls();
         for url in &urls {
             if let Some(parsed) = super::SentinelUrl::parse(url) {
                 parsed.map_err(|why| invalid("url", why))?;
-                if urls.len() > 1 {
-                    return Err(invalid(
-                        "url",
-                        "a redis+sentinel:// URL lists its sentinels itself; give it alone".into(),
-                    ));
-                }
                 continue;
             }
             Client::open(*url).map_err(|e: RedisError| {
