@@ -292,6 +292,123 @@ def producer_cost(args, clients, seconds, rounds=PRODUCER_ROUNDS, publish_sql=PU
     return tuple(results[m] for m in modes)
 
 
+CLUSTER_STREAMS = 64
+
+
+def cluster_drain(args, ports, n):
+    """Events/s draining an n-event backlog into a Redis Cluster, over CLUSTER_STREAMS streams
+    (bench:0 ... bench:63, spread over the primaries' slots), 100 partition keys."""
+    nodes = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+    streams = ["bench:%d" % i for i in range(CLUSTER_STREAMS)]
+
+    def total():
+        count = 0
+        for s in streams:
+            for node in nodes:
+                try:
+                    count += node.xlen(s)
+                    break
+                except redis.ResponseError:  # MOVED: another node's
+                    continue
+        return count
+
+    def clear():
+        for node in nodes:
+            node.flushall()
+
+    clear()
+    set_backend(args, "paused")
+    with pg(args) as c:
+        c.execute(
+            "INSERT INTO broadcaster_outbox (type, data, partition_key, stream) "
+            "SELECT 'bench.drain', %s::json, 'k' || (g %% 100), 'bench:' || (g %% 100 %% %s) "
+            "FROM generate_series(1, %s) g",
+            (DATA, CLUSTER_STREAMS, n),
+        )
+        c.execute("VACUUM ANALYZE broadcaster_outbox")
+    t0 = time.perf_counter()
+    set_backend(args, "redis")
+    wait_outbox_empty(args)
+    elapsed = time.perf_counter() - t0
+    got = total()
+    clear()
+    if got != n:
+        raise SystemExit("cluster drain: %d of %d entries in the streams" % (got, n))
+    return n / elapsed
+
+
+def cluster_ceiling_xadd(args, ports, n):
+    """Pipelined XADD of the same entries alone, against the same cluster: one redis-benchmark
+    per primary, in parallel, each into a stream that primary serves, n in all."""
+    fields = [
+        "ce_specversion", "1.0", "ce_id", "0b5b3d9e-58a4-4c44-9a83-6a4a8fd0c7a1",
+        "ce_source", "postgresql:///postgres", "ce_type", "bench.drain",
+        "content-type", "application/json", "ce_time", "2026-11-27T07:00:00.123456+00:00",
+        "ce_partitionkey", "k42", "data", DATA,
+    ]
+    procs = []
+    t0 = time.perf_counter()
+    for port in ports:
+        node = redis.Redis(host="127.0.0.1", port=port)
+        # A stream this primary serves: the first bench:<i> whose slot is its own.
+        owned = [r for r in node.execute_command("CLUSTER", "SLOTS") if r[2][1] == port]
+        stream = next(
+            "ceiling:%d" % i for i in range(100000)
+            if any(a <= node.execute_command("CLUSTER", "KEYSLOT", "ceiling:%d" % i) <= b
+                   for a, b, *_ in owned))
+        procs.append((node, stream, subprocess.Popen(
+            ["redis-benchmark", "-p", str(port), "-n", str(n // len(ports)), "-P", "1000",
+             "-c", "1", "-q", "XADD", stream, "*"] + fields,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    for _, _, proc in procs:
+        proc.wait()
+    elapsed = time.perf_counter() - t0
+    for node, stream, _ in procs:
+        node.delete(stream)
+    return n / elapsed
+
+
+def wait_main(args):
+    """What WAIT costs: commit-to-Redis latency, events one by one, with
+    broadcaster.redis_wait_replicas 0 and then 1 (the replica run.sh started on loopback)."""
+    figures = {}
+    for replicas in (0, 1):
+        with pg(args) as c:
+            c.execute("ALTER SYSTEM SET broadcaster.redis_wait_replicas = %d" % replicas)
+            c.execute("SELECT pg_reload_conf()")
+        time.sleep(1)
+        lat = latency(args, producers=1, per_producer=3000, per_tx=1, pause=0.002)
+        figures[replicas] = lat
+    with pg(args) as c:
+        c.execute("ALTER SYSTEM RESET broadcaster.redis_wait_replicas")
+        c.execute("SELECT pg_reload_conf()")
+    for replicas, lat in figures.items():
+        print("| latency one by one, redis_wait_replicas %d | p50 %.2f / p99 %.2f ms | "
+              "(the cost of WAIT) | %d events, one every 2 ms; one replica on loopback |"
+              % (replicas, pct(lat, 50), pct(lat, 99), len(lat)))
+
+
+def cluster_main(args):
+    """The cluster rows alone: run.sh calls it with the cluster's primaries once the single
+    server's rows are printed."""
+    ports = [int(p) for p in args.cluster_ports.split(",")]
+    with pg(args) as c:
+        c.execute("ALTER SYSTEM SET broadcaster.redis_url = %s" % sql.Literal(
+            "redis://127.0.0.1:%d" % ports[0]).as_string(c))
+        c.execute("SELECT pg_reload_conf()")
+    cluster_drain(args, ports, 20_000)  # warm-up: connections, slot map
+    ceilings, rates = [], []
+    for _ in range(DRAIN_ROUNDS):
+        ceilings.append(cluster_ceiling_xadd(args, ports, args.drain_events))
+        rates.append(cluster_drain(args, ports, args.drain_events))
+    ceiling, rate = statistics.median(ceilings), statistics.median(rates)
+    print("| drain %d events into a Redis Cluster (%d primaries, %d streams) | %.0f events/s | "
+          "≥ 0.5 of its ceiling | median of %d runs (%s); %.2f of pipelined XADD alone against "
+          "the same cluster, one client per primary in parallel (%.0f/s) |"
+          % (args.drain_events, len(ports), CLUSTER_STREAMS, rate, DRAIN_ROUNDS,
+             ", ".join("%.0f" % r for r in sorted(rates)), rate / ceiling, ceiling))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pg-port", type=int, required=True)
@@ -299,7 +416,15 @@ def main():
     ap.add_argument("--drain-events", type=int, default=200_000)
     ap.add_argument("--memory-events", type=int, default=1_000_000)
     ap.add_argument("--settings", default="")
+    ap.add_argument("--cluster-ports", default="",
+                    help="a Redis Cluster's primaries: measure its drain only")
+    ap.add_argument("--wait", action="store_true",
+                    help="the Redis server has a replica: measure what WAIT costs only")
     args = ap.parse_args()
+    if args.cluster_ports:
+        return cluster_main(args)
+    if args.wait:
+        return wait_main(args)
 
     rows = []
     def row(measure, value, target, note=""):

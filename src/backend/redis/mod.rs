@@ -32,6 +32,11 @@ use encode::{AheadEncoder, Dialect, Encoded, Encoder, Shape};
 use reply::{classify, receive_script_reply, receive_transaction_replies, script_outcomes};
 pub use sentinel::SentinelUrl;
 
+/// How often the consumer groups of trimmed streams are looked at, at most.
+const TRIM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most streams looked at each time.
+const TRIM_WATCH_STREAMS: usize = 64;
+
 pub struct RedisStreamBackend {
     /// The `url` option's servers, in order: one, or a cluster's seed nodes.
     seeds: Vec<ConnectionInfo>,
@@ -43,8 +48,13 @@ pub struct RedisStreamBackend {
     cluster: Option<ClusterRouter>,
     /// What a cluster's batch sent by [`Pipelined::send`] came to.
     cluster_outcome: Option<Result<Vec<Outcome>, BatchError>>,
-    /// What [`PublisherBackend::warning`] says, learnt on connect.
+    /// What [`PublisherBackend::warning`] says of the memory policy, learnt on connect.
     warning: Option<String>,
+    /// With `maxlen`: the streams written since the last look at their consumer groups (at
+    /// most [`TRIM_WATCH_STREAMS`]), when that look was, and what it found.
+    trimmed_streams: std::collections::HashSet<String>,
+    trim_checked: Option<std::time::Instant>,
+    trim_warning: Option<String>,
     /// Encodes the batches that were not prepared.
     encoder: Encoder,
     /// Encodes the batches prepared ahead, on a thread of its own; None if it can't start.
@@ -119,6 +129,9 @@ impl RedisStreamBackend {
             cluster: None,
             cluster_outcome: None,
             warning: None,
+            trimmed_streams: std::collections::HashSet::new(),
+            trim_checked: None,
+            trim_warning: None,
             encoder: Encoder::new(config),
             ahead: AheadEncoder::start(config),
             prepared: None,
@@ -233,6 +246,53 @@ impl RedisStreamBackend {
             .unwrap_or_else(|| self.encoder.encode(events))
     }
 
+    /// Notes the streams of `events`, whose consumer groups [`Self::check_trimming`] looks at.
+    fn watch_trimming(&mut self, events: &[OutboxEvent]) {
+        for event in events {
+            if self.trimmed_streams.len() >= TRIM_WATCH_STREAMS {
+                break;
+            }
+            let stream = event
+                .stream
+                .as_deref()
+                .unwrap_or(&self.encoder.config.stream);
+            if !self.trimmed_streams.contains(stream) {
+                self.trimmed_streams.insert(stream.to_string());
+            }
+        }
+    }
+
+    /// With `maxlen`, at most every [`TRIM_CHECK_EVERY`]: whether trimming removed entries a
+    /// consumer group of a stream written since the last look had not read yet
+    /// ([`reply::trimmed_unread`]); kept in [`PublisherBackend::warning`] until a look finds
+    /// none. A server that can't say (before Redis 7.0, or `XINFO` refused) says nothing.
+    fn check_trimming(&mut self) {
+        if self.encoder.config.maxlen == 0
+            || self.trimmed_streams.is_empty()
+            || self
+                .trim_checked
+                .is_some_and(|t| t.elapsed() < TRIM_CHECK_EVERY)
+        {
+            return;
+        }
+        self.trim_checked = Some(std::time::Instant::now());
+        let streams = std::mem::take(&mut self.trimmed_streams);
+        let Some(c) = self.connection.as_mut() else {
+            return;
+        };
+        let mut found = None;
+        for stream in &streams {
+            if let Some((group, lost)) = reply::trimmed_unread(c, stream) {
+                found = Some(format!(
+                    "MAXLEN {} trimmed {lost} entries of stream {stream} that consumer group {group} had not read; raise the maxlen or read faster",
+                    self.encoder.config.maxlen
+                ));
+                break;
+            }
+        }
+        self.trim_warning = found;
+    }
+
     /// Keeps a sent batch's buffer for a later one.
     fn recycle(&mut self, packed: Vec<u8>) {
         match self.ahead.as_mut() {
@@ -259,7 +319,11 @@ impl PublisherBackend for RedisStreamBackend {
         }
         match self.cluster.as_mut() {
             Some(cluster) => cluster.health_check(),
-            None => self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop)),
+            None => {
+                self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop))?;
+                self.check_trimming();
+                Ok(())
+            }
         }
     }
 
@@ -270,7 +334,10 @@ impl PublisherBackend for RedisStreamBackend {
     }
 
     fn warning(&self) -> Option<String> {
-        self.warning.clone()
+        match (&self.warning, &self.trim_warning) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        }
     }
 
     fn pipelined(&mut self) -> Option<&mut dyn Pipelined> {
@@ -293,6 +360,9 @@ impl Pipelined for RedisStreamBackend {
             self.prepared = None;
             self.cluster_outcome = Some(cluster.publish(&mut self.encoder, events, wait));
             return Ok(());
+        }
+        if self.encoder.config.maxlen > 0 {
+            self.watch_trimming(events);
         }
         let Encoded {
             shape,
@@ -357,6 +427,7 @@ impl Pipelined for RedisStreamBackend {
         for (i, reply) in sent.into_iter().zip(replies) {
             outcome[i] = reply;
         }
+        self.check_trimming();
         if delivered && self.encoder.config.wait_replicas > 0 {
             let (replicas, timeout) = (
                 self.encoder.config.wait_replicas,

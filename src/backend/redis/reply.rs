@@ -1,6 +1,7 @@
 //! The server's replies to a batch, read back as one outcome per event, and which errors are
 //! the broker's (an outage: retry later) rather than the event's (a rejection).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::{Connection, ConnectionLike, RedisError};
@@ -184,6 +185,36 @@ pub(super) fn wait(c: &mut Connection, replicas: u32, timeout: Duration) -> Resu
 /// writes: `READONLY` (a replica), `MASTERDOWN` (a replica that lost its primary).
 pub(super) fn says_not_primary(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Deferred(m) if m.starts_with("READONLY") || m.starts_with("MASTERDOWN"))
+}
+
+/// Whether trimming removed entries of `stream` that one of its consumer groups had not read:
+/// that group's name and how many, from `XINFO STREAM` (`entries-added` − `length`: entries
+/// removed, by `MAXLEN` or `XDEL`) and `XINFO GROUPS` (`entries-read`). None when none did, or
+/// the server can't say (before Redis 7.0; a group whose `entries-read` is unknown).
+pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String, i64)> {
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query(c)
+        .ok()?;
+    let int = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::Int(n)) => Some(*n),
+        _ => None,
+    };
+    let removed = int(info.get("entries-added"))? - int(info.get("length"))?;
+    if removed <= 0 {
+        return None;
+    }
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(c)
+        .ok()?;
+    groups.iter().find_map(|g| {
+        let read = int(g.get("entries-read"))?;
+        let name = redis::from_redis_value_ref::<String>(g.get("name")?).ok()?;
+        (read < removed).then_some((name, removed - read))
+    })
 }
 
 /// `(major, minor)` from the `redis_version:` line of `INFO server`.
