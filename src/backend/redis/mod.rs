@@ -50,8 +50,9 @@ pub struct RedisStreamBackend {
     cluster_outcome: Option<Result<Vec<Outcome>, BatchError>>,
     /// What [`PublisherBackend::warning`] says of the memory policy, learnt on connect.
     warning: Option<String>,
-    /// With `maxlen`: the streams written since the last look at their consumer groups (at
-    /// most [`TRIM_WATCH_STREAMS`]), when that look was, and what it found.
+    /// With `maxlen`: the streams written to (at most [`TRIM_WATCH_STREAMS`]; once full, it
+    /// starts again with the next ones), when their consumer groups were last looked at, and
+    /// what that found.
     trimmed_streams: std::collections::HashSet<String>,
     trim_checked: Option<std::time::Instant>,
     trim_warning: Option<String>,
@@ -263,7 +264,7 @@ impl RedisStreamBackend {
     }
 
     /// With `maxlen`, at most every [`TRIM_CHECK_EVERY`]: whether trimming removed entries a
-    /// consumer group of a stream written since the last look had not read yet
+    /// consumer group of a watched stream had not read yet
     /// ([`reply::trimmed_unread`]); kept in [`PublisherBackend::warning`] until a look finds
     /// none. A server that can't say (before Redis 7.0, or `XINFO` refused) says nothing.
     fn check_trimming(&mut self) {
@@ -276,21 +277,25 @@ impl RedisStreamBackend {
             return;
         }
         self.trim_checked = Some(std::time::Instant::now());
-        let streams = std::mem::take(&mut self.trimmed_streams);
         let Some(c) = self.connection.as_mut() else {
             return;
         };
         let mut found = None;
-        for stream in &streams {
+        for stream in &self.trimmed_streams {
             if let Some((group, lost)) = reply::trimmed_unread(c, stream) {
+                let lost = lost.map(|n| format!("{n} ")).unwrap_or_default();
                 found = Some(format!(
-                    "MAXLEN {} trimmed {lost} entries of stream {stream} that consumer group {group} had not read; raise the maxlen or read faster",
+                    "MAXLEN {} trimmed {lost}entries of stream {stream} that consumer group {group} had not read; raise the maxlen or read faster",
                     self.encoder.config.maxlen
                 ));
                 break;
             }
         }
         self.trim_warning = found;
+        if self.trimmed_streams.len() >= TRIM_WATCH_STREAMS {
+            // Full: watch the streams written from now on.
+            self.trimmed_streams.clear();
+        }
     }
 
     /// Keeps a sent batch's buffer for a later one.

@@ -188,10 +188,12 @@ pub(super) fn says_not_primary(outcome: &Outcome) -> bool {
 }
 
 /// Whether trimming removed entries of `stream` that one of its consumer groups had not read:
-/// that group's name and how many, from `XINFO STREAM` (`entries-added` − `length`: entries
-/// removed, by `MAXLEN` or `XDEL`) and `XINFO GROUPS` (`entries-read`). None when none did, or
-/// the server can't say (before Redis 7.0; a group whose `entries-read` is unknown).
-pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String, i64)> {
+/// that group's name and, when the server can count it, how many. From `XINFO STREAM`
+/// (`entries-added` − `length`: entries removed, by `MAXLEN` or `XDEL`;
+/// `recorded-first-entry-id`) and `XINFO GROUPS` (`entries-read`, or when that is unknown,
+/// `last-delivered-id` before the first entry left). None when none did, or the server can't say
+/// (before Redis 7.0).
+pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String, Option<i64>)> {
     let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(stream)
@@ -201,19 +203,32 @@ pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String
         Some(redis::Value::Int(n)) => Some(*n),
         _ => None,
     };
+    let id = |v: Option<&redis::Value>| {
+        let text = redis::from_redis_value_ref::<String>(v?).ok()?;
+        let (ms, seq) = text.split_once('-')?;
+        Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
+    };
     let removed = int(info.get("entries-added"))? - int(info.get("length"))?;
     if removed <= 0 {
         return None;
     }
+    let first = id(info.get("recorded-first-entry-id"));
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query(c)
         .ok()?;
     groups.iter().find_map(|g| {
-        let read = int(g.get("entries-read"))?;
         let name = redis::from_redis_value_ref::<String>(g.get("name")?).ok()?;
-        (read < removed).then_some((name, removed - read))
+        match int(g.get("entries-read")) {
+            Some(read) => (read < removed).then_some((name, Some(removed - read))),
+            // Never read, or read past deletions: the last entry it was given is older than
+            // the oldest one left (an empty stream left nothing to compare with).
+            None => {
+                let delivered = id(g.get("last-delivered-id"))?;
+                (delivered < first?).then_some((name, None))
+            }
+        }
     })
 }
 
