@@ -54,7 +54,7 @@ redis-cli -p "$REPLICA_PORT" shutdown nosave >/dev/null 2>&1 || true
 # The same relay into a Redis Cluster of 3 primaries (no replicas) on this machine.
 CLUSTER_PORTS=()
 for i in 0 1 2; do
-  port=$(free_port $((57000 + i * 300)))
+  port=$(free_port $((17000 + i * 300)))  # its cluster bus, port + 10000, must exist too
   mkdir -p "$DIR/cluster-$port"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
     --cluster-enabled yes --cluster-config-file "$DIR/cluster-$port/nodes.conf" \

@@ -387,17 +387,38 @@ impl Options {
 
 /// Whether `value` (a URL) carries a password: `scheme://user:password@host`.
 pub fn has_password(value: &str) -> bool {
-    // Several URLs (a Redis Cluster's seeds) are separated by commas; so are a sentinel URL's
-    // hosts, which come after its credentials.
-    value.split(',').any(|url| {
+    split_urls(value).into_iter().any(|url| {
         let Some((_, rest)) = url.split_once("://") else {
             return false;
         };
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        authority
-            .rsplit_once('@')
+        // The user information ends at the last `@` (a password may hold `/` or `@`).
+        rest.rsplit_once('@')
             .is_some_and(|(userinfo, _)| userinfo.contains(':'))
     })
+}
+
+/// The URLs in an option that may hold several (a Redis Cluster's seeds): split at each comma
+/// that starts another `scheme://`, so that a comma inside a password or a sentinel URL's list
+/// of hosts stays where it is.
+pub fn split_urls(value: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.match_indices(',') {
+        let next = value[i + 1..].trim_start();
+        let scheme = next.split("://").next().unwrap_or_default();
+        let starts_url = next.contains("://")
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if i >= start && starts_url {
+            urls.push(value[start..i].trim());
+            start = i + 1;
+        }
+    }
+    urls.push(value[start..].trim());
+    urls.retain(|u| !u.is_empty());
+    urls
 }
 
 /// The option that names a server's backend kind.
@@ -488,6 +509,17 @@ mod tests {
             "redis+sentinel://relay:s3cret@h1:26379,h2:26379/main"
         ));
         assert!(!has_password("redis+sentinel://h1:26379,h2:26379/main"));
+        // A comma or a slash in a password.
+        assert!(has_password("redis://:p,w@h:6379"));
+        assert!(has_password("redis+sentinel://u:pa/ss@h:1/m"));
+        assert_eq!(
+            split_urls("redis://a:1, redis://:p,w@b:2,rediss://c"),
+            vec!["redis://a:1", "redis://:p,w@b:2", "rediss://c"]
+        );
+        assert_eq!(
+            split_urls("redis+sentinel://h1:1,h2:2/m"),
+            vec!["redis+sentinel://h1:1,h2:2/m"]
+        );
     }
 
     #[test]

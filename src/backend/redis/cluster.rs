@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, RedisError, Value};
 
-use super::encode::{Encoded, Encoder, Shape};
+use super::encode::{Dialect, Encoded, Encoder, Shape, BATCH_SCRIPT};
 use super::reply::{receive_script_reply, receive_transaction_replies, script_outcomes};
 use crate::backend::{BatchError, Outcome};
 use crate::event::OutboxEvent;
@@ -65,6 +65,13 @@ pub(super) struct ClusterRouter {
     slots: Vec<Option<usize>>,
     nodes: Vec<Node>,
     connections: HashMap<Node, Connection>,
+    /// What each connected node takes (learnt when connecting to it: in a rolling upgrade the
+    /// nodes differ).
+    dialects: HashMap<Node, Dialect>,
+    /// Nodes whose connection failed during the current batch: not connected to again before
+    /// the next one, so that a dead node costs one timeout per batch, and no group is read
+    /// from, or `WAIT` asked on, a connection other than the one it was written on.
+    lost: HashSet<Node>,
     /// The map is asked for again before the next batch.
     stale: bool,
     timeout: Duration,
@@ -92,10 +99,10 @@ enum Answer {
 
 impl ClusterRouter {
     /// A router for the cluster `seeds` belong to; `first` is the connection to the seed that
-    /// said it is a cluster node.
+    /// said it is a cluster node, and what that node takes.
     pub(super) fn new(
         seeds: Vec<ConnectionInfo>,
-        first: (Node, Connection),
+        first: (Node, Connection, Dialect),
         timeout: Duration,
     ) -> Self {
         let mut router = ClusterRouter {
@@ -103,10 +110,17 @@ impl ClusterRouter {
             slots: vec![None; usize::from(SLOTS)],
             nodes: Vec::new(),
             connections: HashMap::new(),
+            dialects: HashMap::new(),
+            lost: HashSet::new(),
             stale: true,
             timeout,
         };
-        router.connections.insert(first.0, first.1);
+        let (node, mut c, dialect) = first;
+        // As every node connected later: the batch script loaded before any batch.
+        if BATCH_SCRIPT.load(&mut c).is_ok() {
+            router.connections.insert(node.clone(), c);
+            router.dialects.insert(node, dialect);
+        }
         router
     }
 
@@ -129,6 +143,7 @@ impl ClusterRouter {
                 Ok(_) => last_error = format!("{}:{} serves no slot", node.0, node.1),
                 Err(e) => {
                     self.connections.remove(&node);
+                    self.lost.insert(node);
                     last_error = e;
                 }
             }
@@ -163,8 +178,17 @@ impl ClusterRouter {
         }
     }
 
-    /// The connection to `node`, opened with the seeds' credentials and TLS if there is none.
+    /// The connection to `node`, opened with the seeds' credentials and TLS if there is none
+    /// (and the node was not lost during this batch); a new one learns what the node takes and
+    /// loads the batch script, so that no `NOSCRIPT` reload ever interleaves with pipelined
+    /// groups.
     fn connection(&mut self, node: &Node) -> Result<&mut Connection, RedisError> {
+        if self.lost.contains(node) {
+            return Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "lost earlier in this batch",
+            )));
+        }
         if !self.connections.contains_key(node) {
             let seed = self.seeds.first().cloned().ok_or_else(|| {
                 RedisError::from((redis::ErrorKind::InvalidClientConfig, "no seed node"))
@@ -182,7 +206,11 @@ impl ClusterRouter {
                 },
                 _ => ConnectionAddr::Tcp(node.0.clone(), node.1),
             };
-            let c = connect(seed.set_addr(addr), self.timeout)?;
+            let mut c = connect(seed.set_addr(addr), self.timeout)?;
+            let (info, max_bulk_len) = super::reply::probe(&mut c)?;
+            BATCH_SCRIPT.load(&mut c)?;
+            self.dialects
+                .insert(node.clone(), Dialect::of(&info, max_bulk_len));
             self.connections.insert(node.clone(), c);
         }
         self.connections
@@ -198,6 +226,7 @@ impl ClusterRouter {
         events: &[OutboxEvent],
         wait: Option<(u32, Duration)>,
     ) -> Result<Vec<Outcome>, BatchError> {
+        self.lost.clear();
         if self.stale {
             self.refresh()?;
         }
@@ -271,6 +300,14 @@ impl ClusterRouter {
             // Write: each group's command on its node's connection, in order.
             let mut written: Vec<(Group, Encoded)> = Vec::with_capacity(groups.len());
             for group in groups.drain(..) {
+                // Connected first: how entries are written depends on the node.
+                if let Err(e) = self.connection(&group.node) {
+                    self.node_lost(&group.node, &group.events, &e.to_string(), outcome);
+                    continue;
+                }
+                if let Some(dialect) = self.dialects.get(&group.node) {
+                    encoder.dialect = *dialect;
+                }
                 let batch: Vec<OutboxEvent> =
                     group.events.iter().map(|&i| events[i].clone()).collect();
                 let encoded = encoder.encode(&batch);
@@ -294,8 +331,8 @@ impl ClusterRouter {
             // Read, in the order written: a connection's replies come in that order.
             let mut delivered: HashMap<Node, Vec<usize>> = HashMap::new();
             for (group, encoded) in written {
-                if !self.connections.contains_key(&group.node) {
-                    // Lost while reading an earlier group of the node.
+                if self.lost.contains(&group.node) {
+                    // Lost while writing or reading another group of the node.
                     self.node_lost(&group.node, &group.events, "connection lost", outcome);
                     continue;
                 }
@@ -358,7 +395,9 @@ impl ClusterRouter {
         }
         let replies = match encoded.shape {
             Shape::Transaction => receive_transaction_replies(c, encoded.sent.len()),
-            Shape::Script => match receive_script_reply(c, &encoded.packed) {
+            // Loaded when connecting: a NOSCRIPT now (a flushed cache) is an outage of the node,
+            // whose next connection loads it again.
+            Shape::Script => match receive_script_reply(c, &encoded.packed, false) {
                 Ok(reply) => script_outcomes(reply, encoded.sent.len()),
                 Err(e) => {
                     return match e.redirect_node().and_then(|(addr, _)| parse_node(addr)) {
@@ -388,6 +427,7 @@ impl ClusterRouter {
     /// batch, and the events `members` deferred.
     fn node_lost(&mut self, node: &Node, members: &[usize], why: &str, outcome: &mut [Outcome]) {
         self.connections.remove(node);
+        self.lost.insert(node.clone());
         self.stale = true;
         for &i in members {
             outcome[i] = Outcome::Deferred(format!("cluster node {}:{}: {why}", node.0, node.1));
@@ -396,6 +436,7 @@ impl ClusterRouter {
 
     /// `PING` to every primary in the map.
     pub(super) fn health_check(&mut self) -> Result<(), BatchError> {
+        self.lost.clear();
         if self.stale {
             self.refresh()?;
         }

@@ -7,6 +7,9 @@ use redis::{Client, RedisError};
 
 use crate::backend::{Config, ConfigError, Options};
 
+/// Most replicas `wait_replicas` may ask for: `broadcaster.redis_wait_replicas`'s bound too.
+pub const MAX_WAIT_REPLICAS: u32 = 64;
+
 /// How an event is laid out in a stream entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MessageMode {
@@ -57,17 +60,10 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The URLs in `url`: one, or a cluster's seed nodes. A sentinel URL, which lists its
-    /// sentinels with commas itself, is one.
+    /// The URLs in `url`: one, or a cluster's seed nodes ([`crate::backend::split_urls`]: a
+    /// sentinel URL, which lists its sentinels with commas itself, is one).
     pub fn seed_urls(&self) -> Vec<&str> {
-        let url = self.url.trim();
-        if super::SentinelUrl::parse(url).is_some() {
-            return vec![url];
-        }
-        url.split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect()
+        crate::backend::split_urls(&self.url)
     }
 }
 
@@ -165,6 +161,12 @@ impl Config for RedisConfig {
         for url in &urls {
             if let Some(parsed) = super::SentinelUrl::parse(url) {
                 parsed.map_err(|why| invalid("url", why))?;
+                if !(config.tls_ca_file.is_empty() && config.tls_cert_file.is_empty()) {
+                    return Err(invalid(
+                        "url",
+                        "a redis+sentinel:// URL reaches its primary with the system's CAs only: tls_ca_file, tls_cert_file and tls_key_file can't be used with it".into(),
+                    ));
+                }
                 continue;
             }
             Client::open(*url).map_err(|e: RedisError| {
@@ -176,6 +178,15 @@ impl Config for RedisConfig {
                     ),
                 )
             })?;
+        }
+        if config.wait_replicas > MAX_WAIT_REPLICAS {
+            return Err(invalid(
+                "wait_replicas",
+                format!(
+                    "{} replicas; at most {MAX_WAIT_REPLICAS} (more than a primary has would stall every batch)",
+                    config.wait_replicas
+                ),
+            ));
         }
         if config.wait_timeout.is_zero() {
             return Err(invalid(

@@ -112,6 +112,16 @@ pub(super) struct Dialect {
     pub(super) max_bulk_len: usize,
 }
 
+impl Dialect {
+    /// From what the server said when the relay connected ([`super::reply::probe`]).
+    pub(super) fn of(info: &str, max_bulk_len: Option<usize>) -> Dialect {
+        Dialect {
+            idempotent_xadd: super::reply::server_version(info).is_some_and(|v| v >= (8, 6)),
+            max_bulk_len: max_bulk_len.unwrap_or(Dialect::default().max_bulk_len),
+        }
+    }
+}
+
 impl Default for Dialect {
     fn default() -> Self {
         Dialect {

@@ -147,21 +147,14 @@ impl RedisStreamBackend {
         let timeout = self.read_timeout();
         let mut last_error = None;
         let candidates = match &self.sentinel {
-            Some(sentinel) => vec![sentinel.primary().map_err(|e| {
-                BatchError::Unavailable(format!("no primary from the sentinels: {e}"))
-            })?],
+            Some(sentinel) => vec![sentinel
+                .primary(self.encoder.config.timeout)
+                .map_err(BatchError::Unavailable)?],
             None => self.seeds.clone(),
         };
         for seed in candidates {
             let connected = cluster::connect(seed.clone(), timeout).and_then(|mut c| {
-                let info: String = redis::cmd("INFO").query(&mut c)?;
-                // Refused by an ACL or a managed service's renamed CONFIG: Redis's default.
-                let max_bulk_len = redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("proto-max-bulk-len")
-                    .query::<Vec<String>>(&mut c)
-                    .ok()
-                    .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()));
+                let (info, max_bulk_len) = reply::probe(&mut c)?;
                 Ok((c, info, max_bulk_len))
             });
             match connected {
@@ -173,8 +166,11 @@ impl RedisStreamBackend {
                                 "a Redis Cluster is reached over TCP, not a Unix socket".into(),
                             )
                         })?;
-                        self.cluster =
-                            Some(ClusterRouter::new(self.seeds.clone(), (node, c), timeout));
+                        self.cluster = Some(ClusterRouter::new(
+                            self.seeds.clone(),
+                            (node, c, self.encoder.dialect),
+                            timeout,
+                        ));
                     } else {
                         self.connection = Some(c);
                     }
@@ -199,10 +195,7 @@ impl RedisStreamBackend {
     /// Takes what `INFO` said (and `proto-max-bulk-len`, when the server told it) into the
     /// encoder, and whether the server may evict the streams into [`Self::warning`].
     fn learn(&mut self, info: &str, max_bulk_len: Option<usize>) {
-        self.encoder.dialect = Dialect {
-            idempotent_xadd: reply::server_version(info).is_some_and(|v| v >= (8, 6)),
-            max_bulk_len: max_bulk_len.unwrap_or(Dialect::default().max_bulk_len),
-        };
+        self.encoder.dialect = Dialect::of(info, max_bulk_len);
         self.warning = reply::info_field(info, "maxmemory_policy")
             .filter(|policy| reply::evicts_streams(policy))
             .map(|policy| format!(
@@ -280,15 +273,22 @@ impl RedisStreamBackend {
         let Some(c) = self.connection.as_mut() else {
             return;
         };
+        let mut streams: Vec<&String> = self.trimmed_streams.iter().collect();
+        // The same stream named each time while it lasts: the warning is logged when it changes.
+        streams.sort();
         let mut found = None;
-        for stream in &self.trimmed_streams {
-            if let Some((group, lost)) = reply::trimmed_unread(c, stream) {
-                let lost = lost.map(|n| format!("{n} ")).unwrap_or_default();
-                found = Some(format!(
-                    "MAXLEN {} trimmed {lost}entries of stream {stream} that consumer group {group} had not read; raise the maxlen or read faster",
-                    self.encoder.config.maxlen
-                ));
-                break;
+        for stream in streams {
+            match reply::trimmed_unread(c, stream) {
+                Ok(Some(group)) => {
+                    found = Some(format!(
+                        "MAXLEN {} trimmed entries of stream {stream} that consumer group {group} had not read; raise the maxlen or read faster",
+                        self.encoder.config.maxlen
+                    ));
+                    break;
+                }
+                Ok(None) => {}
+                // The server stopped answering: the next batch will say so; keep what was found.
+                Err(_) => return,
             }
         }
         self.trim_warning = found;
@@ -410,7 +410,7 @@ impl Pipelined for RedisStreamBackend {
         }
         let replies = self.with_connection(|c| match shape {
             Shape::Transaction => receive_transaction_replies(c, sent.len()),
-            Shape::Script => receive_script_reply(c, &packed)
+            Shape::Script => receive_script_reply(c, &packed, true)
                 .and_then(|reply| script_outcomes(reply, sent.len())),
         });
         self.recycle(packed);

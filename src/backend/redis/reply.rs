@@ -10,18 +10,37 @@ use super::encode::BATCH_SCRIPT;
 use crate::backend::{BatchError, Outcome};
 
 /// Reads the reply to a packed `EVALSHA` already sent; when the server doesn't have the script (a
-/// restarted or flushed server), loads it and sends the command again.
+/// restarted or flushed server) and `reload`, loads it and sends the command again. Only with
+/// nothing else sent behind it on the connection: the reload's replies would be taken for
+/// another command's.
 pub(super) fn receive_script_reply(
     c: &mut Connection,
     packed: &[u8],
+    reload: bool,
 ) -> Result<redis::Value, RedisError> {
     match c.recv_response().and_then(redis::Value::extract_error) {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+        Err(e)
+            if reload && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
             BATCH_SCRIPT.load(c)?;
             c.req_packed_command(packed)?.extract_error()
         }
         other => other,
     }
+}
+
+/// What a server takes, asked right after connecting: `INFO` (all of it: the version, whether
+/// it is a cluster node, its memory policy) and `proto-max-bulk-len` (None where `CONFIG` is
+/// refused, as by an ACL or a managed service).
+pub(super) fn probe(c: &mut Connection) -> Result<(String, Option<usize>), RedisError> {
+    let info: String = redis::cmd("INFO").query(c)?;
+    let max_bulk_len = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("proto-max-bulk-len")
+        .query::<Vec<String>>(c)
+        .ok()
+        .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()));
+    Ok((info, max_bulk_len))
 }
 
 /// Per-entry outcomes of a batch sent as a transaction: the replies to `MULTI`, to each of the
@@ -188,17 +207,21 @@ pub(super) fn says_not_primary(outcome: &Outcome) -> bool {
 }
 
 /// Whether trimming removed entries of `stream` that one of its consumer groups had not read:
-/// that group's name and, when the server can count it, how many. From `XINFO STREAM`
-/// (`entries-added` − `length`: entries removed, by `MAXLEN` or `XDEL`;
-/// `recorded-first-entry-id`) and `XINFO GROUPS` (`entries-read`, or when that is unknown,
-/// `last-delivered-id` before the first entry left). None when none did, or the server can't say
-/// (before Redis 7.0).
-pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String, Option<i64>)> {
-    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query(c)
-        .ok()?;
+/// that group's name. From `XINFO STREAM` (`entries-added` − `length`: entries removed, by
+/// `MAXLEN` or `XDEL`; `recorded-first-entry-id`) and `XINFO GROUPS` (`entries-read`, or when
+/// that is unknown, `last-delivered-id` before the first entry left). None when none did, or the
+/// server can't say (before Redis 7.0, no such stream); Err when the server does not answer.
+pub(super) fn trimmed_unread(
+    c: &mut Connection,
+    stream: &str,
+) -> Result<Option<String>, RedisError> {
+    let info: HashMap<String, redis::Value> =
+        match redis::cmd("XINFO").arg("STREAM").arg(stream).query(c) {
+            Ok(info) => info,
+            Err(e) if e.is_io_error() || e.is_timeout() => return Err(e),
+            // No such stream (any more), or XINFO refused: nothing to say of it.
+            Err(_) => return Ok(None),
+        };
     let int = |v: Option<&redis::Value>| match v {
         Some(redis::Value::Int(n)) => Some(*n),
         _ => None,
@@ -208,28 +231,32 @@ pub(super) fn trimmed_unread(c: &mut Connection, stream: &str) -> Option<(String
         let (ms, seq) = text.split_once('-')?;
         Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
     };
-    let removed = int(info.get("entries-added"))? - int(info.get("length"))?;
+    let Some(removed) = int(info.get("entries-added"))
+        .zip(int(info.get("length")))
+        .map(|(a, l)| a - l)
+    else {
+        return Ok(None);
+    };
     if removed <= 0 {
-        return None;
+        return Ok(None);
     }
     let first = id(info.get("recorded-first-entry-id"));
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query(c)
-        .ok()?;
-    groups.iter().find_map(|g| {
+    let groups: Vec<HashMap<String, redis::Value>> =
+        match redis::cmd("XINFO").arg("GROUPS").arg(stream).query(c) {
+            Ok(groups) => groups,
+            Err(e) if e.is_io_error() || e.is_timeout() => return Err(e),
+            Err(_) => return Ok(None),
+        };
+    Ok(groups.iter().find_map(|g| {
         let name = redis::from_redis_value_ref::<String>(g.get("name")?).ok()?;
-        match int(g.get("entries-read")) {
-            Some(read) => (read < removed).then_some((name, Some(removed - read))),
+        let lost = match int(g.get("entries-read")) {
+            Some(read) => read < removed,
             // Never read, or read past deletions: the last entry it was given is older than
             // the oldest one left (an empty stream left nothing to compare with).
-            None => {
-                let delivered = id(g.get("last-delivered-id"))?;
-                (delivered < first?).then_some((name, None))
-            }
-        }
-    })
+            None => id(g.get("last-delivered-id"))? < first?,
+        };
+        lost.then_some(name)
+    }))
 }
 
 /// `(major, minor)` from the `redis_version:` line of `INFO server`.

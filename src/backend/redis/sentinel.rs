@@ -1,15 +1,18 @@
 //! Redis Sentinel: the relay asks the sentinels where the primary is each time it connects, so
 //! that after a failover (or a `READONLY` reply from a demoted primary, which drops the
-//! connection) it finds the new primary by itself. The sentinels are asked, and the primary's
-//! role checked with `ROLE`, by redis-rs's `SentinelClient`.
+//! connection) it finds the new primary by itself. As the Sentinel client guidelines say: each
+//! sentinel in turn is asked `SENTINEL get-master-addr-by-name`, and the address it gives must
+//! answer `ROLE` with `master`. Every step is bounded by the network timeout (redis-rs's own
+//! `SentinelClient` connects without one, and a hung sentinel would hold the relay forever).
 //!
 //! URL: `redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]`, or
 //! `rediss+sentinel://...` for TLS to the primary. The credentials are the primary's; the
 //! sentinels are asked without them.
 
-use percent_encoding::percent_decode_str;
-use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
-use redis::{ConnectionAddr, ConnectionInfo, RedisError, TlsMode};
+use std::time::Duration;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 /// A parsed `redis+sentinel://` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -51,11 +54,13 @@ impl SentinelUrl {
     }
 
     fn parse_rest(tls: bool, rest: &str) -> Result<SentinelUrl, String> {
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, hosts) = match authority.rsplit_once('@') {
-            Some((credentials, hosts)) => (Some(credentials), hosts),
-            None => (None, authority),
+        // The credentials end at the last `@` (a password may hold `/`); the hosts, at the
+        // next `/`.
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            Some((credentials, rest)) => (Some(credentials), rest),
+            None => (None, rest),
         };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
         let decode = |s: &str| -> Result<String, String> {
             percent_decode_str(s)
                 .decode_utf8()
@@ -108,25 +113,71 @@ impl SentinelUrl {
     }
 
     /// Asks the sentinels where the primary is, and checks it says it is one: how to connect
-    /// to it (with this URL's credentials).
-    pub fn primary(&self) -> Result<ConnectionInfo, RedisError> {
-        let addrs = self
-            .sentinels
-            .iter()
-            .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port));
-        let mut builder =
-            SentinelClientBuilder::new(addrs, &self.master, SentinelServerType::Master)?
-                .set_client_to_redis_db(self.db);
-        if let Some(user) = &self.username {
-            builder = builder.set_client_to_redis_username(user);
+    /// to it (with this URL's credentials). Each connection and reply is bounded by `timeout`.
+    /// Err says what each sentinel answered (never the password).
+    pub fn primary(&self, timeout: Duration) -> Result<ConnectionInfo, String> {
+        let mut why = Vec::new();
+        for (host, port) in &self.sentinels {
+            let asked = ConnectionAddr::Tcp(host.clone(), *port)
+                .into_connection_info()
+                .and_then(|info| super::cluster::connect(info, timeout))
+                .and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(&self.master)
+                        .query::<Option<(String, u16)>>(&mut c)
+                });
+            let (primary_host, primary_port) = match asked {
+                Ok(Some(address)) => address,
+                Ok(None) => {
+                    why.push(format!("{host}:{port}: no master named {:?}", self.master));
+                    continue;
+                }
+                Err(e) => {
+                    why.push(format!("{host}:{port}: {e}"));
+                    continue;
+                }
+            };
+            let info = self.primary_info(&primary_host, primary_port)?;
+            let role = super::cluster::connect(info.clone(), timeout)
+                .and_then(|mut c| redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut c));
+            match role.as_ref().map(|r| {
+                r.first()
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+            }) {
+                Ok(Some(role)) if role == "master" => return Ok(info),
+                Ok(role) => why.push(format!(
+                    "{host}:{port} named {primary_host}:{primary_port}, which says it is {}",
+                    role.unwrap_or_else(|| "nothing".into())
+                )),
+                Err(e) => why.push(format!(
+                    "{host}:{port} named {primary_host}:{primary_port}: {e}"
+                )),
+            }
         }
-        if let Some(password) = &self.password {
-            builder = builder.set_client_to_redis_password(password);
-        }
-        if self.tls {
-            builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
-        }
-        Ok(builder.build()?.get_client()?.get_connection_info().clone())
+        Err(format!("no primary from the sentinels: {}", why.join("; ")))
+    }
+
+    /// How to connect to the primary at `host:port`: this URL's credentials, database and TLS.
+    fn primary_info(&self, host: &str, port: u16) -> Result<ConnectionInfo, String> {
+        let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+        let credentials = match (&self.username, &self.password) {
+            (None, None) => String::new(),
+            (user, password) => format!(
+                "{}:{}@",
+                encode(user.as_deref().unwrap_or("")),
+                encode(password.as_deref().unwrap_or(""))
+            ),
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{credentials}{host}:{port}/{}", self.db)
+            .into_connection_info()
+            .map_err(|e| format!("the primary's address {host}:{port} ({:?})", e.kind()))
     }
 }
 
@@ -160,6 +211,7 @@ mod tests {
             "redis+sentinel://h:x/m",
             "redis+sentinel://h:1",
             "redis+sentinel://u:secret@h:1/m/x",
+            "redis+sentinel://u:se/cret@h:x/m",
         ] {
             let why = SentinelUrl::parse(bad).expect("sentinel").expect_err(bad);
             assert!(!why.contains("secret"), "{why}");
