@@ -367,7 +367,8 @@ fn publish_plain(c: &mut PgClient, n: usize, key: &str) -> Vec<String> {
 
 /// Through Sentinel: the relay knows only the sentinels; the primary is killed mid-traffic, the
 /// sentinels promote its replica, the relay finds it by itself. `WAIT 1`, and the killed server
-/// comes back as the new primary's replica: nothing lost, every key in order.
+/// comes back as the new primary's replica (it keeps nothing on disk, so it must not come back
+/// as a primary: see [`Sentinels::restart_as_replica_of`]): nothing lost, every key in order.
 #[test]
 fn sentinel_failover_mid_traffic_loses_nothing() {
     let mut redis = Sentinels::start();
@@ -403,11 +404,16 @@ fn sentinel_failover_mid_traffic_loses_nothing() {
         "sentinels promoted {new} {:?} after {old} was killed",
         started.elapsed()
     );
-    redis.restart(old);
+    redis.restart_as_replica_of(old, new);
     std::thread::sleep(Duration::from_secs(4));
     let produced = traffic.finish();
     wait_outbox_empty(&mut c, Duration::from_secs(120));
     let entries = stream_entries(redis.entries(DEFAULT_STREAM));
+    println!(
+        "read from {}: {}",
+        redis.primary_port(),
+        redis.describe(DEFAULT_STREAM)
+    );
     check_key_order("sentinel", &[(DEFAULT_STREAM.to_string(), entries.clone())]);
     let delivered: Vec<String> = entries.into_iter().map(|(id, _, _)| id).collect();
     let tally = Tally::count(&produced, &delivered);
@@ -624,4 +630,38 @@ fn publish_batch_plain(c: &mut PgClient, n: i32) {
         &[&n],
     )
     .expect("broadcaster_publish");
+}
+
+/// The same on a Redis Cluster: the stream's consumer groups asked of the node serving it.
+#[test]
+fn trimming_unread_entries_on_a_cluster_is_a_warning() {
+    let redis = RedisCluster::start(3, 0);
+    let stream = "orders:7";
+    redis.query_routed::<()>(
+        stream,
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg("billing")
+            .arg("0")
+            .arg("MKSTREAM"),
+    );
+    let pg = cluster_setup(&redis, &[("broadcaster.redis_maxlen", "10")]);
+    let mut c = pg.connect();
+    for _ in 0..5 {
+        c.execute(
+            "SELECT count(broadcaster_publish('trim.test', json_build_object('n', g), stream => $1)) FROM generate_series(1, 200) g",
+            &[&stream],
+        )
+        .expect("broadcaster_publish");
+    }
+    let warning: String = common::wait_for("the warning in status", common::DEADLINE, || {
+        c.query_one("SELECT warning FROM broadcaster_status", &[])
+            .ok()?
+            .get::<_, Option<String>>(0)
+    });
+    assert!(
+        warning.contains("consumer group billing") && warning.contains(stream),
+        "{warning}"
+    );
 }

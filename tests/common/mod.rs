@@ -1852,6 +1852,20 @@ impl Sentinels {
     }
 
     /// SIGKILLs the current primary and returns its port.
+    /// Each server of the group: its port, its role (`ROLE`) and how long `stream` is there
+    /// (for a failing test's message).
+    pub fn describe(&self, stream: &str) -> String {
+        self.servers
+            .iter()
+            .map(|s| {
+                let role = role(s.port).unwrap_or_else(|| "down".into());
+                let len: Option<usize> = query_port(s.port, redis::cmd("XLEN").arg(stream)).ok();
+                format!("{} {role} {len:?}", s.port)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Starts a killed server of the group again, same port and arguments: the sentinels make
     /// a former primary a replica of the new one.
     pub fn restart(&mut self, port: u16) {
@@ -1860,6 +1874,28 @@ impl Sentinels {
             .find(|s| s.port == port)
             .unwrap_or_else(|| panic!("no server of the group on port {port}"))
             .spawn();
+    }
+
+    /// Starts a killed server of the group again as a replica of `primary` (`--replicaof`), as
+    /// an operator brings back a primary that keeps nothing on disk: restarted as it was, it
+    /// would be an empty primary until the sentinels convert it, and a sentinel that has not
+    /// heard of the failover yet may take it for the primary meanwhile (Redis's replication
+    /// documentation warns of masters without persistence coming back).
+    pub fn restart_as_replica_of(&mut self, port: u16, primary: u16) {
+        let server = self
+            .servers
+            .iter_mut()
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("no server of the group on port {port}"));
+        if let Some(i) = server.args.iter().position(|a| a == "--replicaof") {
+            server.args.drain(i..i + 3);
+        }
+        server.args.extend([
+            "--replicaof".to_string(),
+            "127.0.0.1".to_string(),
+            primary.to_string(),
+        ]);
+        server.spawn();
     }
 
     pub fn kill_primary(&mut self) -> u16 {

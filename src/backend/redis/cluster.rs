@@ -434,6 +434,16 @@ impl ClusterRouter {
         }
     }
 
+    /// The connection to the primary serving `key`'s slot, as the map has it; None when no
+    /// node is known to serve it or it can't be reached.
+    pub(super) fn node_of_key(&mut self, key: &str) -> Option<&mut Connection> {
+        let node = self
+            .nodes
+            .get(self.slots[usize::from(slot(key.as_bytes()))]?)?
+            .clone();
+        self.connection(&node).ok()
+    }
+
     /// `PING` to every primary in the map.
     pub(super) fn health_check(&mut self) -> Result<(), BatchError> {
         self.lost.clear();

@@ -270,14 +270,19 @@ impl RedisStreamBackend {
             return;
         }
         self.trim_checked = Some(std::time::Instant::now());
-        let Some(c) = self.connection.as_mut() else {
-            return;
-        };
         let mut streams: Vec<&String> = self.trimmed_streams.iter().collect();
         // The same stream named each time while it lasts: the warning is logged when it changes.
         streams.sort();
         let mut found = None;
         for stream in streams {
+            // On a cluster, asked of the node that serves the stream.
+            let c = match (self.cluster.as_mut(), self.connection.as_mut()) {
+                (Some(cluster), _) => cluster.node_of_key(stream),
+                (None, c) => c,
+            };
+            let Some(c) = c else {
+                return;
+            };
             match reply::trimmed_unread(c, stream) {
                 Ok(Some(group)) => {
                     found = Some(format!(
@@ -323,7 +328,11 @@ impl PublisherBackend for RedisStreamBackend {
             self.connect()?;
         }
         match self.cluster.as_mut() {
-            Some(cluster) => cluster.health_check(),
+            Some(cluster) => {
+                cluster.health_check()?;
+                self.check_trimming();
+                Ok(())
+            }
             None => {
                 self.with_connection(|c| redis::cmd("PING").query::<String>(c).map(drop))?;
                 self.check_trimming();
@@ -364,6 +373,10 @@ impl Pipelined for RedisStreamBackend {
                 (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout));
             self.prepared = None;
             self.cluster_outcome = Some(cluster.publish(&mut self.encoder, events, wait));
+            if self.encoder.config.maxlen > 0 {
+                self.watch_trimming(events);
+                self.check_trimming();
+            }
             return Ok(());
         }
         if self.encoder.config.maxlen > 0 {
