@@ -868,8 +868,17 @@ fn a_lock_held_on_a_pending_row_makes_the_relay_wait_and_keeps_order() {
     // open UPDATE) is waited for, not passed, so its key's later events can't overtake it.
     let s = Setup::new(&[]);
     let mut c = s.cluster.connect();
-    // No backend: events stay pending while the lock is taken.
+    // No backend: events stay pending while the lock is taken. The reload reaches the relay
+    // when it next looks: until it says so, an event published now could still go out (and the
+    // lock below would then hold nothing).
     s.cluster.set_and_reload("broadcaster.backend", "none");
+    common::wait_for("the relay to take the reload", common::DEADLINE, || {
+        c.query_opt(
+            "SELECT 1 FROM broadcaster_status WHERE last_error LIKE '%unknown backend \"none\"%'",
+            &[],
+        )
+        .expect("broadcaster_status")
+    });
     let first = publish(&mut c, "k", 1, None);
     let second = publish(&mut c, "k", 2, None);
     let other = publish(&mut c, "other", 3, None);
