@@ -196,28 +196,7 @@ impl Redis {
     /// Every entry of `stream`, oldest first.
     pub fn entries(&self, stream: &str) -> Vec<Entry> {
         let mut c = self.connection();
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query(&mut c)
-            .expect("XRANGE");
-        reply
-            .ids
-            .into_iter()
-            .map(|e| Entry {
-                fields: e
-                    .map
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        redis::from_redis_value_ref::<String>(v)
-                            .ok()
-                            .map(|v| (k.clone(), v))
-                    })
-                    .collect(),
-                id: e.id,
-            })
-            .collect()
+        read_stream(stream, |cmd| cmd.query(&mut c).expect("XRANGE"))
     }
 
     pub fn len(&self, stream: &str) -> usize {
@@ -258,46 +237,7 @@ impl Redis {
 
     /// The event id of every entry of `stream`, oldest first, read 10,000 entries at a time.
     pub fn event_ids(&self, stream: &str) -> Vec<String> {
-        let mut c = self.connection();
-        let mut ids = Vec::new();
-        let mut start = "-".to_string();
-        // Bounded: far more chunks than any test writes.
-        for _ in 0..10_000 {
-            let reply: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(stream)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(10_000)
-                .query(&mut c)
-                .expect("XRANGE");
-            let Some(last) = reply.ids.last() else {
-                break;
-            };
-            start = format!("({}", last.id);
-            ids.extend(reply.ids.iter().map(|e| {
-                e.map
-                    .get("ce_id")
-                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                    .unwrap_or_else(|| {
-                        let fields = e
-                            .map
-                            .iter()
-                            .filter_map(|(k, v)| {
-                                redis::from_redis_value_ref::<String>(v)
-                                    .ok()
-                                    .map(|v| (k.clone(), v))
-                            })
-                            .collect();
-                        Entry {
-                            id: e.id.clone(),
-                            fields,
-                        }
-                        .event_id()
-                    })
-            }));
-        }
-        ids
+        self.entries(stream).iter().map(Entry::event_id).collect()
     }
 
     /// Waits until every id of `expected` is in `stream`, or `deadline` passes, and returns the

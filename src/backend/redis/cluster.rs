@@ -165,6 +165,7 @@ impl ClusterRouter {
         // Connections to nodes that serve nothing now (a former primary) are closed.
         let nodes: HashSet<&Node> = self.nodes.iter().collect();
         self.connections.retain(|node, _| nodes.contains(node));
+        self.dialects.retain(|node, _| nodes.contains(node));
         self.stale = false;
     }
 
@@ -508,8 +509,9 @@ fn redirect_of(outcome: &Outcome) -> Option<Answer> {
 /// Whether an entry's outcome says the slot map changed under us: a failover in progress, or a
 /// node that is now a replica.
 fn is_stale_map(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::Deferred(m)
-        if ["CLUSTERDOWN", "READONLY", "TRYAGAIN", "MASTERDOWN"].iter().any(|c| m.starts_with(c)))
+    super::reply::says_not_primary(outcome)
+        || matches!(outcome, Outcome::Deferred(m)
+            if m.starts_with("CLUSTERDOWN") || m.starts_with("TRYAGAIN"))
 }
 
 /// The primaries' slot ranges from a `CLUSTER SLOTS` reply: `[start, end, [host, port, id,
