@@ -283,114 +283,10 @@ fn retained_events_replay_with_the_same_ids_and_are_purged_in_time() {
     });
 }
 
-/// A CA and a server certificate for 127.0.0.1 it signed, in a fresh folder readable by the
-/// cluster's user.
-fn make_certificates(dir: &std::path::Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("cert dir");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed (scripts/setup.sh)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=broadcaster test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
-    // A client certificate for mutual TLS, its key in PKCS#8 (OpenSSL 3's default).
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=broadcaster relay",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.pem",
-        "-days",
-        "1",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    use std::os::unix::fs::PermissionsExt;
-    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
-        let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
-    }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    // The relay's own key: readable by the server's user only, as its ssl_key_file would be.
-    let key = dir.join("client.key");
-    let _ = std::process::Command::new("chown")
-        .arg(std::env::var("BROADCASTER_TEST_RUNAS").unwrap_or_else(|_| "postgres".into()))
-        .arg(&key)
-        .status();
-    let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
-}
-
 #[test]
 fn publishes_over_tls_trusting_the_configured_ca() {
     let dir = std::path::PathBuf::from(format!("/tmp/bc-tls-{}", std::process::id()));
-    make_certificates(&dir);
+    common::make_certificates(&dir);
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let tls_port = common::free_port();
     let redis = Redis::start_tls(
@@ -426,7 +322,7 @@ fn publishes_over_tls_trusting_the_configured_ca() {
 #[test]
 fn mutual_tls_presents_the_configured_client_certificate() {
     let dir = std::path::PathBuf::from(format!("/tmp/bc-mtls-{}", std::process::id()));
-    make_certificates(&dir);
+    common::make_certificates(&dir);
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let tls_port = common::free_port();
     let redis = Redis::start_mutual_tls(

@@ -426,6 +426,80 @@ fn sentinel_failover_mid_traffic_loses_nothing() {
     assert_eq!(dead_and_failed(&mut c).0, 0, "no event dead");
 }
 
+/// Sentinels and servers over TLS only, as far as the relay knows (`rediss+sentinel://` naming
+/// the sentinels' TLS ports), each requiring a client certificate the test's CA signed and a
+/// password: the relay finds the primary with the configured CA, client certificate and the
+/// URL's password (the sentinels answer `NOAUTH` without it), and after the primary is killed,
+/// the promoted replica (`WAIT 1`, as in the plain test). Counted: nothing lost, nothing dead.
+#[test]
+fn sentinels_over_mutual_tls_with_a_password_find_the_primary_and_follow_a_failover() {
+    let dir = std::path::PathBuf::from(format!("/tmp/bc-sentinel-tls-{}", std::process::id()));
+    common::make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let password = "s3cret/with@odd:chars";
+    let mut redis = Sentinels::start_secure(&dir, password);
+    let sentinels: Vec<String> = redis
+        .sentinel_tls_ports()
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let url = format!(
+        "rediss+sentinel://:{encoded}@{}/{}",
+        sentinels.join(","),
+        redis.master_name()
+    );
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let pg = Cluster::start(
+        &url,
+        &[
+            ("broadcaster.redis_tls_ca_file", ca.as_str()),
+            ("broadcaster.redis_tls_cert_file", cert.as_str()),
+            ("broadcaster.redis_tls_key_file", key.as_str()),
+            // Acknowledged once the replica has it: what the killed primary had, survives.
+            ("broadcaster.redis_wait_replicas", "1"),
+            ("broadcaster.retry_max_delay", "2000"),
+        ],
+    );
+    let mut c = pg.connect();
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION");
+    let mut produced = publish_plain(&mut c, 100, "before");
+    redis.wait_for_ids_on_primary(&produced);
+    let old = redis.kill_primary();
+    let new = redis.wait_failover(old);
+    redis.restart_as_replica_of(old, new);
+    produced.extend(publish_plain(&mut c, 100, "after"));
+    wait_outbox_empty(&mut c, Duration::from_secs(60));
+    let delivered = redis.event_ids(DEFAULT_STREAM);
+    let tally = Tally::count(&produced, &delivered);
+    println!(
+        "| sentinel over mutual TLS: primary killed | {} | {} | {} | {} |",
+        tally.produced, tally.delivered, tally.duplicates, tally.lost
+    );
+    assert_eq!(
+        (tally.produced, tally.lost, tally.unexpected),
+        (200, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(dead_and_failed(&mut c).0, 0, "no event dead");
+    let log = pg.log();
+    assert!(
+        !log.contains(password) && !log.contains(&encoded),
+        "the password is in the server log"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// What `WAIT` is for, counted: the replica stops replicating (`REPLICAOF NO ONE`: a partition,
 /// or a replica promoted while it lagged), events are published, the primary is killed, and the
 /// relay is pointed at the promoted replica. Without `wait_replicas`, Redis acknowledged every
@@ -493,7 +567,116 @@ fn wait_for_a_replica_keeps_what_a_failover_loses_without_it() {
 /// events flow meanwhile.
 #[test]
 fn an_event_over_the_servers_bulk_limit_goes_dead_and_others_flow() {
-    let redis = Redis::start_with(&["--proto-max-bulk-len", "1mb"]);
+    let error = over_the_bulk_limit(&[]);
+    assert!(
+        error.contains("2097154 bytes") && error.contains("proto-max-bulk-len of 1048576"),
+        "{error}"
+    );
+}
+
+/// The same on a server that refuses `CONFIG` (as managed services do), so the relay can't
+/// ask its limit: the server drops the connection on the event, the relay asks it whether it
+/// drops an argument that long, learns it does, and the event goes dead as above.
+#[test]
+fn an_event_over_the_bulk_limit_of_a_server_refusing_config_goes_dead_and_others_flow() {
+    let error = over_the_bulk_limit(&["--rename-command", "CONFIG", ""]);
+    assert!(
+        error.contains("2097154 bytes") && error.contains("refused an argument of 2097154 bytes"),
+        "{error}"
+    );
+}
+
+/// The same on a Redis Cluster whose nodes refuse `CONFIG`: learnt of the node that serves
+/// the big event's stream.
+#[test]
+fn an_event_over_the_bulk_limit_of_a_cluster_refusing_config_goes_dead_and_others_flow() {
+    let redis = RedisCluster::start_with_args(
+        3,
+        0,
+        2000,
+        &[
+            "--proto-max-bulk-len",
+            "1mb",
+            "--rename-command",
+            "CONFIG",
+            "",
+        ],
+    );
+    let pg = cluster_setup(
+        &redis,
+        &[
+            ("broadcaster.max_event_size", "4MB"),
+            ("broadcaster.max_attempts", "2"),
+        ],
+    );
+    let mut c = pg.connect();
+    let big = "x".repeat(2 * 1024 * 1024);
+    c.query_one(
+        "SELECT broadcaster_publish('big', to_json($1::text), partition_key => 'big', stream => 'orders:7')",
+        &[&big],
+    )
+    .expect("a 2 MiB event is within max_event_size");
+    // 20 others, to streams on every node, the big event's among them.
+    let others: Vec<String> = (0..20)
+        .map(|i| {
+            c.query_one(
+                "SELECT broadcaster_publish('small', json_build_object('n', $1::int), partition_key => 'small' || $1::int, stream => 'orders:' || $1::int % 10)::text",
+                &[&i],
+            )
+            .expect("broadcaster_publish")
+            .get(0)
+        })
+        .collect();
+    let error = wait_dead(&mut c);
+    wait_outbox_empty_but_dead(&mut c);
+    let delivered: Vec<String> = (0..10)
+        .flat_map(|s| redis.event_ids(&format!("orders:{s}")))
+        .collect();
+    let tally = Tally::count(&others, &delivered);
+    assert_eq!((tally.lost, tally.delivered), (0, 20), "{tally:?}");
+    assert!(
+        error.contains("2097154 bytes") && error.contains("refused an argument of 2097154 bytes"),
+        "{error}"
+    );
+}
+
+/// Waits until the outbox holds only dead events.
+fn wait_outbox_empty_but_dead(c: &mut PgClient) {
+    common::wait_for("only dead events left", common::DEADLINE, || {
+        c.query_one(
+            "SELECT count(*) = 0 FROM broadcaster_outbox o WHERE NOT EXISTS (SELECT 1 FROM broadcaster_failures f WHERE f.seq = o.seq AND f.dead)",
+            &[],
+        )
+        .ok()?
+        .get::<_, bool>(0)
+        .then_some(())
+    });
+}
+
+/// Waits for the one dead event, dead after 2 attempts: its `last_error`.
+fn wait_dead(c: &mut PgClient) -> String {
+    let (attempts, dead, error): (i32, bool, String) =
+        common::wait_for("the big event dead", common::DEADLINE, || {
+            let row = c
+                .query_opt(
+                    "SELECT attempts, dead, last_error FROM broadcaster_failures WHERE dead",
+                    &[],
+                )
+                .ok()??;
+            Some((row.get(0), row.get(1), row.get(2)))
+        });
+    println!("last_error: {error}");
+    assert!(dead && attempts == 2, "attempts {attempts}");
+    error
+}
+
+/// A 2 MiB event and 20 others of another key, to a server whose `proto-max-bulk-len` is 1 MB
+/// (and `args`): the others delivered, the big one dead after its 2 attempts. Its
+/// `last_error`.
+fn over_the_bulk_limit(args: &[&str]) -> String {
+    let mut server_args = vec!["--proto-max-bulk-len", "1mb"];
+    server_args.extend_from_slice(args);
+    let redis = Redis::start_with(&server_args);
     let pg = Cluster::start(
         &redis.url(),
         &[
@@ -518,22 +701,13 @@ fn an_event_over_the_servers_bulk_limit_goes_dead_and_others_flow() {
         started.elapsed()
     );
     assert_eq!(Tally::count(&others, &ids).lost, 0);
-    let (attempts, dead, error): (i32, bool, String) =
-        common::wait_for("the big event dead", common::DEADLINE, || {
-            let row = c
-                .query_opt(
-                    "SELECT attempts, dead, last_error FROM broadcaster_failures WHERE dead",
-                    &[],
-                )
-                .ok()??;
-            Some((row.get(0), row.get(1), row.get(2)))
-        });
-    println!("last_error: {error}");
-    assert!(dead && attempts == 2, "attempts {attempts}");
-    assert!(
-        error.contains("2097154 bytes") && error.contains("proto-max-bulk-len of 1048576"),
-        "{error}"
+    let error = wait_dead(&mut c);
+    assert_eq!(
+        redis.len(DEFAULT_STREAM),
+        20,
+        "only the others are in the stream"
     );
+    error
 }
 
 /// A memory policy that may evict the stream: said once in the log, and in

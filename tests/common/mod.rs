@@ -981,10 +981,27 @@ fn redis_group_dir(kind: &str) -> PathBuf {
     dir
 }
 
-/// A connection to the server on loopback `port`: 1 s to connect, 10 s per reply.
+/// The password of each loopback port whose server requires one (`requirepass`), for the
+/// harness's own connections: [`Sentinels::start_secure`] fills it.
+static PASSWORDS: std::sync::Mutex<Vec<(u16, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn password_of(port: u16) -> Option<String> {
+    let passwords = PASSWORDS.lock().unwrap_or_else(|e| e.into_inner());
+    passwords
+        .iter()
+        .find_map(|(p, password)| (*p == port).then(|| password.clone()))
+}
+
+/// A connection to the server on loopback `port` (with its password, if it has one): 1 s to
+/// connect, 10 s per reply.
 fn node_connection(port: u16) -> redis::RedisResult<redis::Connection> {
-    let c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
-        .get_connection_with_timeout(Duration::from_secs(1))?;
+    use redis::IntoConnectionInfo;
+    let mut info = format!("redis://127.0.0.1:{port}").into_connection_info()?;
+    if let Some(password) = password_of(port) {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    let c = redis::Client::open(info)?.get_connection_with_timeout(Duration::from_secs(1))?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     Ok(c)
 }
@@ -1313,6 +1330,16 @@ impl RedisCluster {
     /// The same with `--cluster-node-timeout node_timeout_ms` (milliseconds): how long a node
     /// stays unreachable before the others mark it failed and its replica takes over.
     pub fn start_with(primaries: usize, replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        Self::start_with_args(primaries, replicas, node_timeout_ms, &[])
+    }
+
+    /// The same with more redis-server arguments for every node (`--proto-max-bulk-len 1mb`).
+    pub fn start_with_args(
+        primaries: usize,
+        replicas: usize,
+        node_timeout_ms: u64,
+        extra: &[&str],
+    ) -> RedisCluster {
         assert!(
             primaries >= 3,
             "redis-cli --cluster create needs 3 primaries"
@@ -1325,7 +1352,10 @@ impl RedisCluster {
         };
         for _ in 0..primaries * (1 + replicas) {
             let node = ServerProcess::start_fresh(&cluster.dir, 2, |ports| {
-                cluster_node_setup(&cluster.dir, ports[0], ports[1], node_timeout_ms)
+                let (port, mut args) =
+                    cluster_node_setup(&cluster.dir, ports[0], ports[1], node_timeout_ms);
+                args.extend(extra.iter().map(|a| a.to_string()));
+                (port, args)
             });
             cluster.nodes.push(node);
         }
@@ -1651,22 +1681,72 @@ pub struct Sentinels {
     /// The primary and the replica as started (roles change on failover).
     servers: Vec<ServerProcess>,
     sentinels: Vec<ServerProcess>,
+    /// With TLS ([`Sentinels::start_tls`]): each process's TLS port, by its plain port.
+    tls_ports: HashMap<u16, u16>,
 }
 
 impl Sentinels {
     /// Starts the group and waits until the replica is in sync and every sentinel knows the
     /// replica and the two other sentinels (so a failover can be voted).
     pub fn start() -> Sentinels {
+        Self::start_with(None)
+    }
+
+    /// The same over TLS and with a password, with the certificates [`make_certificates`]
+    /// wrote in `certificates`: every process also listens on a TLS port where clients must
+    /// show a certificate the CA signed (`tls-auth-clients yes`), the replica and the sentinels
+    /// reach the servers over TLS (`tls-replication yes`, so the sentinels name the TLS ports),
+    /// and the sentinels one another. Every server and sentinel requires `password`
+    /// (`requirepass`; `masterauth` and `sentinel auth-pass` for their own links; sentinels
+    /// use their `requirepass` with one another). The plain ports stay for the harness's own
+    /// checks, which know the password.
+    pub fn start_secure(certificates: &std::path::Path, password: &str) -> Sentinels {
+        Self::start_with(Some((certificates, password)))
+    }
+
+    fn start_with(secure: Option<(&std::path::Path, &str)>) -> Sentinels {
+        let certificates = secure.map(|(certificates, _)| certificates);
+        let password = secure.map(|(_, password)| password);
+        let register = |port: u16| {
+            if let Some(password) = password {
+                let mut passwords = PASSWORDS.lock().unwrap_or_else(|e| e.into_inner());
+                passwords.push((port, password.to_string()));
+            }
+        };
         let dir = redis_group_dir("sentinel");
         let mut group = Sentinels {
             dir,
             servers: Vec::new(),
             sentinels: Vec::new(),
+            tls_ports: HashMap::new(),
+        };
+        // `tls-port <port>` and the certificates, as redis-server arguments.
+        let tls_args = |tls_port: u16| -> Vec<String> {
+            let Some(certificates) = certificates else {
+                return Vec::new();
+            };
+            let file = |f: &str| certificates.join(f).to_string_lossy().into_owned();
+            vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.pem"),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+                "--tls-replication".into(),
+                "yes".into(),
+            ]
         };
         let mut primary = 0;
         for i in 0..2 {
-            let server = ServerProcess::start_fresh(&group.dir, 1, |ports| {
+            let mut tls_port = 0;
+            let server = ServerProcess::start_fresh(&group.dir, 2, |ports| {
                 let port = ports[0];
+                tls_port = ports[1];
                 let data = group.dir.join(port.to_string());
                 std::fs::create_dir_all(&data).expect("sentinel group server dir");
                 let mut args = [
@@ -1687,13 +1767,28 @@ impl Sentinels {
                 ]
                 .map(String::from)
                 .to_vec();
+                args.extend(tls_args(tls_port));
+                if let Some(password) = password {
+                    args.extend(
+                        ["--requirepass", password, "--masterauth", password].map(String::from),
+                    );
+                }
+                register(port);
                 if i == 1 {
                     args.extend(
-                        ["--replicaof", "127.0.0.1", &primary.to_string()].map(String::from),
+                        [
+                            "--replicaof",
+                            "127.0.0.1",
+                            &group.announced(primary).to_string(),
+                        ]
+                        .map(String::from),
                     );
                 }
                 (port, args)
             });
+            if certificates.is_some() {
+                group.tls_ports.insert(server.port, tls_port);
+            }
             if i == 0 {
                 primary = server.port;
             }
@@ -1707,9 +1802,22 @@ impl Sentinels {
         });
         let name = group.master_name();
         for _ in 0..3 {
-            let sentinel = ServerProcess::start_fresh(&group.dir, 1, |ports| {
+            let mut tls_port = 0;
+            let sentinel = ServerProcess::start_fresh(&group.dir, 2, |ports| {
                 let port = ports[0];
+                tls_port = ports[1];
                 let conf = group.dir.join(format!("sentinel-{port}.conf"));
+                // The same TLS settings as the servers', as configuration lines.
+                let mut tls: String = tls_args(tls_port)
+                    .chunks(2)
+                    .map(|pair| format!("{} {}\n", pair[0].trim_start_matches("--"), pair[1]))
+                    .collect();
+                if let Some(password) = password {
+                    tls.push_str(&format!(
+                        "requirepass {password}\nsentinel auth-pass {name} {password}\n"
+                    ));
+                }
+                register(port);
                 std::fs::write(
                     &conf,
                     format!(
@@ -1717,10 +1825,12 @@ impl Sentinels {
                          bind 127.0.0.1\n\
                          protected-mode no\n\
                          dir {}\n\
-                         sentinel monitor {name} 127.0.0.1 {primary} 2\n\
+                         {tls}\
+                         sentinel monitor {name} 127.0.0.1 {} 2\n\
                          sentinel down-after-milliseconds {name} 1000\n\
                          sentinel failover-timeout {name} 5000\n",
-                        group.dir.display()
+                        group.dir.display(),
+                        group.announced(primary),
                     ),
                 )
                 .expect("write sentinel conf");
@@ -1729,6 +1839,9 @@ impl Sentinels {
                     vec![conf.to_string_lossy().into_owned(), "--sentinel".into()],
                 )
             });
+            if certificates.is_some() {
+                group.tls_ports.insert(sentinel.port, tls_port);
+            }
             group.sentinels.push(sentinel);
         }
         wait_for(
@@ -1757,6 +1870,27 @@ impl Sentinels {
     /// Ports of the three sentinels.
     pub fn sentinel_ports(&self) -> Vec<u16> {
         self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    /// The TLS ports of the three sentinels ([`Sentinels::start_tls`]).
+    pub fn sentinel_tls_ports(&self) -> Vec<u16> {
+        self.sentinel_ports()
+            .iter()
+            .map(|p| self.tls_ports[p])
+            .collect()
+    }
+
+    /// The port the group knows the server on `port` by: its TLS port in a TLS group.
+    fn announced(&self, port: u16) -> u16 {
+        self.tls_ports.get(&port).copied().unwrap_or(port)
+    }
+
+    /// The plain port of the server the group knows by `announced`.
+    fn plain(&self, announced: u16) -> u16 {
+        self.tls_ports
+            .iter()
+            .find_map(|(&plain, &tls)| (tls == announced).then_some(plain))
+            .unwrap_or(announced)
     }
 
     /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
@@ -1788,7 +1922,7 @@ impl Sentinels {
                 .arg(self.master_name()),
         )
         .ok()?;
-        addr.map(|(_, port)| port)
+        addr.map(|(_, port)| self.plain(port))
     }
 
     /// SIGKILLs the current primary and returns its port.
@@ -1833,7 +1967,11 @@ impl Sentinels {
         server.args.extend([
             "--replicaof".to_string(),
             "127.0.0.1".to_string(),
-            primary.to_string(),
+            self.tls_ports
+                .get(&primary)
+                .copied()
+                .unwrap_or(primary)
+                .to_string(),
         ]);
         server.spawn();
     }
@@ -1904,6 +2042,14 @@ impl Sentinels {
     pub fn len(&self, stream: &str) -> usize {
         self.query_primary(redis::cmd("XLEN").arg(stream))
     }
+
+    /// Waits until every one of `ids` is in [`DEFAULT_STREAM`] on the current primary.
+    pub fn wait_for_ids_on_primary(&self, ids: &[String]) {
+        wait_for("the events on the primary", DEADLINE, || {
+            let there: HashSet<String> = self.event_ids(DEFAULT_STREAM).into_iter().collect();
+            ids.iter().all(|id| there.contains(id)).then_some(())
+        });
+    }
 }
 
 impl Drop for Sentinels {
@@ -1914,4 +2060,113 @@ impl Drop for Sentinels {
             &self.dir,
         );
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed (`ca.pem`,
+/// `server.pem`/`server.key`, `client.pem`/`client.key`), in a fresh folder readable by the
+/// cluster's user.
+pub fn make_certificates(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=broadcaster test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    // A client certificate for mutual TLS, its key in PKCS#8 (OpenSSL 3's default); an X.509
+    // v3 certificate (with an extension), as rustls (the nats backend's TLS) takes no other.
+    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=broadcaster relay",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "client.cnf",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    // The relay's own key: readable by the server's user only, as its ssl_key_file would be.
+    let key = dir.join("client.key");
+    let _ = std::process::Command::new("chown")
+        .arg(std::env::var("BROADCASTER_TEST_RUNAS").unwrap_or_else(|_| "postgres".into()))
+        .arg(&key)
+        .status();
+    let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
 }

@@ -68,6 +68,11 @@ pub(super) struct ClusterRouter {
     /// What each connected node takes (learnt when connecting to it: in a rolling upgrade the
     /// nodes differ).
     dialects: HashMap<Node, Dialect>,
+    /// Per node, what [`Self::learn_from_drop`] learnt of its `proto-max-bulk-len`.
+    learnt_max_bulk_len: HashMap<Node, usize>,
+    /// Nodes asked about their limit during the current batch: once each, as a node within
+    /// its limit makes the probe wait for the timeout.
+    probed: HashSet<Node>,
     /// Nodes whose connection failed during the current batch: not connected to again before
     /// the next one, so that a dead node costs one timeout per batch, and no group is read
     /// from, or `WAIT` asked on, a connection other than the one it was written on.
@@ -111,6 +116,8 @@ impl ClusterRouter {
             nodes: Vec::new(),
             connections: HashMap::new(),
             dialects: HashMap::new(),
+            learnt_max_bulk_len: HashMap::new(),
+            probed: HashSet::new(),
             lost: HashSet::new(),
             stale: true,
             timeout,
@@ -191,32 +198,71 @@ impl ClusterRouter {
             )));
         }
         if !self.connections.contains_key(node) {
-            let seed = self.seeds.first().cloned().ok_or_else(|| {
-                RedisError::from((redis::ErrorKind::InvalidClientConfig, "no seed node"))
-            })?;
-            let addr = match seed.addr() {
-                ConnectionAddr::TcpTls {
-                    insecure,
-                    tls_params,
-                    ..
-                } => ConnectionAddr::TcpTls {
-                    host: node.0.clone(),
-                    port: node.1,
-                    insecure: *insecure,
-                    tls_params: tls_params.clone(),
-                },
-                _ => ConnectionAddr::Tcp(node.0.clone(), node.1),
-            };
-            let mut c = connect(seed.set_addr(addr), self.timeout)?;
+            let mut c = connect(self.node_info(node)?, self.timeout)?;
             let (info, max_bulk_len) = super::reply::probe(&mut c)?;
             BATCH_SCRIPT.load(&mut c)?;
-            self.dialects
-                .insert(node.clone(), Dialect::of(&info, max_bulk_len));
+            let learnt = self.learnt_max_bulk_len.get(node).copied();
+            self.dialects.insert(
+                node.clone(),
+                Dialect::of(&info, max_bulk_len).with_learnt_max_bulk_len(learnt),
+            );
             self.connections.insert(node.clone(), c);
         }
         self.connections
             .get_mut(node)
             .ok_or_else(|| RedisError::from((redis::ErrorKind::Io, "the connection is gone")))
+    }
+
+    /// How to reach `node`: as the first seed is reached (credentials, TLS), at its address.
+    fn node_info(&self, node: &Node) -> Result<ConnectionInfo, RedisError> {
+        let seed = self.seeds.first().cloned().ok_or_else(|| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no seed node"))
+        })?;
+        let addr = match seed.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: node.0.clone(),
+                port: node.1,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(node.0.clone(), node.1),
+        };
+        Ok(seed.set_addr(addr))
+    }
+
+    /// After `node` dropped a group whose longest argument is `longest` bytes: as
+    /// [`super::RedisStreamBackend`] does for one server, asks the node whether it refuses an
+    /// argument that long where its limit is unknown, and learns the limit if so.
+    fn learn_from_drop(&mut self, node: &Node, longest: usize) {
+        let Some(dialect) = self.dialects.get(node).copied() else {
+            return;
+        };
+        if dialect.max_bulk_len_told
+            || longest <= super::reply::MIN_MAX_BULK_LEN
+            || longest > dialect.max_bulk_len
+        {
+            return;
+        }
+        if !self.probed.insert(node.clone()) {
+            return;
+        }
+        let Ok(info) = self.node_info(node) else {
+            return;
+        };
+        if super::reply::refuses_argument(&info, longest, self.timeout) == Some(true) {
+            let learnt = self
+                .learnt_max_bulk_len
+                .entry(node.clone())
+                .or_insert(longest - 1);
+            *learnt = (*learnt).min(longest - 1);
+            let learnt = Some(*learnt);
+            self.dialects
+                .insert(node.clone(), dialect.with_learnt_max_bulk_len(learnt));
+        }
     }
 
     /// Publishes `events`: one outcome per event, in order. Err only when no slot map can be
@@ -228,6 +274,7 @@ impl ClusterRouter {
         wait: Option<(u32, Duration)>,
     ) -> Result<Vec<Outcome>, BatchError> {
         self.lost.clear();
+        self.probed.clear();
         if self.stale {
             self.refresh()?;
         }
@@ -326,15 +373,20 @@ impl ClusterRouter {
                 });
                 match sent {
                     Ok(()) => written.push((group, encoded)),
-                    Err(e) => self.node_lost(&group.node, &group.events, &e.to_string(), outcome),
+                    Err(e) => {
+                        self.node_lost(&group.node, &group.events, &e.to_string(), outcome);
+                        self.learn_from_drop(&group.node, encoded.longest_arg);
+                    }
                 }
             }
             // Read, in the order written: a connection's replies come in that order.
             let mut delivered: HashMap<Node, Vec<usize>> = HashMap::new();
             for (group, encoded) in written {
                 if self.lost.contains(&group.node) {
-                    // Lost while writing or reading another group of the node.
+                    // Lost while writing or reading another group of the node: perhaps for
+                    // this group's argument, written first.
                     self.node_lost(&group.node, &group.events, "connection lost", outcome);
+                    self.learn_from_drop(&group.node, encoded.longest_arg);
                     continue;
                 }
                 match self.receive(&group, &encoded) {
@@ -368,7 +420,10 @@ impl ClusterRouter {
                             ..group
                         });
                     }
-                    Err(e) => self.node_lost(&group.node, &group.events, &e, outcome),
+                    Err(e) => {
+                        self.node_lost(&group.node, &group.events, &e, outcome);
+                        self.learn_from_drop(&group.node, encoded.longest_arg);
+                    }
                 }
             }
             if let Some((replicas, timeout)) = wait {

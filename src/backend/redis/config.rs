@@ -160,11 +160,14 @@ impl Config for RedisConfig {
         let urls = config.seed_urls();
         for url in &urls {
             if let Some(parsed) = super::SentinelUrl::parse(url) {
-                parsed.map_err(|why| invalid("url", why))?;
-                if !(config.tls_ca_file.is_empty() && config.tls_cert_file.is_empty()) {
+                let parsed = parsed.map_err(|why| invalid("url", why))?;
+                let tls_files = !(config.tls_ca_file.is_empty()
+                    && config.tls_cert_file.is_empty()
+                    && config.tls_key_file.is_empty());
+                if tls_files && !parsed.tls {
                     return Err(invalid(
                         "url",
-                        "a redis+sentinel:// URL reaches its primary with the system's CAs only: tls_ca_file, tls_cert_file and tls_key_file can't be used with it".into(),
+                        "tls_ca_file, tls_cert_file and tls_key_file are for TLS: use rediss+sentinel:// (TLS to the sentinels and the primary), or unset them".into(),
                     ));
                 }
                 continue;

@@ -85,6 +85,8 @@ pub(super) struct Encoder {
     argv: Cmd,
     command: Cmd,
     pub(super) spare: Vec<u8>,
+    /// The longest argument of an entry encoded since the batch began.
+    longest_arg: usize,
 }
 
 /// How a batch goes to the server.
@@ -108,8 +110,12 @@ pub(super) struct Dialect {
     /// The server's `proto-max-bulk-len`: the largest argument it reads, in bytes. A larger one
     /// makes it drop the connection, so an entry with a larger field is refused before it is
     /// sent. Redis's default, 512 MiB, when the server won't say (`CONFIG` is often disabled
-    /// on managed services).
+    /// on managed services), until the server refuses an argument
+    /// ([`super::reply::refuses_argument`]).
     pub(super) max_bulk_len: usize,
+    /// Whether `max_bulk_len` is what `CONFIG GET` said; false while it is Redis's default or
+    /// learnt from a dropped connection.
+    pub(super) max_bulk_len_told: bool,
 }
 
 impl Dialect {
@@ -118,6 +124,19 @@ impl Dialect {
         Dialect {
             idempotent_xadd: super::reply::server_version(info).is_some_and(|v| v >= (8, 6)),
             max_bulk_len: max_bulk_len.unwrap_or(Dialect::default().max_bulk_len),
+            max_bulk_len_told: max_bulk_len.is_some(),
+        }
+    }
+
+    /// This dialect, with what dropping an argument of `dropped + 1` bytes taught of the
+    /// server's limit, when `CONFIG` did not tell it.
+    pub(super) fn with_learnt_max_bulk_len(self, learnt: Option<usize>) -> Dialect {
+        match learnt {
+            Some(learnt) if !self.max_bulk_len_told => Dialect {
+                max_bulk_len: self.max_bulk_len.min(learnt),
+                ..self
+            },
+            _ => self,
         }
     }
 }
@@ -127,6 +146,7 @@ impl Default for Dialect {
         Dialect {
             idempotent_xadd: false,
             max_bulk_len: 512 * 1024 * 1024,
+            max_bulk_len_told: false,
         }
     }
 }
@@ -142,6 +162,9 @@ pub(super) struct Encoded {
     /// Indexes of the events in `packed`, in order.
     pub(super) sent: Vec<usize>,
     pub(super) packed: Vec<u8>,
+    /// The longest argument in `packed`, in bytes: what to ask the server about when it drops
+    /// the connection on this batch.
+    pub(super) longest_arg: usize,
 }
 
 impl Encoder {
@@ -153,6 +176,7 @@ impl Encoder {
             argv: Cmd::new(),
             command: Cmd::new(),
             spare: Vec::new(),
+            longest_arg: 0,
         }
     }
 
@@ -171,6 +195,7 @@ impl Encoder {
         let mut packed = std::mem::take(&mut self.spare);
         packed.clear();
         self.argv.clear();
+        self.longest_arg = 0;
         if shape == Shape::Transaction {
             packed.extend_from_slice(MULTI);
         }
@@ -208,6 +233,7 @@ impl Encoder {
             outcome,
             sent,
             packed,
+            longest_arg: self.longest_arg,
         }
     }
 
@@ -268,7 +294,8 @@ impl Encoder {
         }
         command.arg("*");
         write_entry(event, self.config.mode, command)?;
-        check_bulk_lengths(command, self.dialect.max_bulk_len)?;
+        let longest = check_bulk_lengths(command, &self.dialect)?;
+        self.longest_arg = self.longest_arg.max(longest);
         command.write_packed_command(packed);
         Ok(())
     }
@@ -279,7 +306,9 @@ impl Encoder {
         self.check(event)?;
         self.entry.clear();
         write_entry(event, self.config.mode, &mut self.entry)?;
-        check_bulk_lengths(&self.entry, self.dialect.max_bulk_len)
+        let longest = check_bulk_lengths(&self.entry, &self.dialect)?;
+        self.longest_arg = self.longest_arg.max(longest);
+        Ok(())
     }
 
     /// Appends the encoded entry of `event` to the script's arguments.
@@ -327,13 +356,29 @@ impl Encoder {
 
 /// Refuses a command with an argument longer than the server reads (`proto-max-bulk-len`):
 /// sent, it would make the server drop the connection, which looks like an outage and never
-/// charges the event an attempt.
-fn check_bulk_lengths(command: &Cmd, max: usize) -> Result<(), String> {
-    match command.args_iter().map(|a| arg_bytes(&a).len()).max() {
-        Some(longest) if longest > max => Err(format!(
+/// charges the event an attempt. Ok: its longest argument, in bytes.
+fn check_bulk_lengths(command: &Cmd, dialect: &Dialect) -> Result<usize, String> {
+    let longest = command
+        .args_iter()
+        .map(|a| arg_bytes(&a).len())
+        .max()
+        .unwrap_or(0);
+    let max = dialect.max_bulk_len;
+    if longest <= max {
+        Ok(longest)
+    } else if dialect.max_bulk_len_told {
+        Err(format!(
             "a field of the entry is {longest} bytes, over the server's proto-max-bulk-len of {max} bytes"
-        )),
-        _ => Ok(()),
+        ))
+    } else if max == Dialect::default().max_bulk_len {
+        Err(format!(
+            "a field of the entry is {longest} bytes, over Redis's default proto-max-bulk-len of {max} bytes (the server won't say its own: CONFIG GET is refused)"
+        ))
+    } else {
+        Err(format!(
+            "a field of the entry is {longest} bytes, over the server's proto-max-bulk-len: it refused an argument of {} bytes (CONFIG GET is refused, so the limit itself is not known)",
+            max + 1
+        ))
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::sync::{mpsc, Arc};
 
-use redis::{Client, Connection, ConnectionInfo, RedisError};
+use redis::{Connection, ConnectionInfo, RedisError};
 
 use super::{Backend, BatchError, Outcome, Pipelined, PublisherBackend};
 use crate::event::OutboxEvent;
@@ -40,9 +40,16 @@ const TRIM_WATCH_STREAMS: usize = 64;
 pub struct RedisStreamBackend {
     /// The `url` option's servers, in order: one, or a cluster's seed nodes.
     seeds: Vec<ConnectionInfo>,
-    /// A `redis+sentinel://` URL: the primary is asked of the sentinels at each connect.
-    sentinel: Option<SentinelUrl>,
+    /// A `redis+sentinel://` URL, and the `tls_*_file` certificates: the primary is asked of
+    /// the sentinels at each connect.
+    sentinel: Option<(SentinelUrl, Option<redis::TlsCertificates>)>,
     connection: Option<Connection>,
+    /// The server `connection` is to: a seed, or the primary the sentinels named.
+    connected_to: Option<ConnectionInfo>,
+    /// The longest argument minus one that the server was seen to drop the connection on,
+    /// where `CONFIG` would not tell its `proto-max-bulk-len` ([`Self::learn_from_drop`]).
+    /// Kept until the relay restarts.
+    learnt_max_bulk_len: Option<usize>,
     /// Set when the server connected to said it is a Redis Cluster node: then every batch goes
     /// through it, and `connection` stays None.
     cluster: Option<ClusterRouter>,
@@ -72,6 +79,7 @@ struct InFlight {
     outcome: Vec<Outcome>,
     sent: Vec<usize>,
     packed: Vec<u8>,
+    longest_arg: usize,
 }
 
 impl Backend for RedisStreamBackend {
@@ -93,6 +101,11 @@ impl Backend for RedisStreamBackend {
             "" => None,
             ca => Some(read("tls_ca_file", ca)?),
         };
+        let certificates =
+            (client_tls.is_some() || root_cert.is_some()).then_some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            });
         // The URL may hold a password: the error says what is wrong without repeating it.
         let url_error = |e: RedisError| {
             BatchError::Misconfigured(format!("not a valid Redis URL ({:?})", e.kind()))
@@ -104,19 +117,15 @@ impl Backend for RedisStreamBackend {
                 sentinel = Some(parsed.map_err(BatchError::Misconfigured)?);
                 continue;
             }
-            let client = if client_tls.is_none() && root_cert.is_none() {
-                Client::open(url).map_err(url_error)?
-            } else {
-                let certs = redis::TlsCertificates {
-                    client_tls: client_tls.clone(),
-                    root_cert: root_cert.clone(),
-                };
-                Client::build_with_tls(url, certs).map_err(url_error)?
-            };
-            seeds.push(client.get_connection_info().clone());
+            seeds.push(sentinel::connection_info(url, certificates.as_ref()).map_err(url_error)?);
+        }
+        if let Some(sentinel) = &sentinel {
+            sentinel
+                .check_certificates(certificates.as_ref())
+                .map_err(BatchError::Misconfigured)?;
         }
         let mut backend = RedisStreamBackend::with_seeds(seeds, &config);
-        backend.sentinel = sentinel;
+        backend.sentinel = sentinel.map(|sentinel| (sentinel, certificates));
         Ok(backend)
     }
 }
@@ -127,6 +136,8 @@ impl RedisStreamBackend {
             seeds,
             sentinel: None,
             connection: None,
+            connected_to: None,
+            learnt_max_bulk_len: None,
             cluster: None,
             cluster_outcome: None,
             warning: None,
@@ -147,8 +158,8 @@ impl RedisStreamBackend {
         let timeout = self.read_timeout();
         let mut last_error = None;
         let candidates = match &self.sentinel {
-            Some(sentinel) => vec![sentinel
-                .primary(self.encoder.config.timeout)
+            Some((sentinel, certificates)) => vec![sentinel
+                .primary(self.encoder.config.timeout, certificates.as_ref())
                 .map_err(BatchError::Unavailable)?],
             None => self.seeds.clone(),
         };
@@ -173,6 +184,7 @@ impl RedisStreamBackend {
                         ));
                     } else {
                         self.connection = Some(c);
+                        self.connected_to = Some(seed);
                     }
                     return Ok(());
                 }
@@ -195,7 +207,8 @@ impl RedisStreamBackend {
     /// Takes what `INFO` said (and `proto-max-bulk-len`, when the server told it) into the
     /// encoder, and whether the server may evict the streams into [`Self::warning`].
     fn learn(&mut self, info: &str, max_bulk_len: Option<usize>) {
-        self.encoder.dialect = Dialect::of(info, max_bulk_len);
+        self.encoder.dialect =
+            Dialect::of(info, max_bulk_len).with_learnt_max_bulk_len(self.learnt_max_bulk_len);
         self.warning = reply::info_field(info, "maxmemory_policy")
             .filter(|policy| reply::evicts_streams(policy))
             .map(|policy| format!(
@@ -303,6 +316,30 @@ impl RedisStreamBackend {
         }
     }
 
+    /// After a batch whose longest argument is `longest` bytes failed as an outage: where the
+    /// server's `proto-max-bulk-len` is unknown and the argument could be over it, asks the
+    /// server whether it refuses an argument that long ([`reply::refuses_argument`]). If so,
+    /// the limit is learnt, so that the entry is refused the next time it is encoded, charged
+    /// an attempt with an error that names its size, instead of holding its key (and, retried
+    /// as an outage, every other) forever.
+    fn learn_from_drop(&mut self, longest: usize) {
+        let dialect = self.encoder.dialect;
+        if dialect.max_bulk_len_told
+            || longest <= reply::MIN_MAX_BULK_LEN
+            || longest > dialect.max_bulk_len
+        {
+            return;
+        }
+        let Some(info) = self.connected_to.clone() else {
+            return;
+        };
+        if reply::refuses_argument(&info, longest, self.encoder.config.timeout) == Some(true) {
+            let learnt = longest - 1;
+            self.learnt_max_bulk_len = Some(self.learnt_max_bulk_len.unwrap_or(learnt).min(learnt));
+            self.encoder.dialect = dialect.with_learnt_max_bulk_len(self.learnt_max_bulk_len);
+        }
+    }
+
     /// Keeps a sent batch's buffer for a later one.
     fn recycle(&mut self, packed: Vec<u8>) {
         match self.ahead.as_mut() {
@@ -387,11 +424,13 @@ impl Pipelined for RedisStreamBackend {
             outcome,
             sent,
             packed,
+            longest_arg,
             ..
         } = self.encoded(events);
         if !sent.is_empty() {
             if let Err(e) = self.with_connection(|c| c.send_packed_command(&packed)) {
                 self.recycle(packed);
+                self.learn_from_drop(longest_arg);
                 return Err(e);
             }
         }
@@ -400,6 +439,7 @@ impl Pipelined for RedisStreamBackend {
             outcome,
             sent,
             packed,
+            longest_arg,
         });
         Ok(())
     }
@@ -413,6 +453,7 @@ impl Pipelined for RedisStreamBackend {
             mut outcome,
             sent,
             packed,
+            longest_arg,
         }) = self.in_flight.take()
         else {
             return Err(BatchError::Unavailable("no batch was sent".into()));
@@ -438,6 +479,7 @@ impl Pipelined for RedisStreamBackend {
             Ok(Err(e)) | Err(e) => {
                 // Replies may be left unread or out of step: start on a new connection.
                 self.connection = None;
+                self.learn_from_drop(longest_arg);
                 return Err(e);
             }
         };

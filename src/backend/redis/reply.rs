@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::{Connection, ConnectionLike, RedisError};
+use redis::{Connection, ConnectionInfo, ConnectionLike, RedisError};
 
 use super::encode::BATCH_SCRIPT;
 use crate::backend::{BatchError, Outcome};
@@ -41,6 +41,33 @@ pub(super) fn probe(c: &mut Connection) -> Result<(String, Option<usize>), Redis
         .ok()
         .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()));
     Ok((info, max_bulk_len))
+}
+
+/// Redis's lowest `proto-max-bulk-len`: its configuration refuses less than 1 MB, so every
+/// server reads an argument this long.
+pub(super) const MIN_MAX_BULK_LEN: usize = 1024 * 1024;
+
+/// Whether the server at `info` refuses an argument of `len` bytes, asked on a new connection
+/// with only the head of an `ECHO` of that many bytes (`*2 $4 ECHO $<len>`), no body. Where
+/// `CONFIG GET proto-max-bulk-len` is refused, this is how an entry over the limit is told from
+/// the server going down: over its limit, Redis answers `Protocol error: invalid bulk length`
+/// as soon as it reads the length (and closes the connection, which is how the batch was
+/// lost); within it, it waits for the body, and the read times out.
+///
+/// Some(true) only on that answer; Some(false) never (a server within its limit just waits);
+/// None otherwise: can't tell (the server unreachable, slow, or gone). Bounded by `timeout`.
+pub(super) fn refuses_argument(
+    info: &ConnectionInfo,
+    len: usize,
+    timeout: Duration,
+) -> Option<bool> {
+    let mut c = super::cluster::connect(info.clone(), timeout).ok()?;
+    c.send_packed_command(format!("*2\r\n$4\r\nECHO\r\n${len}\r\n").as_bytes())
+        .ok()?;
+    match c.recv_response().and_then(redis::Value::extract_error) {
+        Err(e) if e.to_string().contains("invalid bulk length") => Some(true),
+        _ => None,
+    }
 }
 
 /// Per-entry outcomes of a batch sent as a transaction: the replies to `MULTI`, to each of the

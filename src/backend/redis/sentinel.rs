@@ -6,13 +6,15 @@
 //! `SentinelClient` connects without one, and a hung sentinel would hold the relay forever).
 //!
 //! URL: `redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]`, or
-//! `rediss+sentinel://...` for TLS to the primary. The credentials are the primary's; the
-//! sentinels are asked without them.
+//! `rediss+sentinel://...` for TLS to the sentinels and the primary alike (as Lettuce's
+//! `rediss-sentinel://` and go-redis's failover client do). The credentials are the primary's;
+//! a sentinel is asked without them unless it requires them (`NOAUTH`: a sentinel with
+//! `requirepass`, which then must be the same).
 
 use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use redis::{Client, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
 /// A parsed `redis+sentinel://` URL.
 #[derive(Clone, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub struct SentinelUrl {
     pub db: i64,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// `rediss+sentinel://`: TLS to the primary.
+    /// `rediss+sentinel://`: TLS to the sentinels and the primary.
     pub tls: bool,
 }
 
@@ -113,20 +115,32 @@ impl SentinelUrl {
     }
 
     /// Asks the sentinels where the primary is, and checks it says it is one: how to connect
-    /// to it (with this URL's credentials). Each connection and reply is bounded by `timeout`.
+    /// to it (with this URL's credentials). With `rediss+sentinel://`, the sentinels and the
+    /// primary are reached over TLS, checked against `certificates` (the `tls_*_file` options)
+    /// or the system's CAs. A sentinel is asked without credentials, and again with this URL's
+    /// when it requires them (`NOAUTH`). Each connection and reply is bounded by `timeout`.
     /// Err says what each sentinel answered (never the password).
-    pub fn primary(&self, timeout: Duration) -> Result<ConnectionInfo, String> {
+    pub fn primary(
+        &self,
+        timeout: Duration,
+        certificates: Option<&TlsCertificates>,
+    ) -> Result<ConnectionInfo, String> {
         let mut why = Vec::new();
         for (host, port) in &self.sentinels {
-            let asked = ConnectionAddr::Tcp(host.clone(), *port)
-                .into_connection_info()
-                .and_then(|info| super::cluster::connect(info, timeout))
-                .and_then(|mut c| {
-                    redis::cmd("SENTINEL")
-                        .arg("get-master-addr-by-name")
-                        .arg(&self.master)
-                        .query::<Option<(String, u16)>>(&mut c)
-                });
+            let ask = |credentials: bool| {
+                connection_info(&self.address(host, *port, credentials, None), certificates)
+                    .and_then(|info| super::cluster::connect(info, timeout))
+                    .and_then(|mut c| {
+                        redis::cmd("SENTINEL")
+                            .arg("get-master-addr-by-name")
+                            .arg(&self.master)
+                            .query::<Option<(String, u16)>>(&mut c)
+                    })
+            };
+            let asked = match ask(false) {
+                Err(e) if requires_credentials(&e) && self.has_credentials() => ask(true),
+                asked => asked,
+            };
             let (primary_host, primary_port) = match asked {
                 Ok(Some(address)) => address,
                 Ok(None) => {
@@ -138,7 +152,13 @@ impl SentinelUrl {
                     continue;
                 }
             };
-            let info = self.primary_info(&primary_host, primary_port)?;
+            let address = self.address(&primary_host, primary_port, true, Some(self.db));
+            let info = connection_info(&address, certificates).map_err(|e| {
+                format!(
+                    "the primary's address {primary_host}:{primary_port} ({:?})",
+                    e.kind()
+                )
+            })?;
             let role = super::cluster::connect(info.clone(), timeout)
                 .and_then(|mut c| redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut c));
             match role.as_ref().map(|r| {
@@ -158,11 +178,31 @@ impl SentinelUrl {
         Err(format!("no primary from the sentinels: {}", why.join("; ")))
     }
 
-    /// How to connect to the primary at `host:port`: this URL's credentials, database and TLS.
-    fn primary_info(&self, host: &str, port: u16) -> Result<ConnectionInfo, String> {
+    /// Checks that `certificates` make a TLS client (readable PEM, a key that goes with the
+    /// certificate), as each connect will: Err says what is wrong, before any connect.
+    pub fn check_certificates(&self, certificates: Option<&TlsCertificates>) -> Result<(), String> {
+        let Some((host, port)) = self.sentinels.first() else {
+            return Ok(());
+        };
+        if !self.tls {
+            return Ok(());
+        }
+        connection_info(&self.address(host, *port, false, None), certificates)
+            .map(drop)
+            .map_err(|e| format!("the TLS certificates: {e}"))
+    }
+
+    fn has_credentials(&self) -> bool {
+        self.username.is_some() || self.password.is_some()
+    }
+
+    /// The URL of `host:port` in this URL's scheme (`redis` or `rediss`), with its credentials
+    /// when `credentials`, and `db` when given.
+    fn address(&self, host: &str, port: u16, credentials: bool, db: Option<i64>) -> String {
         let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         let credentials = match (&self.username, &self.password) {
             (None, None) => String::new(),
+            _ if !credentials => String::new(),
             (user, password) => format!(
                 "{}:{}@",
                 encode(user.as_deref().unwrap_or("")),
@@ -175,10 +215,28 @@ impl SentinelUrl {
             host.to_string()
         };
         let scheme = if self.tls { "rediss" } else { "redis" };
-        format!("{scheme}://{credentials}{host}:{port}/{}", self.db)
-            .into_connection_info()
-            .map_err(|e| format!("the primary's address {host}:{port} ({:?})", e.kind()))
+        let db = db.map(|db| format!("/{db}")).unwrap_or_default();
+        format!("{scheme}://{credentials}{host}:{port}{db}")
     }
+}
+
+/// How to connect to `url`: with `certificates` (a CA, a client certificate) for TLS when
+/// given, else as the URL says.
+pub(super) fn connection_info(
+    url: &str,
+    certificates: Option<&TlsCertificates>,
+) -> redis::RedisResult<ConnectionInfo> {
+    match certificates {
+        None => url.into_connection_info(),
+        Some(certificates) => Client::build_with_tls(url, certificates.clone())
+            .map(|c| c.get_connection_info().clone()),
+    }
+}
+
+/// Whether `e` says the server wants credentials first.
+fn requires_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || e.code().is_some_and(|code| code == "NOAUTH")
 }
 
 #[cfg(test)]

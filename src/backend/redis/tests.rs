@@ -1,7 +1,7 @@
 //! The Redis backend without a server: encoding, reply reading, options.
 
 use proptest::prelude::*;
-use redis::Cmd;
+use redis::{Client, Cmd};
 use serde_json::json;
 
 use super::encode::{arg_bytes, write_entry, BATCH_SCRIPT};
@@ -437,6 +437,27 @@ fn bad_options_are_refused_without_the_secret() {
             .expect_err(name);
         assert!(err.to_string().contains(&format!("\"{name}\"")), "{err}");
     }
+    // TLS files with a sentinel URL that is not TLS: said, not ignored; with rediss+sentinel://
+    // they are for the sentinels and the primary, and a file that can't be read is said when
+    // the backend is built, before any connect.
+    let err = kind
+        .validate(&Options::new([
+            ("url", "redis+sentinel://u:s3cret@h:1/m"),
+            ("tls_ca_file", "/ca.pem"),
+        ]))
+        .expect_err("plain sentinel URL with a CA");
+    assert!(err.to_string().contains("rediss+sentinel://"), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    let tls = Options::new([
+        ("url", "rediss+sentinel://h:1/m"),
+        ("tls_ca_file", "/nonexistent/ca.pem"),
+    ]);
+    kind.validate(&tls).expect("TLS sentinel URL with a CA");
+    match kind.build(&tls) {
+        Err(BatchError::Misconfigured(why)) => assert!(why.contains("tls_ca_file"), "{why}"),
+        Err(e) => panic!("not a configuration error: {e}"),
+        Ok(_) => panic!("built with a CA file that does not exist"),
+    }
     assert!(RedisConfig::SECRETS.contains(&"url"));
     let config = RedisConfig::from_options(&Options::new([
         ("url", "redis://h:1/2"),
@@ -477,11 +498,12 @@ fn unreachable_broker_is_unavailable_not_rejected() {
 fn a_field_longer_than_the_server_reads_is_the_events_fault() {
     let mut b = backend(RedisConfig::default());
     b.encoder.dialect.max_bulk_len = 1024;
+    b.encoder.dialect.max_bulk_len_told = true;
     let mut big = event();
     big.data = Some(format!("\"{}\"", "x".repeat(2000)));
     let mut other = event();
     other.partition_key = Some("c-2".into());
-    let encoded = b.encoder.encode(&[big, other]);
+    let encoded = b.encoder.encode(&[big.clone(), other.clone()]);
     match &encoded.outcome[0] {
         Outcome::Rejected(why) => assert!(
             why.contains("2002 bytes") && why.contains("proto-max-bulk-len of 1024"),
@@ -491,6 +513,28 @@ fn a_field_longer_than_the_server_reads_is_the_events_fault() {
     }
     // Another key's event still goes.
     assert_eq!(encoded.sent, vec![1]);
+
+    // Where CONFIG is refused, the limit is learnt from an argument the server dropped: it
+    // applies, and the error says how it was learnt.
+    let unknown = Dialect::default();
+    assert_eq!(unknown.with_learnt_max_bulk_len(None), unknown);
+    b.encoder.dialect = unknown.with_learnt_max_bulk_len(Some(2001));
+    assert_eq!(b.encoder.dialect.max_bulk_len, 2001);
+    let encoded = b.encoder.encode(&[big.clone(), other.clone()]);
+    match &encoded.outcome[0] {
+        Outcome::Rejected(why) => assert!(
+            why.contains("2002 bytes") && why.contains("refused an argument of 2002 bytes"),
+            "{why}"
+        ),
+        other => panic!("not rejected: {other:?}"),
+    }
+    // What CONFIG told wins over anything learnt.
+    let told = Dialect::of("", Some(4096));
+    assert_eq!(told.with_learnt_max_bulk_len(Some(2001)).max_bulk_len, 4096);
+    // The batch knows its longest argument, to ask the server about it.
+    b.encoder.dialect = told;
+    let encoded = b.encoder.encode(&[big, other]);
+    assert!(encoded.longest_arg >= 2002, "{}", encoded.longest_arg);
 }
 
 #[test]
