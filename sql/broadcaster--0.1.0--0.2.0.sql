@@ -7,6 +7,27 @@
 -- extension's initial privilege), then given its grants by a catalog update that is not: so
 -- pg_dump keeps them as the user's own, as it does the grants of a fresh install.
 
+-- 0.1.0's control file named the library '$libdir/broadcaster'; 0.2.0's names it 'broadcaster',
+-- found through dynamic_library_path (PostgreSQL 18's extension_control_path installs, whose
+-- pg_upgrade check LOADs each function's library by that name). The functions 0.1.0 made and
+-- this script does not re-create are re-pointed: same definitions, grants kept.
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_default_source() RETURNS TEXT
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'broadcaster_default_source_wrapper';
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_health() RETURNS bool
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'broadcaster_health_wrapper';
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_failures_cleared()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'broadcaster_failures_cleared_wrapper';
+CREATE OR REPLACE FUNCTION @extschema@.broadcaster_outbox_accept()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'broadcaster_outbox_accept_wrapper';
+
 -- Functions written in Rust that are new in 0.2.0.
 CREATE FUNCTION @extschema@.broadcaster_replicated_row()
 	RETURNS TRIGGER

@@ -28,6 +28,23 @@ fn install_released_0_1_0() {
         format!("{sharedir}/extension/broadcaster--0.1.0.sql"),
     )
     .expect("copy the 0.1.0 script (the tests run as root, as scripts/test.sh does)");
+    // 0.1.0's control file named the library `$libdir/broadcaster`: a secondary control file
+    // makes a 0.1.0 install here what a real one is.
+    std::fs::write(
+        format!("{sharedir}/extension/broadcaster--0.1.0.control"),
+        "module_pathname = '$libdir/broadcaster'\n",
+    )
+    .expect("write the 0.1.0 control file");
+}
+
+/// The libraries the extension's C functions name (`probin`), distinct, comma-separated.
+fn libraries_of(c: &mut common::PgClient) -> String {
+    c.query_one(
+        "SELECT string_agg(DISTINCT probin, ',') FROM pg_proc WHERE proname LIKE 'broadcaster%' AND probin IS NOT NULL",
+        &[],
+    )
+    .expect("probin")
+    .get(0)
 }
 
 /// Events a cluster holds when it is upgraded: 20 delivered and retained, one dead, and 100
@@ -164,6 +181,8 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
     let mut c = cluster.connect();
     c.batch_execute("CREATE EXTENSION broadcaster VERSION '0.1.0'")
         .expect("0.1.0");
+    let libraries = libraries_of(&mut c);
+    assert_eq!(libraries, "$libdir/broadcaster", "as a real 0.1.0 install");
     // A producer granted what 0.1.0's README said.
     c.batch_execute(
         "CREATE ROLE app LOGIN; GRANT INSERT ON broadcaster_outbox TO app; \
@@ -195,6 +214,10 @@ fn alter_extension_update_from_0_1_0_keeps_every_event_and_gives_the_fresh_schem
         .expect("version")
         .get(0);
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    // 0.1.0 named the library `$libdir/broadcaster`: every function now names it as a fresh
+    // install does.
+    let libraries = libraries_of(&mut c);
+    assert_eq!(libraries, "broadcaster");
     // The producer still publishes, whichever overload a call resolves to.
     let mut app = common::PgClient::connect(
         &format!(
@@ -400,4 +423,135 @@ fn pg_upgrade_from_15_to_18_keeps_every_pending_dead_and_retained_event() {
         &[after],
         "through pg_upgrade 15 -> 18",
     );
+}
+
+/// Installed without root, outside PostgreSQL's own directories, as Kubernetes operators do
+/// with PostgreSQL 18's `extension_control_path` and `dynamic_library_path`: a copy of the 18
+/// build with no broadcaster file in it, the extension's files in a folder of the cluster's
+/// user (`<prefix>/lib/broadcaster.so`, `<prefix>/share/extension/broadcaster*`, as
+/// `cargo pgrx package` lays them out), preloaded by name, created, and an event relayed.
+#[test]
+#[cfg_attr(
+    not(feature = "pg18"),
+    ignore = "extension_control_path is new in PostgreSQL 18: runs in the pass on 18"
+)]
+fn installs_outside_postgresqls_directories_with_extension_control_path() {
+    let bindir = common::pg_bindir();
+    // The 18 build's whole folder (scripts/setup.sh: its libraries sit beside pginstall).
+    let root = bindir
+        .ancestors()
+        .nth(3)
+        .expect("the 18 build's folder")
+        .to_path_buf();
+    let scratch = std::path::PathBuf::from(format!("/tmp/bc-ext-path-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let copy = scratch.join("postgresql");
+    // Hard links: a copy in a second, no more disk; a plain copy across filesystems.
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(&root)
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    if !linked.success() {
+        let _ = std::fs::remove_dir_all(&copy);
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&root)
+            .arg(&copy)
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copy {}", root.display());
+    }
+    let copy_bindir = copy.join(bindir.strip_prefix(&root).expect("bindir under its root"));
+    let pg_config = |flag: &str| {
+        let out = Command::new(copy_bindir.join("pg_config"))
+            .arg(flag)
+            .output()
+            .expect("pg_config");
+        std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let (pkglibdir, extension_dir) = (
+        pg_config("--pkglibdir"),
+        pg_config("--sharedir").join("extension"),
+    );
+    assert!(
+        pkglibdir.starts_with(&copy),
+        "the build is relocatable: {}",
+        pkglibdir.display()
+    );
+    let prefix = scratch.join("broadcaster");
+    std::fs::create_dir_all(prefix.join("lib")).expect("lib");
+    std::fs::create_dir_all(prefix.join("share/extension")).expect("share");
+    // Copied, then unlinked from the copy: a hard link shares its file with the real install,
+    // whose owner the chown below must not change.
+    let move_out = |from: std::path::PathBuf, to: std::path::PathBuf| {
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        std::fs::remove_file(&from).expect("unlink from the copy");
+    };
+    move_out(
+        pkglibdir.join("broadcaster.so"),
+        prefix.join("lib/broadcaster.so"),
+    );
+    for entry in std::fs::read_dir(&extension_dir)
+        .expect("extension dir")
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("broadcaster")
+        {
+            move_out(
+                entry.path(),
+                prefix.join("share/extension").join(entry.file_name()),
+            );
+        }
+    }
+    // The files are the cluster user's, not root's.
+    let runas = std::env::var("BROADCASTER_TEST_RUNAS").unwrap_or_else(|_| "postgres".into());
+    let _ = Command::new("chown")
+        .arg("-R")
+        .arg(&runas)
+        .arg(&prefix)
+        .status();
+    let redis = Redis::start();
+    let control_path = format!("{}:$system", prefix.join("share").display());
+    let library_path = format!("{}:$libdir", prefix.join("lib").display());
+    let cluster = Cluster::init_with_binaries(
+        &redis.url(),
+        &[
+            ("extension_control_path", control_path.as_str()),
+            ("dynamic_library_path", library_path.as_str()),
+            ("broadcaster.poll_interval", "200ms"),
+        ],
+        copy_bindir,
+        &[],
+    );
+    cluster.start_server();
+    let mut c = cluster.connect();
+    let available: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'broadcaster'",
+            &[],
+        )
+        .expect("pg_available_extensions")
+        .get(0);
+    assert_eq!(available, 1, "found through extension_control_path");
+    c.batch_execute("CREATE EXTENSION broadcaster")
+        .expect("CREATE EXTENSION from the extension_control_path folder");
+    let probin = libraries_of(&mut c);
+    assert_eq!(
+        probin, "broadcaster",
+        "found through dynamic_library_path, not $libdir"
+    );
+    let id = publish(&mut c, "from.outside", None);
+    assert_eq!(
+        redis.wait_entries(common::DEFAULT_STREAM, 1)[0].event_id(),
+        id
+    );
+    drop(c);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&scratch);
 }
