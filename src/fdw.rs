@@ -75,6 +75,18 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
         if kind.superuser_only && !superuser {
             refuse(ConfigError::SuperuserOnly { kind: kind.name });
         }
+        // pg_foreign_server shows a server's options to every role; a user mapping's, only
+        // as PostgreSQL allows for mappings.
+        if let Some(name) = kind
+            .secrets
+            .iter()
+            .find(|n| !kind.options.contains(n) && options.get(n).is_some())
+        {
+            refuse(ConfigError::InvalidValue {
+                name: name.to_string(),
+                why: "it is a secret, which every role can read in a server's options: put it in a USER MAPPING".into(),
+            });
+        }
         let mut allowed = vec![KIND_OPTION];
         allowed.extend_from_slice(kind.options);
         options.only(&allowed).unwrap_or_else(|e| refuse(e));
@@ -87,8 +99,6 @@ fn broadcaster_fdw_validator(options: Option<Vec<Option<String>>>, catalog: pg_s
                 name: name.to_string(),
             });
         }
-        // pg_foreign_server shows a server's options to every role; a user mapping's, only
-        // as PostgreSQL allows for mappings.
         if let Some(name) = kind
             .secrets
             .iter()

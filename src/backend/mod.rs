@@ -12,14 +12,23 @@ use std::time::Duration;
 
 use crate::event::OutboxEvent;
 
+pub mod amqp;
+pub mod binding;
 pub mod file;
+pub mod mqtt;
+pub mod nats;
 pub mod order;
 pub mod redis;
+pub mod webhook;
 
 /// Every kind of backend a server (or `broadcaster.backend`) can name, by name.
 pub const REGISTRY: &[Kind] = &[
     kind::<redis::RedisStreamBackend>("redis"),
     kind::<file::FileBackend>("file"),
+    kind::<webhook::WebhookBackend>("webhook"),
+    kind::<nats::NatsBackend>("nats"),
+    kind::<mqtt::MqttBackend>("mqtt"),
+    kind::<amqp::AmqpBackend>("amqp"),
 ];
 
 /// What became of one event of a batch.
@@ -131,6 +140,8 @@ pub trait Config: Sized {
     /// Option names a server may set (`CREATE SERVER ... OPTIONS (name 'value')`).
     const OPTIONS: &'static [&'static str];
     /// Option names that may hold a secret: also allowed in a `USER MAPPING`, never logged.
+    /// A name here but not in [`OPTIONS`](Self::OPTIONS) is a secret through and through (a
+    /// signing key): allowed only in a user mapping, since every role reads a server's options.
     const SECRETS: &'static [&'static str] = &[];
     /// Whether only a superuser may create a server of this kind: it acts on the server's host
     /// with the relay's rights (writes files, runs functions).
@@ -159,6 +170,15 @@ pub enum ConfigError {
         "only a superuser may set option \"{name}\": the relay reads that file with its own rights"
     )]
     SuperuserOption { name: String },
+}
+
+impl BatchError {
+    /// What went wrong, without the kind's words ("broker unavailable: ").
+    pub fn reason(&self) -> &str {
+        match self {
+            BatchError::Unavailable(why) | BatchError::Misconfigured(why) => why,
+        }
+    }
 }
 
 impl From<ConfigError> for BatchError {
@@ -385,15 +405,17 @@ impl Options {
     }
 }
 
-/// Whether `value` (a URL) carries a password: `scheme://user:password@host`.
+/// Whether `value` (a URL) carries a password: `scheme://user:password@host`; or, for NATS
+/// (`nats://`, `tls://`), any user information, since `nats://token@host` is a token.
 pub fn has_password(value: &str) -> bool {
     split_urls(value).into_iter().any(|url| {
-        let Some((_, rest)) = url.split_once("://") else {
+        let Some((scheme, rest)) = url.split_once("://") else {
             return false;
         };
+        let token = matches!(scheme, "nats" | "tls");
         // The user information ends at the last `@` (a password may hold `/` or `@`).
         rest.rsplit_once('@')
-            .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+            .is_some_and(|(userinfo, _)| token || userinfo.contains(':'))
     })
 }
 
@@ -419,6 +441,19 @@ pub fn split_urls(value: &str) -> Vec<&str> {
     urls.push(value[start..].trim());
     urls.retain(|u| !u.is_empty());
     urls
+}
+
+/// A Tokio runtime for a backend whose broker client is asynchronous: one worker thread, so
+/// that the client's connection (pings, reconnects) is served between batches too. Built in
+/// [`Backend::new`], which the relay calls with Postgres's signals held: the thread inherits
+/// that mask, so signals keep going to the relay's own thread. It never calls Postgres.
+pub fn runtime(kind: &str) -> Result<tokio::runtime::Runtime, BatchError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("broadcaster {kind}"))
+        .enable_all()
+        .build()
+        .map_err(|e| BatchError::Unavailable(format!("starting the {kind} client's runtime: {e}")))
 }
 
 /// The option that names a server's backend kind.
@@ -457,7 +492,10 @@ mod tests {
             .expect("unknown backend is refused");
         let msg = err.to_string();
         assert!(msg.contains("\"kafka\""), "{msg}");
-        assert!(msg.contains("redis, file"), "{msg}");
+        assert!(
+            msg.contains("redis, file, webhook, nats, mqtt, amqp"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -500,6 +538,7 @@ mod tests {
         assert!(has_password("redis://:s3cret@host:6379/0"));
         assert!(has_password("rediss://user:s3cret@host"));
         assert!(!has_password("redis://user@host"));
+        assert!(has_password("nats://s3cret-token@host:4222"));
         assert!(!has_password("redis://host:6379"));
         assert!(!has_password("not a url"));
         // A cluster's seeds, and a sentinel URL's hosts.

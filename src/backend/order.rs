@@ -62,7 +62,7 @@ pub fn publish_in_runs(
                 Err(e) if outcome.is_empty() => return Err(e),
                 Err(e) => {
                     // Some runs went out: keep them, defer the rest.
-                    outcome.resize(events.len(), Outcome::Deferred(e.to_string()));
+                    outcome.resize(events.len(), Outcome::Deferred(e.reason().to_string()));
                     return Ok(outcome);
                 }
             }

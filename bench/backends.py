@@ -1,0 +1,127 @@
+"""Each backend beside Redis drained against its broker, next to that broker's ceiling.
+
+For each kind: a server of the kind pointing at a closed port, N events committed for it (no
+partition key, 1,000 per batch, as the ceiling's windows), then ALTER SERVER to the broker:
+the drain is timed from that commit to the outbox empty. The ceiling is bench/ceiling.rs: the
+same number of messages of the same shape, from a plain client loop of the crate the backend
+uses, with the same confirmations. Target: drain >= 0.5 x ceiling.
+"""
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import psycopg
+
+DATA = '{"order_id": 1, "customer": "c-1", "total": 99.90, "items": [1, 2, 3]}'
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pg(args):
+    return psycopg.connect(host="127.0.0.1", port=args.pg_port, user="postgres",
+                           dbname="postgres", autocommit=True)
+
+
+def drain(args, kind, url, options, n, mapping=False):
+    """Drain rate of n events for a server of `kind`. The broker's address comes last, with
+    ALTER SERVER (or, with `mapping`, ALTER USER MAPPING: a URL with a password); until then
+    the relay backs off."""
+    name = "bench_" + kind
+    with pg(args) as c:
+        c.execute(f"DROP SERVER IF EXISTS {name} CASCADE")
+        if mapping:
+            c.execute(f"CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster "
+                      f"OPTIONS (backend '{kind}'{options})")
+            c.execute(f"CREATE USER MAPPING FOR PUBLIC SERVER {name} "
+                      f"OPTIONS (url '{closed(kind)}')")
+        else:
+            c.execute(f"CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster "
+                      f"OPTIONS (backend '{kind}', url '{closed(kind)}'{options})")
+        c.execute(
+            "INSERT INTO broadcaster_outbox (type, data, backend) "
+            "SELECT 'bench.event', %s::json, %s FROM generate_series(1, %s)",
+            (DATA, name, n),
+        )
+        time.sleep(1)
+        started = time.monotonic()
+        if mapping:
+            c.execute(f"ALTER USER MAPPING FOR PUBLIC SERVER {name} OPTIONS (SET url '{url}')")
+        else:
+            c.execute(f"ALTER SERVER {name} OPTIONS (SET url '{url}')")
+        while True:
+            left = c.execute(
+                "SELECT count(*) FROM broadcaster_outbox WHERE backend = %s", (name,)
+            ).fetchone()[0]
+            if left == 0:
+                break
+            if time.monotonic() - started > 600:
+                sys.exit(f"{kind}: {left} events still pending after 600 s")
+            time.sleep(0.02)
+        return n / (time.monotonic() - started)
+
+
+def closed(kind):
+    port = closed_port()
+    return {
+        "nats": f"nats://127.0.0.1:{port}",
+        "amqp": f"amqp://127.0.0.1:{port}/%2f",
+        "mqtt": f"mqtt://127.0.0.1:{port}",
+        "webhook": f"http://127.0.0.1:{port}/",
+    }[kind]
+
+
+def ceiling(args, *command):
+    out = subprocess.run([args.ceiling, *map(str, command)], check=True,
+                         capture_output=True, text=True).stdout
+    m = re.search(r"= (\d+)/s", out)
+    return float(m.group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pg-port", type=int, required=True)
+    ap.add_argument("--ceiling", required=True)
+    ap.add_argument("--nats", required=True)
+    ap.add_argument("--amqp", required=True)
+    ap.add_argument("--mqtt", required=True)
+    ap.add_argument("--webhook", required=True)
+    ap.add_argument("--events", type=int, default=20_000)
+    args = ap.parse_args()
+    n = args.events
+    with pg(args) as c:
+        c.execute("ALTER SYSTEM SET broadcaster.retry_max_delay = '100ms'")
+        c.execute("SELECT pg_reload_conf()")
+    mqtt_host, mqtt_port = args.mqtt.rsplit(":", 1)
+    cases = [
+        ("nats", args.nats, ", stream 'bench.events'",
+         ("nats", args.nats, "bench.ceiling", n)),
+        ("amqp", args.amqp, ", exchange 'bench', stream 'bench.events'",
+         ("amqp", args.amqp, "bench", "bench.ceiling", n)),
+        ("mqtt", f"mqtt://{args.mqtt}", ", stream 'bench/events'",
+         ("mqtt", mqtt_host, mqtt_port, "bench/ceiling", n)),
+        ("webhook", args.webhook + "/in", ", connections '4'",
+         ("webhook", args.webhook + "/ceiling", n, 4)),
+    ]
+    print()
+    print(f"| backend ({n:,} events, no partition key) | drain | ceiling | ratio | target |")
+    print("|---|---|---|---|---|")
+    for kind, url, options, command in cases:
+        # A password goes in a user mapping (the validator refuses it in a server's options).
+        rate = drain(args, kind, url, options, n, mapping=(kind == "amqp"))
+        top = ceiling(args, *command)
+        print(f"| {kind} | {rate:,.0f}/s | {top:,.0f}/s | {rate / top:.2f} | >= 0.5 |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

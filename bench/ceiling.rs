@@ -1,0 +1,319 @@
+//! The ceilings the benchmark compares each backend's drain with: the same number of messages
+//! of the same shape, published by a plain client loop of the crate the backend uses, with the
+//! same confirmations and the same batching (1,000 in flight, then their confirmations). Also
+//! the brokers' setup the benchmark needs, and a minimal webhook receiver.
+//!
+//! ```text
+//! ceiling nats     <url> <subject>   <n>    JetStream publishes, acks awaited per 1,000
+//! ceiling amqp     <url> <exchange> <routing key> <n>   confirms awaited per 1,000
+//! ceiling mqtt     <host> <port> <topic> <n>            QoS 1, PUBACKs awaited per 1,000
+//! ceiling webhook  <url> <n> <connections>              POSTs on kept-alive connections
+//! ceiling nats-setup <url>            a stream BENCH taking bench.>
+//! ceiling amqp-setup <url>            exchange bench (topic), queue bench bound with #
+//! ceiling receiver <port>             answers every POST 204, until killed
+//! ```
+//!
+//! Prints `<kind> ceiling: <n> messages in <s> s = <rate>/s`.
+
+use std::io::{Read, Write};
+use std::time::Instant;
+
+const WINDOW: usize = 1000;
+
+/// A message body the size of the benchmark's events' data.
+fn body(i: usize) -> Vec<u8> {
+    format!(
+        "{{\"order_id\": {i}, \"customer\": \"c-{}\", \"total\": 99.90, \"items\": [1, 2, 3]}}",
+        i % 100
+    )
+    .into_bytes()
+}
+
+/// The binary-mode attributes the relay sends with each event, for the same weight.
+fn attributes(i: usize) -> Vec<(String, String)> {
+    vec![
+        ("specversion".into(), "1.0".into()),
+        ("id".into(), format!("00000000-0000-4000-8000-{i:012}")),
+        ("source".into(), "/bench".into()),
+        ("type".into(), "bench.event".into()),
+        ("time".into(), "2026-12-01T00:00:00Z".into()),
+        ("partitionkey".into(), format!("k{}", i % 100)),
+    ]
+}
+
+fn report(kind: &str, n: usize, started: Instant) {
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "{kind} ceiling: {n} messages in {s:.2} s = {:.0}/s",
+        n as f64 / s
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn nats(url: &str, subject: &str, n: usize) {
+    use async_nats::HeaderMap;
+    let rt = runtime();
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let started = Instant::now();
+        for start in (0..n).step_by(WINDOW) {
+            let mut acks = Vec::with_capacity(WINDOW);
+            for i in start..(start + WINDOW).min(n) {
+                let mut headers = HeaderMap::new();
+                for (name, value) in attributes(i) {
+                    headers.insert(format!("ce-{name}").as_str(), value.as_str());
+                }
+                headers.insert("Nats-Msg-Id", format!("ceiling-{i}").as_str());
+                headers.insert("content-type", "application/json");
+                let ack = js
+                    .publish_with_headers(subject.to_string(), headers, body(i).into())
+                    .await
+                    .expect("publish");
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.expect("ack");
+            }
+        }
+        report("nats", n, started);
+    });
+}
+
+fn nats_setup(url: &str) {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH".into(),
+            subjects: vec!["bench.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    });
+}
+
+fn amqp(url: &str, exchange: &str, key: &str, n: usize) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let rt = runtime();
+    rt.block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = c.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let started = Instant::now();
+        for start in (0..n).step_by(WINDOW) {
+            let mut confirms = Vec::with_capacity(WINDOW);
+            for i in start..(start + WINDOW).min(n) {
+                let mut headers = FieldTable::default();
+                for (name, value) in attributes(i) {
+                    headers.insert(
+                        format!("cloudEvents_{name}").into(),
+                        AMQPValue::LongString(LongString::from(value)),
+                    );
+                }
+                let properties = lapin::BasicProperties::default()
+                    .with_message_id(format!("ceiling-{i}").into())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers);
+                let confirm = channel
+                    .basic_publish(
+                        exchange.into(),
+                        key.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body(i),
+                        properties,
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                confirm.await.expect("confirm");
+            }
+        }
+        report("amqp", n, started);
+    });
+}
+
+fn amqp_setup(url: &str) {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let rt = runtime();
+    rt.block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = c.create_channel().await.expect("channel");
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            "bench".into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare("bench".into(), durable, FieldTable::default())
+            .await
+            .expect("queue");
+        ch.queue_bind(
+            "bench".into(),
+            "bench".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    });
+}
+
+fn mqtt(host: &str, port: u16, topic: &str, n: usize) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let rt = runtime();
+    rt.block_on(async {
+        let mut options = MqttOptions::new("ceiling", host, port);
+        options.set_outgoing_inflight_upper_limit(1000);
+        let (client, mut events) = AsyncClient::new(options, 2000);
+        // Connected.
+        loop {
+            if let Ok(Event::Incoming(Packet::ConnAck(_))) = events.poll().await {
+                break;
+            }
+        }
+        let started = Instant::now();
+        for start in (0..n).step_by(WINDOW) {
+            let end = (start + WINDOW).min(n);
+            for i in start..end {
+                let properties = PublishProperties {
+                    content_type: Some("application/json".into()),
+                    user_properties: attributes(i),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(topic, QoS::AtLeastOnce, false, body(i), properties)
+                    .await
+                    .expect("publish");
+            }
+            let mut acked = 0;
+            while acked < end - start {
+                if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.expect("poll") {
+                    acked += 1;
+                }
+            }
+        }
+        report("mqtt", n, started);
+    });
+}
+
+fn webhook(url: &str, n: usize, connections: usize) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .max_idle_connections_per_host(connections)
+        .build()
+        .into();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..connections {
+            let agent = agent.clone();
+            scope.spawn(move || {
+                for i in (t..n).step_by(connections) {
+                    let mut request = http::Request::post(url)
+                        .header("content-type", "application/json")
+                        .header("webhook-id", format!("ceiling-{i}"));
+                    for (name, value) in attributes(i) {
+                        request = request.header(format!("ce-{name}"), value);
+                    }
+                    let request = request.body(body(i)).expect("request");
+                    let mut response = agent.run(request).expect("post");
+                    let _ = response.body_mut().read_to_vec();
+                }
+            });
+        }
+    });
+    report("webhook", n, started);
+}
+
+/// Answers every request 204, one thread per connection, until killed.
+fn receiver(port: u16) {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut buffer: Vec<u8> = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                let mut headers = [httparse::EMPTY_HEADER; 64];
+                let mut request = httparse::Request::new(&mut headers);
+                if let Ok(httparse::Status::Complete(head)) = request.parse(&buffer) {
+                    let length: usize = request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                        .unwrap_or(0);
+                    if buffer.len() >= head + length {
+                        buffer.drain(..head + length);
+                        if stream
+                            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buffer.extend_from_slice(&chunk[..k]),
+                }
+            }
+        });
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
+    let number = |i: usize| arg(i).parse::<usize>().expect("a number");
+    match arg(0) {
+        "nats" => nats(arg(1), arg(2), number(3)),
+        "nats-setup" => nats_setup(arg(1)),
+        "amqp" => amqp(arg(1), arg(2), arg(3), number(4)),
+        "amqp-setup" => amqp_setup(arg(1)),
+        "mqtt" => mqtt(arg(1), number(2) as u16, arg(3), number(4)),
+        "webhook" => webhook(arg(1), number(2), number(3)),
+        "receiver" => receiver(number(1) as u16),
+        other => {
+            eprintln!("ceiling: unknown command {other:?}; see bench/ceiling.rs");
+            std::process::exit(2);
+        }
+    }
+}
