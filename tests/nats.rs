@@ -407,6 +407,29 @@ fn an_event_to_a_subject_no_stream_listens_on_goes_dead_while_others_flow() {
     });
     assert_eq!(attempts, 2);
     assert!(error.contains("no JetStream stream"), "{error}");
+    // An event naming the server's own API as its subject never reaches it: the stream it
+    // names stays, with what it holds.
+    let attack = publish(
+        &mut c,
+        "n",
+        Some("$JS.API.STREAM.DELETE.ORDERS"),
+        Some("attack"),
+    );
+    let error: String = wait_for("the API subject refused", DEADLINE, || {
+        c.query_opt(
+            "SELECT last_error FROM broadcaster_dead_events WHERE id::text = $1",
+            &[&attack],
+        )
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+    });
+    assert!(error.contains("server's own API"), "{error}");
+    assert_eq!(
+        nats.count("ORDERS"),
+        others.len() as u64,
+        "the stream is still there"
+    );
 }
 
 #[test]

@@ -80,10 +80,18 @@ fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
 }
 
 /// Whether `subject` is one a message can be published to: dot-separated tokens, none empty,
-/// no wildcard (`*`, `>`), no whitespace or control character (the NATS protocol's rules).
+/// no wildcard (`*`, `>`), no whitespace or control character (the NATS protocol's rules); and
+/// not a system subject (`$JS.API.STREAM.DELETE.<stream>`, `$SYS...`, `$KV...`: an event
+/// would act with the relay's credentials) or a reply inbox (`_INBOX.`: it would answer
+/// another client's request).
 pub fn check_subject(subject: &str) -> Result<(), String> {
     if subject.len() > 1024 {
         return Err(format!("subject of {} bytes; at most 1024", subject.len()));
+    }
+    if subject.starts_with('$') || subject.starts_with("_INBOX.") {
+        return Err(format!(
+            "{subject:?} is not a subject events may go to: subjects starting with $ are the server's own API (JetStream, system, key-value) and _INBOX. subjects are other clients' replies"
+        ));
     }
     let bad_token = subject.split('.').find(|t| {
         t.is_empty()
@@ -338,15 +346,15 @@ const NO_STREAM: &str = "no JetStream stream listens on subject";
 const WINDOW: usize = 4096;
 
 /// Whether JetStream says no stream takes `subject` (so that a "no responders" is the event's
-/// fault); false when it names one, or does not answer in time (JetStream starting, a leader
-/// being elected: an outage).
+/// fault); false when it names one, or does not answer by `deadline` (JetStream starting, a
+/// leader being elected: an outage).
 async fn unheard(
     jetstream: &async_nats::jetstream::Context,
     subject: &str,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> bool {
     use async_nats::jetstream::context::GetStreamByNameErrorKind;
-    match tokio::time::timeout(timeout, jetstream.stream_by_subject(subject)).await {
+    match tokio::time::timeout_at(deadline, jetstream.stream_by_subject(subject)).await {
         Ok(Err(e)) => matches!(e.kind(), GetStreamByNameErrorKind::NotFound),
         _ => false,
     }
@@ -406,33 +414,35 @@ impl PublisherBackend for NatsBackend {
         let jetstream = self.connect()?.jetstream.clone();
         let outcomes = self.runtime.block_on(async move {
             let mut outcomes: Vec<Outcome> = Vec::with_capacity(messages.len());
+            // Each outcome's subject, where the event has one.
+            let mut subjects: Vec<Option<String>> = Vec::with_capacity(messages.len());
             let mut messages = messages.into_iter();
-            // One deadline for sending, one for the acknowledgements: a frozen server holds the
-            // batch for at most twice the timeout, whatever its size.
-            let send_by = tokio::time::Instant::now() + timeout;
             let mut away: Option<String> = None;
             loop {
                 // A window's publishes first (JetStream acknowledges them as they land), then
-                // its acks.
+                // its acks. One deadline for a window's sends, one for its acks: once either
+                // passes, the server is away and the rest of the batch is not sent, so a
+                // frozen server holds the batch for at most twice the timeout.
                 let window: Vec<Result<Message, String>> = messages.by_ref().take(WINDOW).collect();
                 if window.is_empty() {
                     break;
                 }
-                let mut pending: Vec<Result<(PublishAckFuture, String), Outcome>> =
+                let send_by = tokio::time::Instant::now() + timeout;
+                let mut pending: Vec<(Result<PublishAckFuture, Outcome>, Option<String>)> =
                     Vec::with_capacity(window.len());
                 for message in window {
                     let message = match message {
                         Ok(m) => m,
                         Err(why) => {
-                            pending.push(Err(Outcome::Rejected(why)));
+                            pending.push((Err(Outcome::Rejected(why)), None));
                             continue;
                         }
                     };
+                    let subject = message.subject.clone();
                     if let Some(why) = &away {
-                        pending.push(Err(Outcome::Deferred(why.clone())));
+                        pending.push((Err(Outcome::Deferred(why.clone())), Some(subject)));
                         continue;
                     }
-                    let subject = message.subject.clone();
                     let sent = tokio::time::timeout_at(
                         send_by,
                         jetstream.publish_with_headers(
@@ -442,43 +452,48 @@ impl PublisherBackend for NatsBackend {
                         ),
                     )
                     .await;
-                    pending.push(match sent {
-                        Ok(Ok(ack)) => Ok((ack, subject)),
+                    let sent = match sent {
+                        Ok(Ok(ack)) => Ok(ack),
                         Ok(Err(e)) => Err(classify(Err(e), &subject)),
                         Err(_) => {
                             let why = "sending timed out: the server is away".to_string();
                             away = Some(why.clone());
                             Err(Outcome::Deferred(why))
                         }
-                    });
+                    };
+                    pending.push((sent, Some(subject)));
                 }
                 let ack_by = tokio::time::Instant::now() + timeout;
-                for p in pending {
+                for (p, subject) in pending {
                     let outcome = match p {
                         Err(outcome) => outcome,
-                        Ok((ack, subject)) => {
-                            match tokio::time::timeout_at(ack_by, ack.into_future()).await {
-                                Ok(acked) => classify(acked.map(drop), &subject),
-                                Err(_) => {
-                                    away = Some("no acknowledgement in time".into());
-                                    Outcome::Deferred("no acknowledgement in time".into())
-                                }
+                        Ok(ack) => match tokio::time::timeout_at(ack_by, ack.into_future()).await {
+                            Ok(acked) => classify(acked.map(drop), subject.as_deref().unwrap_or("")),
+                            Err(_) => {
+                                away = Some("no acknowledgement in time".into());
+                                Outcome::Deferred("no acknowledgement in time".into())
                             }
-                        }
+                        },
                     };
                     outcomes.push(outcome);
+                    subjects.push(subject);
                 }
             }
-            // A subject nobody listens on is charged only once JetStream confirms it.
+            // A subject nobody listens on is charged only once JetStream confirms it; the
+            // checks share one deadline.
+            let check_by = tokio::time::Instant::now() + timeout;
             let mut checked: std::collections::HashMap<String, bool> = Default::default();
-            for outcome in outcomes.iter_mut() {
-                let Outcome::Rejected(why) = outcome else { continue };
-                let Some(subject) = why.strip_prefix(NO_STREAM) else { continue };
-                let subject: String = serde_json::from_str(subject.trim()).unwrap_or_default();
-                let unheard = match checked.get(&subject) {
+            for (outcome, subject) in outcomes.iter_mut().zip(&subjects) {
+                let (Outcome::Rejected(why), Some(subject)) = (&*outcome, subject) else {
+                    continue;
+                };
+                if !why.starts_with(NO_STREAM) {
+                    continue;
+                }
+                let unheard = match checked.get(subject) {
                     Some(&known) => known,
                     None => {
-                        let known = unheard(&jetstream, &subject, timeout).await;
+                        let known = unheard(&jetstream, subject, check_by).await;
                         checked.insert(subject.clone(), known);
                         known
                     }
@@ -552,7 +567,19 @@ mod tests {
     #[test]
     fn subjects_follow_the_protocol() {
         assert!(check_subject("orders.eu.created").is_ok());
-        for bad in ["", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a\tb"] {
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.",
+            "a.*",
+            "a.>",
+            "a b",
+            "a\tb",
+            "$JS.API.STREAM.DELETE.ORDERS",
+            "$SYS.REQ.SERVER.PING",
+            "_INBOX.abc",
+        ] {
             assert!(check_subject(bad).is_err(), "{bad:?}");
         }
     }
