@@ -269,6 +269,9 @@ pub struct Context {
     pub server: Option<String>,
     /// The database whose outbox is relayed; empty while validating.
     pub database: String,
+    /// The cluster's system identifier ([`crate::pg::system_identifier`]); 0 while
+    /// validating. Tells apart relays of same-named databases in different clusters.
+    pub cluster: u64,
     /// `broadcaster.network_timeout`: the bound on every network operation unless a server
     /// sets its own.
     pub timeout: Duration,
@@ -281,6 +284,7 @@ impl Default for Context {
         Context {
             server: None,
             database: String::new(),
+            cluster: 0,
             timeout: Duration::from_secs(2),
             max_event_size: 0,
         }
@@ -405,17 +409,23 @@ impl Options {
     }
 }
 
-/// Whether `value` (a URL) carries a password: `scheme://user:password@host`; or, for NATS
-/// (`nats://`, `tls://`), any user information, since `nats://token@host` is a token.
+/// Whether `value` (a URL) carries a secret: a password, `scheme://user:password@host`; or,
+/// for every scheme but Redis's, any user information, since a bare one is a token there
+/// (`nats://token@host`, `https://token@host` sent as Basic authentication, an MQTT token as
+/// user name). A Redis URL's bare user name is an ACL user, no secret.
 pub fn has_password(value: &str) -> bool {
     split_urls(value).into_iter().any(|url| {
         let Some((scheme, rest)) = url.split_once("://") else {
             return false;
         };
-        let token = matches!(scheme, "nats" | "tls");
+        let token = !scheme.starts_with("redis");
         // The user information ends at the last `@` (a password may hold `/` or `@`).
-        rest.rsplit_once('@')
-            .is_some_and(|(userinfo, _)| token || userinfo.contains(':'))
+        match rest.rsplit_once('@') {
+            None => false,
+            Some((userinfo, _)) if userinfo.contains(':') => true,
+            // A `/` before the `@`: the `@` is in the path.
+            Some((userinfo, _)) => token && !userinfo.contains('/'),
+        }
     })
 }
 
@@ -539,6 +549,9 @@ mod tests {
         assert!(has_password("rediss://user:s3cret@host"));
         assert!(!has_password("redis://user@host"));
         assert!(has_password("nats://s3cret-token@host:4222"));
+        assert!(has_password("https://s3cret-token@hooks.example.com/in"));
+        assert!(has_password("mqtts://s3cret-token@broker"));
+        assert!(!has_password("https://hooks.example.com/in/a@b"));
         assert!(!has_password("redis://host:6379"));
         assert!(!has_password("not a url"));
         // A cluster's seeds, and a sentinel URL's hosts.

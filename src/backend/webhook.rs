@@ -17,9 +17,15 @@
 //! - 2xx: delivered.
 //! - 408, 429, 5xx, no connection, a timeout: an outage. Nothing is counted against the event;
 //!   the relay backs off and sends it again.
-//! - 413: the event is too large for the receiver; any other 3xx or 4xx: the receiver refuses
-//!   this event. A rejection, counted; dead after `broadcaster.max_attempts`. Redirects are
-//!   not followed (a `POST` turned into a `GET` would lose the event).
+//! - 413: the event is too large for the receiver; any other 4xx: the receiver refuses this
+//!   event. A rejection, counted; dead after `broadcaster.max_attempts`.
+//! - 3xx: the `url` option is wrong (the endpoint moved): redirects are not followed (a `POST`
+//!   turned into a `GET` would lose the event). Nothing counted; the log says so. Events of the
+//!   batch that other requests delivered stay delivered.
+//!
+//! Logs, `last_error` and `broadcaster_status` show the receiver as scheme, host and port and
+//! the event's stream segment, never the configured path: many webhook URLs carry their token
+//! in it (`https://hooks.slack.com/services/T…/B…/<token>`).
 //!
 //! Each request carries `webhook-id` (the event's id: the same on every resend, so a receiver
 //! drops duplicates with it), `webhook-timestamp` (seconds since 1970) and, with a signing
@@ -293,7 +299,7 @@ impl Backend for WebhookBackend {
             .tls_config(tls)
             .build()
             .into();
-        let shown = config.url.to_string();
+        let shown = shown(&config.url, &config.url);
         Ok(WebhookBackend {
             sender: Arc::new(Sender {
                 config,
@@ -453,15 +459,13 @@ impl Sender {
                     .as_reader()
                     .take(64 * 1024)
                     .read_to_end(&mut text);
-                classify(status, &text, &self.shown_of(&request.url))
+                classify(status, &text, &shown(&self.config.url, &request.url))
             }
-            Err(e) => Reply::Outage(format!("POST {}: {e}", self.shown_of(&request.url))),
+            Err(e) => Reply::Outage(format!(
+                "POST {}: {e}",
+                shown(&self.config.url, &request.url)
+            )),
         }
-    }
-
-    fn shown_of(&self, url: &Url) -> String {
-        // The configured URL has no credentials; one with a path segment added neither.
-        url.as_str().to_string()
     }
 
     /// Sends `n` requests over up to `connections` connections at once, each built by
@@ -627,6 +631,30 @@ pub fn signature(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
     )
 }
 
+/// How `url`, the configured `base` with perhaps the event's stream segment added, shows in
+/// logs, `last_error` and status: scheme, host, port, `/…` for the configured path (which may
+/// hold a token), then the stream segment. The configured URL has no credentials by then.
+fn shown(base: &Url, url: &Url) -> String {
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    let base_path = base.path().trim_end_matches('/');
+    if !base_path.is_empty() {
+        shown.push_str("/…");
+    }
+    let added = url
+        .path()
+        .strip_prefix(base_path)
+        .map(|rest| rest.trim_start_matches('/'))
+        .unwrap_or_default();
+    if url.path() != base.path() && !added.is_empty() {
+        shown.push('/');
+        shown.push_str(added);
+    }
+    shown
+}
+
 /// What the receiver's status says.
 fn classify(status: u16, body: &[u8], url: &str) -> Reply {
     let quoted = || {
@@ -665,16 +693,21 @@ impl Sender {
         } else {
             self.send_all(events.len(), &|i| self.single(&events[i]))
         };
+        // A redirect: the url option is wrong. The whole batch's error, so that the log says
+        // so, unless other requests delivered events, which stay delivered.
+        let delivered = replies.iter().any(|r| matches!(r, Reply::Delivered));
         if let Some(Reply::Misconfigured(why)) = replies
             .iter()
             .find(|r| matches!(r, Reply::Misconfigured(_)))
         {
-            return Err(BatchError::Misconfigured(why.clone()));
+            if !delivered {
+                return Err(BatchError::Misconfigured(why.clone()));
+            }
         }
         // Nothing delivered and the receiver unreachable: an outage of the whole batch, as the
         // relay logs and shows it in health.
         if let Some(Reply::Outage(why)) = replies.iter().find(|r| matches!(r, Reply::Outage(_))) {
-            if !replies.iter().any(|r| matches!(r, Reply::Delivered)) {
+            if !delivered {
                 return Err(BatchError::Unavailable(why.clone()));
             }
         }
@@ -827,6 +860,27 @@ mod tests {
             .sender
             .destination(&event(Some("payments")))
             .is_err());
+    }
+
+    #[test]
+    fn urls_show_without_their_path() {
+        let base = Url::parse("https://hooks.slack.com/services/T0/B0/tok3n").unwrap();
+        let mut with_stream = base.clone();
+        with_stream.path_segments_mut().unwrap().push("orders");
+        assert_eq!(shown(&base, &base), "https://hooks.slack.com/…");
+        assert_eq!(
+            shown(&base, &with_stream),
+            "https://hooks.slack.com/…/orders"
+        );
+        let root = Url::parse("http://127.0.0.1:8080/").unwrap();
+        let mut with_stream = root.clone();
+        with_stream
+            .path_segments_mut()
+            .unwrap()
+            .pop_if_empty()
+            .push("a/b");
+        assert_eq!(shown(&root, &root), "http://127.0.0.1:8080");
+        assert_eq!(shown(&root, &with_stream), "http://127.0.0.1:8080/a%2Fb");
     }
 
     #[test]
