@@ -1,7 +1,8 @@
 //! The `amqp` backend end to end, against a real RabbitMQ node (Debian's 3.10) that this test
 //! starts on free loopback ports with its own data folder: every CloudEvents attribute in
 //! binary and structured mode, read back with lapin; an unroutable event (`NO_ROUTE`) dead
-//! while others flow; the node SIGKILLed and restarted mid-drain with nothing lost.
+//! while others flow; the node SIGKILLed and restarted mid-drain with nothing lost; TLS with a
+//! client certificate and a password from a user mapping.
 
 mod common;
 
@@ -25,15 +26,25 @@ fn rabbitmq_server_binary() -> String {
         .unwrap_or_else(|_| "/usr/lib/rabbitmq/bin/rabbitmq-server".into())
 }
 
+/// RabbitMQ's own rabbitmqctl, beside its start script.
+fn rabbitmqctl_binary() -> PathBuf {
+    PathBuf::from(rabbitmq_server_binary()).with_file_name("rabbitmqctl")
+}
+
 /// The node's `max_message_size`, in bytes.
 const MAX_MESSAGE: usize = 8192;
 
 /// Names nodes apart within this process.
 static NODES: AtomicU32 = AtomicU32::new(0);
 
+/// The password of user `relay` on a node of [`Rabbit::start_secure`].
+const PASSWORD: &str = "s3cret-amqp-pw";
+
 /// A RabbitMQ node on a free loopback port, its data and Erlang cookie in a folder of its own.
 struct Rabbit {
     port: u16,
+    /// Its TLS listener's port, where it has one ([`Rabbit::start_secure`]).
+    tls_port: Option<u16>,
     dist_port: u16,
     name: String,
     dir: PathBuf,
@@ -43,6 +54,17 @@ struct Rabbit {
 
 impl Rabbit {
     fn start() -> Rabbit {
+        Self::start_with(None)
+    }
+
+    /// With a TLS listener besides the plain one, using `certificates` (those of
+    /// [`common::make_certificates`]) and requiring a client certificate; the only user is
+    /// `relay`, with [`PASSWORD`] (guest is not made).
+    fn start_secure(certificates: &std::path::Path) -> Rabbit {
+        Self::start_with(Some(certificates))
+    }
+
+    fn start_with(secure: Option<&std::path::Path>) -> Rabbit {
         let port = common::free_port();
         let n = NODES.fetch_add(1, Ordering::SeqCst);
         let name = format!("bc{}n{n}@localhost", std::process::id());
@@ -51,13 +73,25 @@ impl Rabbit {
         std::fs::create_dir_all(&dir).expect("rabbit dir");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
         // Small enough that a test's event can be too large.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("max_message_size = {MAX_MESSAGE}\n"),
-        )
-        .expect("rabbitmq.conf");
+        let mut conf = format!("max_message_size = {MAX_MESSAGE}\n");
+        let tls_port = secure.map(|_| common::free_port());
+        if let (Some(certificates), Some(tls_port)) = (secure, tls_port) {
+            let file = |f: &str| certificates.join(f).display().to_string();
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n\
+                 default_user = relay\ndefault_pass = {PASSWORD}\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).expect("rabbitmq.conf");
         let mut rabbit = Rabbit {
             port,
+            tls_port,
             dist_port: common::free_port(),
             name,
             dir,
@@ -101,8 +135,28 @@ impl Rabbit {
         });
     }
 
+    /// The plain listener's URL, with the node's user and password.
     fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let user = match self.tls_port {
+            Some(_) => format!("relay:{PASSWORD}"),
+            None => "guest:guest".into(),
+        };
+        format!("amqp://{user}@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `rabbitmqctl <args>` against this node (its cookie is in the node's HOME).
+    fn ctl(&self, args: &[&str]) {
+        let out = Command::new(rabbitmqctl_binary())
+            .env("HOME", &self.dir)
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("rabbitmqctl is installed (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// SIGKILL to the whole node (the start script and the Erlang VM).
@@ -583,4 +637,111 @@ fn the_node_killed_and_restarted_mid_drain_loses_nothing() {
             "key {key} out of order"
         );
     }
+}
+
+#[test]
+fn tls_with_a_client_certificate_and_a_password_from_a_user_mapping() {
+    let dir = std::env::temp_dir().join(format!("bc-amqp-tls-{}", std::process::id()));
+    common::make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let rabbit = Rabbit::start_secure(&dir);
+    let tls_port = rabbit.tls_port.expect("a TLS listener");
+    rabbit.declare("secure", "secure-q", "#");
+    let s = Setup::new(&[
+        ("broadcaster.max_attempts", "2"),
+        ("broadcaster.poll_interval", "200ms"),
+        ("broadcaster.retry_max_delay", "1s"),
+    ]);
+    let mut c = s.cluster.connect();
+    for (name, password) in [("a", PASSWORD), ("wrong", "nope-amqp-pw")] {
+        c.batch_execute(&format!(
+            "CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster
+               OPTIONS (backend 'amqp', url 'amqps://127.0.0.1:{tls_port}/%2f',
+                        exchange 'secure', stream 'tls.{name}', tls_ca_file '{}',
+                        tls_cert_file '{}', tls_key_file '{}');
+             CREATE USER MAPPING FOR PUBLIC SERVER {name}
+               OPTIONS (url 'amqps://relay:{password}@127.0.0.1:{tls_port}/%2f')",
+            path("ca.pem"),
+            path("client.pem"),
+            path("client.key"),
+        ))
+        .expect("server");
+    }
+    let id = publish(&mut c, "a", None, None);
+    wait_for("the event in the queue", DEADLINE, || {
+        (rabbit.count("secure-q") == 1).then_some(())
+    });
+    let taken = rabbit.take("secure-q");
+    assert_eq!(message_id(&taken[0]), Some(id));
+    // A wrong password: the node refuses the login; an outage, nothing counted, and neither
+    // password in the log.
+    let refused = publish(&mut c, "wrong", None, None);
+    wait_for("the refused login in the log", DEADLINE, || {
+        s.cluster
+            .log()
+            .lines()
+            .any(|l| l.contains("backend \"wrong\"") && l.contains("broker unavailable"))
+            .then_some(())
+    });
+    let failures: i64 = c
+        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
+        .expect("failures")
+        .get(0);
+    assert_eq!(failures, 0, "a refused login is no event's fault");
+    assert_eq!(pending(&mut c), 1, "{refused} waits for the login to work");
+    assert_eq!(rabbit.count("secure-q"), 0, "nothing went out as \"wrong\"");
+    // Fixed in the user mapping: it goes out.
+    c.batch_execute(&format!(
+        "ALTER USER MAPPING FOR PUBLIC SERVER wrong
+           OPTIONS (SET url 'amqps://relay:{PASSWORD}@127.0.0.1:{tls_port}/%2f')"
+    ))
+    .expect("fix the password");
+    wait_for("the fixed server's event", DEADLINE, || {
+        (rabbit.count("secure-q") == 1).then_some(())
+    });
+    let taken = rabbit.take("secure-q");
+    assert_eq!(message_id(&taken[0]), Some(refused));
+    // RabbitMQ's topic permissions: the user may publish to the exchange with routing keys
+    // tls.* only. A forbidden key closes the channel (403) and fails the confirms pending
+    // beside it; only the event at fault is charged, and the others arrive.
+    rabbit.ctl(&[
+        "set_topic_permissions",
+        "-p",
+        "/",
+        "relay",
+        "secure",
+        "^tls\\.",
+        ".*",
+    ]);
+    c.batch_execute("BEGIN").expect("begin");
+    let forbidden = publish(&mut c, "a", Some("forbidden.key"), Some("f"));
+    let mut beside = Vec::new();
+    for i in 0..10 {
+        beside.push(publish(&mut c, "a", None, Some(&format!("b{i}"))));
+    }
+    c.batch_execute("COMMIT").expect("commit");
+    let mut delivered = Vec::new();
+    wait_for("the events beside the forbidden one", DEADLINE, || {
+        delivered.extend(rabbit.take("secure-q").iter().filter_map(message_id));
+        (delivered.len() >= beside.len()).then_some(())
+    });
+    Tally::count(&beside, &delivered).assert_exactly_once("amqp, forbidden key beside");
+    let (attempts, error): (i32, String) = wait_for("the forbidden event dead", DEADLINE, || {
+        c.query_opt(
+            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
+            &[&forbidden],
+        )
+        .ok()
+        .flatten()
+        .map(|r| (r.get(0), r.get(1)))
+    });
+    assert_eq!(attempts, 2);
+    assert!(error.contains("access to topic"), "{error}");
+    let log = s.cluster.log();
+    assert!(
+        !log.contains(PASSWORD) && !log.contains("nope-amqp-pw"),
+        "passwords stay out of the log"
+    );
+    drop(rabbit);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -417,18 +417,24 @@ async fn send_batch(
 }
 
 /// What an error from publishing or its confirm means: the broker refusing this message (a
-/// channel closed with 406 PRECONDITION_FAILED, say: too large), a missing exchange (a
-/// misconfiguration), or the connection gone.
+/// channel closed with 406 PRECONDITION_FAILED, say: too large; or 403 ACCESS_REFUSED for its
+/// routing key, by RabbitMQ's topic permissions), a missing exchange or no right to write to
+/// it (a misconfiguration), or the connection gone.
 fn classify(e: &lapin::Error, exchange: &str) -> Result<Outcome, BatchError> {
     if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+        let said = amqp.get_message().to_string();
         return match amqp.get_id() {
             404 => Err(BatchError::Misconfigured(format!(
-                "option \"exchange\": the broker has no exchange {exchange:?} ({})",
-                amqp.get_message()
+                "option \"exchange\": the broker has no exchange {exchange:?} ({said})"
             ))),
-            406 => Ok(Outcome::Rejected(format!(
-                "{REFUSED}: {}",
-                amqp.get_message()
+            406 => Ok(Outcome::Rejected(format!("{REFUSED}: {said}"))),
+            // "access to topic 'k' in exchange 'x' in vhost '/' refused for user 'u'": this
+            // routing key's fault; any other refusal is the user's rights on the exchange.
+            403 if said.contains("access to topic") => {
+                Ok(Outcome::Rejected(format!("{REFUSED}: {said}")))
+            }
+            403 => Err(BatchError::Misconfigured(format!(
+                "option \"url\": its user may not publish to exchange {exchange:?} ({said})"
             ))),
             _ => Ok(Outcome::Deferred(e.to_string())),
         };
@@ -456,9 +462,11 @@ impl PublisherBackend for AmqpBackend {
                 return Err(e);
             }
         };
-        // A message the broker refuses (406) closes the channel, failing every confirm still
-        // pending with the same error: each of those is sent again alone, on a channel of its
-        // own, so that only the message at fault is charged.
+        // A message the broker refuses (406, 403 for its routing key) closes the channel,
+        // failing every confirm still pending with the same error: each of those is sent again
+        // alone, on a channel of its own, so that only the message at fault is charged. Within
+        // one deadline, and not past the first failure to reach the broker: the rest wait for
+        // the next batch.
         let refused: Vec<usize> = results
             .iter()
             .enumerate()
@@ -466,11 +474,23 @@ impl PublisherBackend for AmqpBackend {
             .map(|(i, _)| i)
             .collect();
         if refused.len() > 1 {
+            let resend_by = std::time::Instant::now() + timeout * 2;
+            let mut away: Option<String> = None;
+            // The batch's channel, closed by the refusal; then one per refused message, a
+            // channel that confirmed its message being used again.
+            self.connection = None;
             for i in refused {
-                self.connection = None;
+                if away.is_none() && std::time::Instant::now() >= resend_by {
+                    away = Some("not sent again alone in time".into());
+                }
+                if let Some(why) = &away {
+                    results[i] = Confirmed::Outcome(Outcome::Deferred(why.clone()));
+                    continue;
+                }
                 let channel = match self.connect() {
                     Ok(channel) => channel,
                     Err(e) => {
+                        away = Some(e.reason().to_string());
                         results[i] = Confirmed::Outcome(Outcome::Deferred(e.reason().to_string()));
                         continue;
                     }
@@ -485,10 +505,21 @@ impl PublisherBackend for AmqpBackend {
                     Ok((mut result, back)) => {
                         returned.extend(back);
                         if let Some(r) = result.pop() {
+                            match &r {
+                                Confirmed::Outcome(Outcome::Deferred(_)) => {
+                                    away = Some(
+                                        "the broker did not confirm a message sent again alone"
+                                            .into(),
+                                    );
+                                }
+                                Confirmed::Outcome(Outcome::Rejected(_)) => self.connection = None,
+                                _ => {}
+                            }
                             results[i] = r;
                         }
                     }
                     Err(e) => {
+                        away = Some(e.reason().to_string());
                         results[i] = Confirmed::Outcome(Outcome::Deferred(e.reason().to_string()))
                     }
                 }
