@@ -360,6 +360,7 @@ pub fn backend_context(database: &str, server: Option<&str>) -> Context {
     Context {
         server: server.map(str::to_string),
         database: database.to_string(),
+        cluster: crate::pg::system_identifier(),
         timeout: millis(&NETWORK_TIMEOUT_MS),
         max_event_size: max_event_size(),
     }

@@ -371,6 +371,12 @@ pub fn superuser() -> bool {
     unsafe { pg_sys::superuser() }
 }
 
+/// The cluster's system identifier (`pg_control_system()`'s `system_identifier`): the same
+/// on its physical standbys, new after `initdb` (and so after `pg_upgrade`).
+pub fn system_identifier() -> u64 {
+    unsafe { pg_sys::GetSystemIdentifier() }
+}
+
 /// Whether this server is a standby (in recovery).
 pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }

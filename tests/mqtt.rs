@@ -1,7 +1,8 @@
 //! The `mqtt` backend end to end, against a real `mosquitto` (MQTT 5) that this test starts on
 //! a free loopback port with its own persistence folder: every CloudEvents attribute in binary
 //! and structured mode, received by a rumqttc subscriber; an event over the broker's maximum
-//! packet size dead while others flow; the broker restarted mid-drain with nothing lost.
+//! packet size dead while others flow; the broker restarted mid-drain with nothing lost; TLS
+//! with a client certificate and a password from a user mapping.
 
 mod common;
 
@@ -34,8 +35,23 @@ struct Broker {
     child: Option<Child>,
 }
 
+/// The relay's password on the TLS listener of [`Broker::start_secure`].
+const PASSWORD: &str = "s3cret-mqtt-pw";
+
 impl Broker {
     fn start() -> Broker {
+        Self::start_with(None)
+    }
+
+    /// With a second listener, on `tls_port`: TLS with `certificates` (those of
+    /// [`common::make_certificates`]), a client certificate required, and user `relay` with
+    /// [`PASSWORD`]. The first listener stays anonymous and plain, for the test's subscriber.
+    fn start_secure(certificates: &std::path::Path) -> (Broker, u16) {
+        let tls_port = common::free_port();
+        (Self::start_with(Some((certificates, tls_port))), tls_port)
+    }
+
+    fn start_with(secure: Option<(&std::path::Path, u16)>) -> Broker {
         let port = common::free_port();
         let dir = std::env::temp_dir().join(format!("bc-mqtt-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -43,21 +59,47 @@ impl Broker {
         // Started as root, mosquitto runs as its own user: it must be able to save its state.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size {MAX_PACKET}\n\
-                 persistence true\npersistence_location {}/\nmax_queued_messages 0\n",
-                dir.display()
-            ),
-        )
-        .expect("mosquitto.conf");
+        let mut conf = format!(
+            "per_listener_settings true\nmax_packet_size {MAX_PACKET}\n\
+             persistence true\npersistence_location {}/\nmax_queued_messages 0\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n",
+            dir.display()
+        );
+        if let Some((certificates, tls_port)) = secure {
+            let passwords = dir.join("passwords");
+            let made = Command::new("mosquitto_passwd")
+                .args(["-b", "-c"])
+                .arg(&passwords)
+                .args(["relay", PASSWORD])
+                .output()
+                .expect("mosquitto_passwd is installed (scripts/setup.sh)");
+            assert!(made.status.success(), "mosquitto_passwd: {made:?}");
+            std::fs::set_permissions(&passwords, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+            let file = |f: &str| certificates.join(f).display().to_string();
+            conf.push_str(&format!(
+                "listener {tls_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                passwords.display(),
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+        }
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("mosquitto.conf");
         let mut broker = Broker {
             port,
             dir,
             child: None,
         };
         broker.run();
+        if let Some((_, tls_port)) = secure {
+            wait_for("mosquitto's TLS listener", DEADLINE, || {
+                std::net::TcpStream::connect(("127.0.0.1", tls_port))
+                    .ok()
+                    .map(drop)
+            });
+        }
         broker
     }
 
@@ -432,4 +474,72 @@ fn the_broker_restarted_mid_drain_loses_nothing() {
             "key {key} out of order"
         );
     }
+}
+
+#[test]
+fn tls_with_a_client_certificate_and_a_password_from_a_user_mapping() {
+    let dir = std::env::temp_dir().join(format!("bc-mqtt-tls-{}", std::process::id()));
+    common::make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (broker, tls_port) = Broker::start_secure(&dir);
+    let subscriber = Subscriber::start(&broker, "secure/#");
+    let s = Setup::new(&[
+        ("broadcaster.poll_interval", "200ms"),
+        ("broadcaster.retry_max_delay", "1s"),
+    ]);
+    let mut c = s.cluster.connect();
+    for (name, password) in [("m", PASSWORD), ("wrong", "nope-mqtt-pw")] {
+        c.batch_execute(&format!(
+            "CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster
+               OPTIONS (backend 'mqtt', url 'mqtts://127.0.0.1:{tls_port}',
+                        stream 'secure/{name}', tls_ca_file '{}', tls_cert_file '{}',
+                        tls_key_file '{}', client_id 'relay-{name}');
+             CREATE USER MAPPING FOR PUBLIC SERVER {name}
+               OPTIONS (url 'mqtts://relay:{password}@127.0.0.1:{tls_port}')",
+            path("ca.pem"),
+            path("client.pem"),
+            path("client.key"),
+        ))
+        .expect("server");
+    }
+    let id = publish(&mut c, "m", "{}", None);
+    let received = subscriber.wait(1);
+    assert_eq!(received[0].topic, "secure/m");
+    assert_eq!(received[0].property("id"), Some(id.as_str()));
+    // A wrong password: the broker refuses the connection; an outage, nothing counted, and
+    // neither password in the log.
+    let refused = publish(&mut c, "wrong", "{}", None);
+    wait_for("the refused login in the log", DEADLINE, || {
+        s.cluster
+            .log()
+            .lines()
+            .any(|l| l.contains("backend \"wrong\"") && l.contains("broker unavailable"))
+            .then_some(())
+    });
+    let failures: i64 = c
+        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
+        .expect("failures")
+        .get(0);
+    assert_eq!(failures, 0, "a refused login is no event's fault");
+    assert_eq!(pending(&mut c), 1, "{refused} waits for the login to work");
+    assert_eq!(
+        subscriber.received().len(),
+        1,
+        "nothing went out as \"wrong\""
+    );
+    // Fixed in the user mapping: it goes out.
+    c.batch_execute(&format!(
+        "ALTER USER MAPPING FOR PUBLIC SERVER wrong
+           OPTIONS (SET url 'mqtts://relay:{PASSWORD}@127.0.0.1:{tls_port}')"
+    ))
+    .expect("fix the password");
+    let received = subscriber.wait(2);
+    assert_eq!(received[1].property("id"), Some(refused.as_str()));
+    let log = s.cluster.log();
+    assert!(
+        !log.contains(PASSWORD) && !log.contains("nope-mqtt-pw"),
+        "passwords stay out of the log"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }

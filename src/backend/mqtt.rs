@@ -59,7 +59,7 @@ pub struct MqttConfig {
     pub mode: MqttMode,
     /// `network_timeout` (milliseconds): bound on connecting and on each batch's `PUBACK`s.
     pub timeout: Duration,
-    /// `client_id`: default `broadcaster-<database>-<server>`.
+    /// `client_id`: default `broadcaster-<system identifier, hex>-<database>-<server>`.
     pub client_id: String,
     /// `tls_ca_file`: CA certificates (PEM) to trust instead of the system's.
     pub tls_ca_file: String,
@@ -151,14 +151,20 @@ impl Config for MqttConfig {
             )
         });
         let context = &options.context;
+        // The cluster's identifier in the client id: a broker drops a connection when another
+        // takes its client id, so two clusters' relays of same-named databases and servers
+        // would keep knocking each other off.
         let (default_topic, default_id) = match &context.server {
             Some(server) => (
                 format!("broadcaster/{server}"),
-                format!("broadcaster-{}-{server}", context.database),
+                format!(
+                    "broadcaster-{:x}-{}-{server}",
+                    context.cluster, context.database
+                ),
             ),
             None => (
                 "broadcaster/events".to_string(),
-                format!("broadcaster-{}", context.database),
+                format!("broadcaster-{:x}-{}", context.cluster, context.database),
             ),
         };
         let config = MqttConfig {
@@ -595,6 +601,7 @@ mod tests {
         let context = crate::backend::Context {
             server: Some("devices".into()),
             database: "db".into(),
+            cluster: 0x7441_0b2c,
             ..Default::default()
         };
         MqttConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
@@ -609,7 +616,7 @@ mod tests {
             Some(("relay".to_string(), "p@ss".to_string()))
         );
         assert_eq!(c.topic, "broadcaster/devices");
-        assert_eq!(c.client_id, "broadcaster-db-devices");
+        assert_eq!(c.client_id, "broadcaster-74410b2c-db-devices");
         let err = config(&[("url", "http://u:s3cret@h")]).expect_err("refused");
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(config(&[("stream", "devices/+")]).is_err());
