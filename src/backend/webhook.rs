@@ -288,7 +288,7 @@ impl Backend for WebhookBackend {
 
     fn new(config: WebhookConfig) -> Result<Self, BatchError> {
         let tls = tls_config(&config)?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let agent_config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
@@ -297,8 +297,12 @@ impl Backend for WebhookBackend {
             .max_idle_connections_per_host(config.connections)
             .user_agent(concat!("broadcaster/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls)
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            Resolver::default(),
+        );
         let shown = shown(&config.url, &config.url);
         Ok(WebhookBackend {
             sender: Arc::new(Sender {
@@ -308,6 +312,68 @@ impl Backend for WebhookBackend {
             }),
             in_flight: None,
         })
+    }
+}
+
+/// How long a host name's addresses are used before they are looked up again.
+const RESOLVED_FOR: Duration = Duration::from_secs(5);
+
+/// ureq's own resolver, but without a thread per request. Given a timeout, ureq's resolves on a
+/// thread of its own for every request, kept-alive connection or not (measured in a drain: a
+/// thread made for about every 8 events, and the relay spending a core on it). Here an IP
+/// address is taken as it is, and a host name's addresses are kept for [`RESOLVED_FOR`].
+#[derive(Debug, Default)]
+struct Resolver {
+    inner: ureq::unversioned::resolver::DefaultResolver,
+    /// `host:port` and when it was looked up, with its addresses.
+    known:
+        Mutex<std::collections::HashMap<String, (std::time::Instant, Vec<std::net::SocketAddr>)>>,
+}
+
+impl ureq::unversioned::resolver::Resolver for Resolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        let (Some(host), Some(port)) = (uri.host(), port) else {
+            return self.inner.resolve(uri, config, timeout);
+        };
+        let addresses = |found: &[std::net::SocketAddr]| {
+            let mut addresses = self.empty();
+            for a in found.iter().take(16) {
+                addresses.push(*a);
+            }
+            addresses
+        };
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+            return Ok(addresses(&[std::net::SocketAddr::new(ip, port)]));
+        }
+        let key = format!("{host}:{port}");
+        if let Ok(known) = self.known.lock() {
+            if let Some((at, found)) = known.get(&key) {
+                if at.elapsed() < RESOLVED_FOR {
+                    return Ok(addresses(found));
+                }
+            }
+        }
+        let resolved = self.inner.resolve(uri, config, timeout)?;
+        if let Ok(mut known) = self.known.lock() {
+            known.insert(
+                key,
+                (
+                    std::time::Instant::now(),
+                    resolved.iter().copied().collect(),
+                ),
+            );
+        }
+        Ok(resolved)
     }
 }
 
