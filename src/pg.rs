@@ -242,6 +242,12 @@ pub fn vacuum(table: pg_sys::Oid) {
         pg_sys::ExecVacuum(pg_sys::make_parsestate(std::ptr::null_mut()), stmt, true);
         pg_sys::CommitTransactionCommand();
     }
+    // VACUUM waits on this process's latch where it must (a buffer another backend pins, for
+    // an index page's cleanup lock) and resets it afterwards, swallowing any commit's wake-up
+    // that came meanwhile: the caller's next wait would sleep the whole poll interval with
+    // events waiting (measured: the last events of a burst 1 s late). Set again, so that the
+    // caller looks at the outbox once more before it sleeps.
+    set_latch(my_procno());
 }
 
 /// The characters of a text datum. Bytes that are not UTF-8 (a database in another encoding)
