@@ -5,6 +5,12 @@ partition key, 1,000 per batch, as the ceiling's windows), then ALTER SERVER to 
 the drain is timed from that commit to the outbox empty. The ceiling is bench/ceiling.rs: the
 same number of messages of the same shape, from a plain client loop of the crate the backend
 uses, with the same confirmations. Target: drain >= 0.5 x ceiling.
+
+Then the commit-to-delivery latency of each: 2,000 events committed one by one (one per
+transaction, 2 ms apart) to the same server, each timed from its commit acknowledged to the
+producer until a subscriber of the broker (bench/ceiling.rs's listen-*: a core NATS
+subscription, a RabbitMQ queue of its own bound to the exchange, an MQTT QoS 1 subscription, an
+HTTP receiver) has it, both clocks the machine's wall clock.
 """
 
 import argparse
@@ -70,6 +76,53 @@ def drain(args, kind, url, options, n, mapping=False):
         return n / (time.monotonic() - started)
 
 
+def pct(xs, p):
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def latency(args, kind, listen, n=2000, pause=0.002):
+    """Commit acknowledged to the producer -> message read by the broker's subscriber, per
+    event, in ms, sorted. `listen` is the listen-* command; the server bench_<kind> exists."""
+    name = "bench_" + kind
+    # n events and the warm-up one.
+    listener = subprocess.Popen([args.ceiling, *map(str, listen), str(n + 1)],
+                                stdout=subprocess.PIPE, text=True)
+    if listener.stdout.readline().strip() != "ready":
+        sys.exit(f"{kind}: the listener did not subscribe")
+    # Warm: the relay connected to the broker and idle (a server just created or altered
+    # starts its relay or reconnects first).
+    with pg(args) as c:
+        c.execute("INSERT INTO broadcaster_outbox (type, data, backend) "
+                  "VALUES ('bench.warm', %s::json, %s)", (DATA, name))
+        started = time.monotonic()
+        while c.execute("SELECT count(*) FROM broadcaster_outbox WHERE backend = %s",
+                        (name,)).fetchone()[0]:
+            if time.monotonic() - started > 60:
+                sys.exit(f"{kind}: the warm-up event still pending after 60 s")
+            time.sleep(0.05)
+    time.sleep(0.5)
+    committed = {}
+    with pg(args) as c:
+        next_at = time.perf_counter()
+        for _ in range(n):
+            (i,) = c.execute(
+                "INSERT INTO broadcaster_outbox (type, data, backend) "
+                "VALUES ('bench.latency', %s::json, %s) RETURNING id::text",
+                (DATA, name),
+            ).fetchone()
+            committed[i] = time.time_ns()
+            next_at += pause
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+    out, _ = listener.communicate(timeout=120)
+    seen = dict(line.split() for line in out.splitlines() if line.strip())
+    lat = sorted((int(seen[i]) - t) / 1e6 for i, t in committed.items() if i in seen)
+    if len(lat) < n:
+        sys.exit(f"{kind}: {n - len(lat)} of {n} events never reached the listener")
+    return lat
+
+
 def closed(kind):
     port = closed_port()
     return {
@@ -95,7 +148,7 @@ def main():
     ap.add_argument("--amqp", required=True)
     ap.add_argument("--mqtt", required=True)
     ap.add_argument("--webhook", required=True)
-    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--events", type=int, default=100_000)
     args = ap.parse_args()
     n = args.events
     with pg(args) as c:
@@ -104,22 +157,34 @@ def main():
     mqtt_host, mqtt_port = args.mqtt.rsplit(":", 1)
     cases = [
         ("nats", args.nats, ", stream 'bench.events'",
-         ("nats", args.nats, "bench.ceiling", n)),
+         ("nats", args.nats, "bench.ceiling", n),
+         ("listen-nats", args.nats, "bench.events")),
         ("amqp", args.amqp, ", exchange 'bench', stream 'bench.events'",
-         ("amqp", args.amqp, "bench", "bench.ceiling", n)),
+         ("amqp", args.amqp, "bench", "bench.ceiling", n),
+         ("listen-amqp", args.amqp, "bench", "bench.events")),
         ("mqtt", f"mqtt://{args.mqtt}", ", stream 'bench/events'",
-         ("mqtt", mqtt_host, mqtt_port, "bench/ceiling", n)),
+         ("mqtt", mqtt_host, mqtt_port, "bench/ceiling", n),
+         ("listen-mqtt", mqtt_host, mqtt_port, "bench/events")),
         ("webhook", args.webhook + "/in", ", connections '4'",
-         ("webhook", args.webhook + "/ceiling", n, 4)),
+         ("webhook", args.webhook + "/ceiling", n, 4),
+         ("listen-webhook", closed_port())),
     ]
     print()
-    print(f"| backend ({n:,} events, no partition key) | drain | ceiling | ratio | target |")
-    print("|---|---|---|---|---|")
-    for kind, url, options, command in cases:
+    print(f"| backend ({n:,} events, no partition key) | drain | ceiling | ratio | target "
+          "| latency one by one (2,000 events) |")
+    print("|---|---|---|---|---|---|")
+    for kind, url, options, command, listen in cases:
         # A password goes in a user mapping (the validator refuses it in a server's options).
         rate = drain(args, kind, url, options, n, mapping=(kind == "amqp"))
         top = ceiling(args, *command)
-        print(f"| {kind} | {rate:,.0f}/s | {top:,.0f}/s | {rate / top:.2f} | >= 0.5 |",
+        if kind == "webhook":
+            # Its own receiver, which records what arrives.
+            with pg(args) as c:
+                c.execute(f"ALTER SERVER bench_webhook OPTIONS "
+                          f"(SET url 'http://127.0.0.1:{listen[1]}/in')")
+        lat = latency(args, kind, listen)
+        print(f"| {kind} | {rate:,.0f}/s | {top:,.0f}/s | {rate / top:.2f} | >= 0.5 "
+              f"| p50 {pct(lat, 50):.2f} / p99 {pct(lat, 99):.2f} (max {lat[-1]:.1f}) ms |",
               flush=True)
 
 

@@ -11,12 +11,20 @@
 //! ceiling nats-setup <url>            a stream BENCH taking bench.>
 //! ceiling amqp-setup <url>            exchange bench (topic), queue bench bound with #
 //! ceiling receiver <port>             answers every POST 204, until killed
+//! ceiling listen-nats    <url> <subject> <n>             core subscription
+//! ceiling listen-amqp    <url> <exchange> <key> <n>      a queue of its own, bound with <key>
+//! ceiling listen-mqtt    <host> <port> <topic> <n>       QoS 1 subscription
+//! ceiling listen-webhook <port> <n>                      answers every POST 204
 //! ```
 //!
-//! Prints `<kind> ceiling: <n> messages in <s> s = <rate>/s`.
+//! The ceilings print `<kind> ceiling: <n> messages in <s> s = <rate>/s`. The listeners, for
+//! the benchmark's commit-to-delivery latency, print `ready` once subscribed, then, after `<n>`
+//! distinct ids or 60 s without a message, one line per message received, `<event id> <receipt
+//! time, ns since the Unix epoch>`.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const WINDOW: usize = 1000;
 
@@ -263,8 +271,18 @@ fn webhook(url: &str, n: usize, connections: usize) {
 
 /// Answers every request 204, one thread per connection, until killed.
 fn receiver(port: u16) {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    serve(bind(port), |_| {});
+}
+
+fn bind(port: u16) -> std::net::TcpListener {
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind")
+}
+
+/// Serves HTTP/1.1 on `listener`, answering every request 204 after `seen(its webhook-id)`,
+/// one thread per connection, until killed.
+fn serve(listener: std::net::TcpListener, seen: impl Fn(Option<String>) + Clone + Send + 'static) {
     for stream in listener.incoming().flatten() {
+        let seen = seen.clone();
         std::thread::spawn(move || {
             let mut stream = stream;
             let mut buffer: Vec<u8> = Vec::new();
@@ -273,13 +291,19 @@ fn receiver(port: u16) {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
                 let mut request = httparse::Request::new(&mut headers);
                 if let Ok(httparse::Status::Complete(head)) = request.parse(&buffer) {
-                    let length: usize = request
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                    let header = |name: &str| {
+                        request
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .and_then(|h| std::str::from_utf8(h.value).ok())
+                            .map(str::to_string)
+                    };
+                    let length: usize = header("content-length")
+                        .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
                     if buffer.len() >= head + length {
+                        seen(header("webhook-id"));
                         buffer.drain(..head + length);
                         if stream
                             .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -299,6 +323,180 @@ fn receiver(port: u16) {
     }
 }
 
+/// A listener's output: `ready`, then, once done, `<id> <ns>` per distinct id received. Kept
+/// in memory until then: printed as they come, the lines would fill the pipe the benchmark
+/// reads only at the end, and the listener would stall on it (measured: a 1.7 s stall after
+/// about 1,100 lines, in every backend's p99).
+struct Listened {
+    ids: HashSet<String>,
+    lines: String,
+    n: usize,
+}
+
+impl Listened {
+    fn ready(n: usize) -> Listened {
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        Listened {
+            ids: HashSet::new(),
+            lines: String::new(),
+            n,
+        }
+    }
+
+    /// Records `id` as received now; true once `n` distinct ids have been.
+    fn received(&mut self, id: Option<String>) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        if let Some(id) = id {
+            if !self.ids.contains(&id) {
+                self.lines.push_str(&format!("{id} {now}\n"));
+                self.ids.insert(id);
+            }
+        }
+        self.ids.len() >= self.n
+    }
+}
+
+impl Drop for Listened {
+    fn drop(&mut self) {
+        print!("{}", self.lines);
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// How long a listener waits for a message before it gives up.
+const QUIET: Duration = Duration::from_secs(60);
+
+fn listen_nats(url: &str, subject: &str, n: usize) {
+    use futures_lite::StreamExt;
+    let rt = runtime();
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect");
+        let mut messages = client
+            .subscribe(subject.to_string())
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let mut listened = Listened::ready(n);
+        while let Ok(Some(m)) = tokio::time::timeout(QUIET, messages.next()).await {
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("ce-id"))
+                .map(|v| v.to_string());
+            if listened.received(id) {
+                break;
+            }
+        }
+    });
+}
+
+fn listen_amqp(url: &str, exchange: &str, key: &str, n: usize) {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let rt = runtime();
+    rt.block_on(async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = c.create_channel().await.expect("channel");
+        let own = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let queue = ch
+            .queue_declare("".into(), own, FieldTable::default())
+            .await
+            .expect("queue");
+        ch.queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let mut deliveries = ch
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut listened = Listened::ready(n);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(QUIET, deliveries.next()).await {
+            let id = m.properties.message_id().as_ref().map(|s| s.to_string());
+            if listened.received(id) {
+                break;
+            }
+        }
+    });
+}
+
+fn listen_mqtt(host: &str, port: u16, topic: &str, n: usize) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let rt = runtime();
+    rt.block_on(async {
+        let options = MqttOptions::new("listener", host, port);
+        let (client, mut events) = AsyncClient::new(options, 100);
+        client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let mut listened = None;
+        while let Ok(event) = tokio::time::timeout(QUIET, events.poll()).await {
+            match event.expect("poll") {
+                Event::Incoming(Packet::SubAck(_)) => listened = Some(Listened::ready(n)),
+                Event::Incoming(Packet::Publish(p)) => {
+                    let id = p.properties.and_then(|properties| {
+                        properties
+                            .user_properties
+                            .into_iter()
+                            .find(|(name, _)| name == "id")
+                            .map(|(_, value)| value)
+                    });
+                    if let Some(listened) = listened.as_mut() {
+                        if listened.received(id) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+fn listen_webhook(port: u16, n: usize) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = bind(port);
+    std::thread::spawn(move || {
+        serve(listener, move |id| {
+            let _ = tx.send(id);
+        })
+    });
+    let mut listened = Listened::ready(n);
+    while let Ok(id) = rx.recv_timeout(QUIET) {
+        if listened.received(id) {
+            break;
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
@@ -311,6 +509,10 @@ fn main() {
         "mqtt" => mqtt(arg(1), number(2) as u16, arg(3), number(4)),
         "webhook" => webhook(arg(1), number(2), number(3)),
         "receiver" => receiver(number(1) as u16),
+        "listen-nats" => listen_nats(arg(1), arg(2), number(3)),
+        "listen-amqp" => listen_amqp(arg(1), arg(2), arg(3), number(4)),
+        "listen-mqtt" => listen_mqtt(arg(1), number(2) as u16, arg(3), number(4)),
+        "listen-webhook" => listen_webhook(number(1) as u16, number(2)),
         other => {
             eprintln!("ceiling: unknown command {other:?}; see bench/ceiling.rs");
             std::process::exit(2);

@@ -4,7 +4,7 @@
 # with the machine it ran on; then what WAIT to a replica costs, a drain into a Redis Cluster
 # of 3 primaries, and each other backend's drain against its broker next to that broker's
 # ceiling (bench/backends.py, bench/ceiling.rs). Takes about 12 minutes. Not part of CI: timing
-# goals live here.
+# goals live here. BENCH_ONLY=backends runs only the other backends' section (a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -42,33 +42,35 @@ echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(free -
 echo "versions: $("$BIN/postgres" --version), redis $(redis-server --version | sed -n 's/.*v=\([0-9.]*\).*/\1/p'), $(rustc --version | cut -d' ' -f1-2), broadcaster $(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
 echo "settings: ${SETTINGS[*]}"
 echo "date: $(date -u +%F)"
-python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" "$@"
+if [ "${BENCH_ONLY:-}" != backends ]; then
+  python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" "$@"
 
-# What WAIT costs: the same server with one replica.
-REPLICA_PORT=$(free_port 56500)
-EXTRA_PORTS+=("$REPLICA_PORT")
-redis-server --daemonize yes --bind 127.0.0.1 --port "$REPLICA_PORT" --save "" --appendonly no \
-  --replicaof 127.0.0.1 "$REDIS_PORT" --dir "$DIR" --logfile "$DIR/replica.log" >/dev/null
-until redis-cli -p "$REPLICA_PORT" info replication | grep -q 'master_link_status:up'; do sleep 0.2; done
-python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --wait "$@"
-redis-cli -p "$REPLICA_PORT" shutdown nosave >/dev/null 2>&1 || true
+  # What WAIT costs: the same server with one replica.
+  REPLICA_PORT=$(free_port 56500)
+  EXTRA_PORTS+=("$REPLICA_PORT")
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REPLICA_PORT" --save "" --appendonly no \
+    --replicaof 127.0.0.1 "$REDIS_PORT" --dir "$DIR" --logfile "$DIR/replica.log" >/dev/null
+  until redis-cli -p "$REPLICA_PORT" info replication | grep -q 'master_link_status:up'; do sleep 0.2; done
+  python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" --wait "$@"
+  redis-cli -p "$REPLICA_PORT" shutdown nosave >/dev/null 2>&1 || true
 
-# The same relay into a Redis Cluster of 3 primaries (no replicas) on this machine.
-CLUSTER_PORTS=()
-for i in 0 1 2; do
-  port=$(free_port $((17000 + i * 300)))  # its cluster bus, port + 10000, must exist too
-  mkdir -p "$DIR/cluster-$port"
-  redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-    --cluster-enabled yes --cluster-config-file "$DIR/cluster-$port/nodes.conf" \
-    --dir "$DIR/cluster-$port" --logfile "$DIR/cluster-$port/redis.log" >/dev/null
-  CLUSTER_PORTS+=("$port")
-  EXTRA_PORTS+=("$port")
-done
-sleep 0.5
-redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-replicas 0 --cluster-yes >/dev/null
-until redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
-python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" \
-  --cluster-ports "$(IFS=,; echo "${CLUSTER_PORTS[*]}")" "$@"
+  # The same relay into a Redis Cluster of 3 primaries (no replicas) on this machine.
+  CLUSTER_PORTS=()
+  for i in 0 1 2; do
+    port=$(free_port $((17000 + i * 300)))  # its cluster bus, port + 10000, must exist too
+    mkdir -p "$DIR/cluster-$port"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --cluster-enabled yes --cluster-config-file "$DIR/cluster-$port/nodes.conf" \
+      --dir "$DIR/cluster-$port" --logfile "$DIR/cluster-$port/redis.log" >/dev/null
+    CLUSTER_PORTS+=("$port")
+    EXTRA_PORTS+=("$port")
+  done
+  sleep 0.5
+  redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-replicas 0 --cluster-yes >/dev/null
+  until redis-cli -p "${CLUSTER_PORTS[0]}" cluster info | grep -q 'cluster_state:ok'; do sleep 0.2; done
+  python3 bench/driver.py --pg-port "$PG_PORT" --redis-port "$REDIS_PORT" \
+    --cluster-ports "$(IFS=,; echo "${CLUSTER_PORTS[*]}")" "$@"
+fi
 
 # The other backends, each against its broker on this machine, next to its ceiling: the same
 # messages from a plain client loop of the same crate with the same confirmations
@@ -78,6 +80,8 @@ CEILING=target/release/examples/ceiling
 PIDS=()
 stop_brokers() {
   for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; done
+  # RabbitMQ's Erlang VM leaves its start script's process group: found by its HOME.
+  pkill -KILL -f -- "-home $DIR/rabbit" 2>/dev/null || true
   stop_all
 }
 trap stop_brokers EXIT
