@@ -7,7 +7,8 @@
 #   /usr/share/postgresql/<major>/extension/broadcaster.control, broadcaster--*.sql
 #
 # Output: target/debian/postgresql-<major>-broadcaster_<version>-1_<arch>.deb, depending on
-# postgresql-<major> and the shared libraries the library links (libssl3, libc6, libgcc-s1).
+# postgresql-<major> and the shared libraries the library links (libssl3, libc6, libgcc-s1, zlib1g:
+# librdkafka is linked in statically).
 # Install on a machine with the server: `apt-get install ./postgresql-15-broadcaster_...deb`.
 # Needs scripts/setup.sh's toolchain (cargo-pgrx) and dpkg-deb; builds in release mode.
 set -euo pipefail
@@ -36,7 +37,7 @@ Package: postgresql-$major-broadcaster
 Version: $version-1
 Architecture: $arch
 Maintainer: broadcaster developers <broadcaster@localhost>
-Depends: postgresql-$major, libc6 (>= 2.34), libssl3 (>= 3.0.0), libgcc-s1
+Depends: postgresql-$major, libc6 (>= 2.34), libssl3 (>= 3.0.0), libgcc-s1, zlib1g (>= 1:1.2.0)
 Installed-Size: $installed_size
 Section: database
 Priority: optional

@@ -109,6 +109,19 @@ if [ ! -x "$CLEAN_ROOT/usr/lib/postgresql/15/bin/postgres" ]; then
   fi
 fi
 
+# tansu 0.6.0, a Kafka-protocol broker in Rust (tests/kafka.rs): no registry here has Apache
+# Kafka or Redpanda. Its default build has no storage engine: libsql gives it `sqlite://` (so
+# that a broker killed and restarted keeps what it acknowledged), dynostore `memory://`. Built
+# once per machine (12 minutes on 2 shared cores, measured), into its own folder.
+TANSU=/opt/broadcaster-tansu/bin/tansu
+if ! "$TANSU" --version 2>/dev/null | grep -q "0\.6\.0"; then
+  echo "setup: building tansu 0.6.0 (a Kafka-protocol broker) into /opt/broadcaster-tansu (about 12 minutes on 2 cores)"
+  tansu_target=$(mktemp -d)
+  CARGO_TARGET_DIR="$tansu_target" cargo install tansu --version 0.6.0 --locked \
+    --features dynostore,libsql --root /opt/broadcaster-tansu
+  rm -rf "$tansu_target"
+fi
+
 # Re-running init rewrites the config and forces a full rebuild of pgrx-pg-sys: only when needed.
 if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" \
   || ! grep -qs "pg16 = \"$PG16_CONFIG\"" "$HOME/.pgrx/config.toml" \
@@ -117,9 +130,9 @@ if ! grep -qs "pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" \
 fi
 
 # The Python clients tests/publishing.rs and tests/capture.rs drive (from PyPI): the drivers
-# and ORMs applications publish through, and the CloudEvents SDK and redis-py a consumer reads
-# with.
-PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6" "cloudevents>=2.2,<3" "redis>=5,<7")
+# and ORMs applications publish through, and the CloudEvents SDK, redis-py and Confluent's Kafka
+# client (tests/kafka.rs) a consumer reads with.
+PY_DEPS=("psycopg[binary]>=3.1,<4" "sqlalchemy>=2,<3" "django>=4.2,<6" "cloudevents>=2.2,<3" "redis>=5,<7" "confluent-kafka>=2.3,<3")
 # Always asked for by version (pip does nothing when they are there): an older Debian package
 # of the same name would import, and fail later.
 python3 -m pip install -q --disable-pip-version-check "${PY_DEPS[@]}" 2>/dev/null \

@@ -15,6 +15,7 @@ use crate::event::OutboxEvent;
 pub mod amqp;
 pub mod binding;
 pub mod file;
+pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod order;
@@ -29,6 +30,7 @@ pub const REGISTRY: &[Kind] = &[
     kind::<nats::NatsBackend>("nats"),
     kind::<mqtt::MqttBackend>("mqtt"),
     kind::<amqp::AmqpBackend>("amqp"),
+    kind::<kafka::KafkaBackend>("kafka"),
 ];
 
 /// What became of one event of a batch.
@@ -497,13 +499,13 @@ mod tests {
 
     #[test]
     fn unknown_backend_lists_the_known_ones() {
-        let err = Kind::find("kafka")
+        let err = Kind::find("pulsar")
             .err()
             .expect("unknown backend is refused");
         let msg = err.to_string();
-        assert!(msg.contains("\"kafka\""), "{msg}");
+        assert!(msg.contains("\"pulsar\""), "{msg}");
         assert!(
-            msg.contains("redis, file, webhook, nats, mqtt, amqp"),
+            msg.contains("redis, file, webhook, nats, mqtt, amqp, kafka"),
             "{msg}"
         );
     }
