@@ -72,13 +72,6 @@ impl std::fmt::Debug for AmqpConfig {
     }
 }
 
-fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidValue {
-        name: name.to_string(),
-        why: why.into(),
-    }
-}
-
 /// A routing key: at most 255 bytes (an AMQP short string).
 pub fn check_routing_key(key: &str) -> Result<(), String> {
     if key.len() > 255 {
@@ -110,7 +103,7 @@ impl Config for AmqpConfig {
         let url = options.text("url", "amqp://127.0.0.1:5672/%2f");
         // Never quoted: it may hold a password.
         let parsed: lapin::uri::AMQPUri = url.parse().map_err(|_| {
-            invalid(
+            ConfigError::invalid(
                 "url",
                 "not a valid AMQP URL; expected amqp[s]://[user:password@]host[:port][/vhost]",
             )
@@ -129,7 +122,7 @@ impl Config for AmqpConfig {
                 "binary" => AmqpMode::Binary,
                 "structured" => AmqpMode::Structured,
                 other => {
-                    return Err(invalid(
+                    return Err(ConfigError::invalid(
                         "message_mode",
                         format!("{other:?}; expected binary or structured"),
                     ))
@@ -141,24 +134,18 @@ impl Config for AmqpConfig {
             tls_key_file: options.text("tls_key_file", ""),
         };
         if config.exchange.len() > 255 {
-            return Err(invalid("exchange", "at most 255 bytes"));
+            return Err(ConfigError::invalid("exchange", "at most 255 bytes"));
         }
-        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
-            return Err(invalid(
-                "tls_cert_file",
-                "tls_cert_file and tls_key_file go together: set both, or neither",
-            ));
-        }
-        let tls_files = !config.tls_ca_file.is_empty() || !config.tls_cert_file.is_empty();
-        if tls_files && parsed.scheme != lapin::uri::AMQPScheme::AMQPS {
-            return Err(invalid(
-                "url",
-                "tls_ca_file, tls_cert_file and tls_key_file are for TLS: use amqps://",
-            ));
-        }
-        check_routing_key(&config.routing_key).map_err(|why| invalid("stream", why))?;
+        super::check_tls_files(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            (parsed.scheme != lapin::uri::AMQPScheme::AMQPS).then_some("amqps://"),
+        )?;
+        check_routing_key(&config.routing_key)
+            .map_err(|why| ConfigError::invalid("stream", why))?;
         crate::event::validate_stream(&config.routing_key, &config.stream_prefix)
-            .map_err(|e| invalid("stream", e.to_string()))?;
+            .map_err(|e| ConfigError::invalid("stream", e.to_string()))?;
         Ok(config)
     }
 }

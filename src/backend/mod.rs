@@ -174,6 +174,41 @@ pub enum ConfigError {
     SuperuserOption { name: String },
 }
 
+impl ConfigError {
+    /// A value of option `name` that is wrong, and why.
+    pub fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidValue {
+            name: name.to_string(),
+            why: why.into(),
+        }
+    }
+}
+
+/// Checks the TLS file options as a backend read them (`tls_ca_file`, `tls_cert_file`,
+/// `tls_key_file`; empty when unset): the certificate and its key go together, and, when
+/// `plain` names the scheme that asks for TLS (the URL asks for none), none may be set. No
+/// file is read here: the relay reads them when it connects.
+pub fn check_tls_files(
+    ca: &str,
+    cert: &str,
+    key: &str,
+    plain: Option<&str>,
+) -> Result<(), ConfigError> {
+    if cert.is_empty() != key.is_empty() {
+        return Err(ConfigError::invalid(
+            "tls_cert_file",
+            "tls_cert_file and tls_key_file go together: set both, or neither",
+        ));
+    }
+    match plain {
+        Some(scheme) if !ca.is_empty() || !cert.is_empty() => Err(ConfigError::invalid(
+            "url",
+            format!("tls_ca_file, tls_cert_file and tls_key_file are for TLS: use {scheme}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl BatchError {
     /// What went wrong, without the kind's words ("broker unavailable: ").
     pub fn reason(&self) -> &str {

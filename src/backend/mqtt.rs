@@ -79,13 +79,6 @@ impl std::fmt::Debug for MqttConfig {
     }
 }
 
-fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidValue {
-        name: name.to_string(),
-        why: why.into(),
-    }
-}
-
 /// Whether `topic` is one a message can be published to (MQTT 5, 4.7): not empty, no wildcard
 /// (`+`, `#`), no NUL, at most 65,535 bytes; and not a `$` topic, which brokers keep for
 /// themselves.
@@ -121,7 +114,7 @@ impl Config for MqttConfig {
         let text = options.text("url", "mqtt://127.0.0.1:1883");
         // Never quoted: it may hold a password.
         let url = Url::parse(&text).map_err(|e| {
-            invalid(
+            ConfigError::invalid(
                 "url",
                 format!("not a valid URL ({e}); expected mqtt[s]://[user:password@]host[:port]"),
             )
@@ -130,14 +123,14 @@ impl Config for MqttConfig {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
             other => {
-                return Err(invalid(
+                return Err(ConfigError::invalid(
                     "url",
                     format!("a {other}:// URL; expected mqtt:// or mqtts://"),
                 ))
             }
         };
         let Some(host) = url.host_str() else {
-            return Err(invalid("url", "no host"));
+            return Err(ConfigError::invalid("url", "no host"));
         };
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
@@ -181,7 +174,7 @@ impl Config for MqttConfig {
                 "binary" => MqttMode::Binary,
                 "structured" => MqttMode::Structured,
                 other => {
-                    return Err(invalid(
+                    return Err(ConfigError::invalid(
                         "message_mode",
                         format!("{other:?}; expected binary or structured"),
                     ))
@@ -194,24 +187,17 @@ impl Config for MqttConfig {
             tls_key_file: options.text("tls_key_file", ""),
         };
         if config.client_id.is_empty() || config.client_id.len() > 65535 {
-            return Err(invalid("client_id", "1 to 65535 bytes"));
+            return Err(ConfigError::invalid("client_id", "1 to 65535 bytes"));
         }
-        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
-            return Err(invalid(
-                "tls_cert_file",
-                "tls_cert_file and tls_key_file go together: set both, or neither",
-            ));
-        }
-        let tls_files = !config.tls_ca_file.is_empty() || !config.tls_cert_file.is_empty();
-        if tls_files && !config.tls {
-            return Err(invalid(
-                "url",
-                "tls_ca_file, tls_cert_file and tls_key_file are for TLS: use mqtts://",
-            ));
-        }
-        check_topic(&config.topic).map_err(|why| invalid("stream", why))?;
+        super::check_tls_files(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            (!config.tls).then_some("mqtts://"),
+        )?;
+        check_topic(&config.topic).map_err(|why| ConfigError::invalid("stream", why))?;
         crate::event::validate_stream(&config.topic, &config.stream_prefix)
-            .map_err(|e| invalid("stream", e.to_string()))?;
+            .map_err(|e| ConfigError::invalid("stream", e.to_string()))?;
         Ok(config)
     }
 }

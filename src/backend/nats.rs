@@ -72,13 +72,6 @@ impl std::fmt::Debug for NatsConfig {
     }
 }
 
-fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidValue {
-        name: name.to_string(),
-        why: why.into(),
-    }
-}
-
 /// Whether `subject` is one a message can be published to: dot-separated tokens, none empty,
 /// no wildcard (`*`, `>`), no whitespace or control character (the NATS protocol's rules); and
 /// not a system subject (`$JS.API.STREAM.DELETE.<stream>`, `$SYS...`, `$KV...`: an event
@@ -129,13 +122,13 @@ impl Config for NatsConfig {
         for one in split_urls(&text) {
             // Never quoted: it may hold a password.
             let url = Url::parse(one).map_err(|e| {
-                invalid(
+                ConfigError::invalid(
                     "url",
                     format!("not a valid URL ({e}); expected nats://[user:password@]host[:port], or several separated by commas"),
                 )
             })?;
             if !matches!(url.scheme(), "nats" | "tls") || url.host_str().is_none() {
-                return Err(invalid(
+                return Err(ConfigError::invalid(
                     "url",
                     format!(
                         "a {}:// URL; expected nats:// or tls:// with a host",
@@ -160,7 +153,7 @@ impl Config for NatsConfig {
             servers.push(format!("{}://{host}:{port}", url.scheme()));
         }
         if servers.is_empty() {
-            return Err(invalid("url", "no NATS server given"));
+            return Err(ConfigError::invalid("url", "no NATS server given"));
         }
         let context = &options.context;
         let default_subject = match &context.server {
@@ -176,7 +169,7 @@ impl Config for NatsConfig {
                 "binary" => NatsMode::Binary,
                 "structured" => NatsMode::Structured,
                 other => {
-                    return Err(invalid(
+                    return Err(ConfigError::invalid(
                         "message_mode",
                         format!("{other:?}; expected binary or structured"),
                     ))
@@ -187,20 +180,20 @@ impl Config for NatsConfig {
             tls_cert_file: options.text("tls_cert_file", ""),
             tls_key_file: options.text("tls_key_file", ""),
         };
-        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
-            return Err(invalid(
-                "tls_cert_file",
-                "tls_cert_file and tls_key_file go together: set both, or neither",
-            ));
-        }
+        super::check_tls_files(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            None,
+        )?;
         check_subject(&config.subject).map_err(|why| {
-            invalid(
+            ConfigError::invalid(
                 "stream",
                 format!("{why} (the default is broadcaster.<server>: set stream when the server's name makes no subject)"),
             )
         })?;
         crate::event::validate_stream(&config.subject, &config.stream_prefix)
-            .map_err(|e| invalid("stream", e.to_string()))?;
+            .map_err(|e| ConfigError::invalid("stream", e.to_string()))?;
         Ok(config)
     }
 }

@@ -114,13 +114,6 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
-fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidValue {
-        name: name.to_string(),
-        why: why.into(),
-    }
-}
-
 impl Config for WebhookConfig {
     const OPTIONS: &'static [&'static str] = &[
         "url",
@@ -143,7 +136,7 @@ impl Config for WebhookConfig {
         if text.is_empty() {
             // At CREATE SERVER, the URL may be left to a user mapping (it holds a password).
             if !options.context.database.is_empty() {
-                return Err(invalid(
+                return Err(ConfigError::invalid(
                     "url",
                     "the webhook backend needs the endpoint's URL (in the server's options, or in a user mapping when it holds a password)",
                 ));
@@ -152,7 +145,7 @@ impl Config for WebhookConfig {
         }
         // The error never quotes the URL: it may hold a password.
         let mut url = Url::parse(&text).map_err(|e| {
-            invalid(
+            ConfigError::invalid(
                 "url",
                 format!(
                     "not a valid URL ({e}); expected http[s]://[user:password@]host[:port][/path]"
@@ -160,7 +153,7 @@ impl Config for WebhookConfig {
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "url",
                 format!(
                     "a {}:// URL; expected http:// or https:// with a host",
@@ -169,7 +162,7 @@ impl Config for WebhookConfig {
             ));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "url",
                 "no query or fragment: the event's stream is added to the path",
             ));
@@ -195,7 +188,7 @@ impl Config for WebhookConfig {
         };
         let connections: usize = options.parse("connections", 4)?;
         if !(1..=64).contains(&connections) {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "connections",
                 format!("{connections}; between 1 and 64"),
             ));
@@ -210,7 +203,7 @@ impl Config for WebhookConfig {
                 "structured" => HttpMode::Structured,
                 "batched" => HttpMode::Batched,
                 other => {
-                    return Err(invalid(
+                    return Err(ConfigError::invalid(
                         "message_mode",
                         format!("{other:?}; expected binary, structured or batched"),
                     ))
@@ -223,15 +216,15 @@ impl Config for WebhookConfig {
             tls_cert_file: options.text("tls_cert_file", ""),
             tls_key_file: options.text("tls_key_file", ""),
         };
-        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
-            return Err(invalid(
-                "tls_cert_file",
-                "tls_cert_file and tls_key_file go together: set both, or neither",
-            ));
-        }
+        super::check_tls_files(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            None,
+        )?;
         if !config.stream.is_empty() {
             path_segment(&config.stream, &config.stream_prefix)
-                .map_err(|why| invalid("stream", why))?;
+                .map_err(|why| ConfigError::invalid("stream", why))?;
         }
         Ok(config)
     }
@@ -243,12 +236,12 @@ fn signing_key(secret: &str) -> Result<Vec<u8>, ConfigError> {
     let why = "expected whsec_ followed by base64 (Standard Webhooks), as `whsec_` || base64 of 24 to 64 random bytes";
     let encoded = secret
         .strip_prefix(SECRET_PREFIX)
-        .ok_or_else(|| invalid("secret", why))?;
+        .ok_or_else(|| ConfigError::invalid("secret", why))?;
     let key = base64::engine::general_purpose::STANDARD
         .decode(encoded)
-        .map_err(|_| invalid("secret", why))?;
+        .map_err(|_| ConfigError::invalid("secret", why))?;
     if key.len() < 16 {
-        return Err(invalid(
+        return Err(ConfigError::invalid(
             "secret",
             format!("{} bytes is too short a key; at least 16", key.len()),
         ));
