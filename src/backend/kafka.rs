@@ -96,13 +96,6 @@ impl std::fmt::Debug for KafkaConfig {
     }
 }
 
-fn invalid(name: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::InvalidValue {
-        name: name.to_string(),
-        why: why.into(),
-    }
-}
-
 /// Whether `topic` is a Kafka topic name a record can be produced to: 1 to 249 characters of
 /// `a-z A-Z 0-9 . _ -`, not `.` or `..` (Kafka's `Topic.validate`); and not starting with `__`,
 /// which Kafka keeps for its own topics (`__consumer_offsets`, `__transaction_state`).
@@ -134,12 +127,20 @@ struct Address {
 fn parse_url(text: &str) -> Result<Address, ConfigError> {
     let expected = "expected kafka[+ssl]://[user:password@]host[:port][,host[:port]...]";
     let Some((scheme, rest)) = text.trim().split_once("://") else {
-        return Err(invalid("url", format!("not a URL; {expected}")));
+        return Err(ConfigError::invalid(
+            "url",
+            format!("not a URL; {expected}"),
+        ));
     };
     let tls = match scheme {
         "kafka" => false,
         "kafka+ssl" => true,
-        other => return Err(invalid("url", format!("a {other}:// URL; {expected}"))),
+        other => {
+            return Err(ConfigError::invalid(
+                "url",
+                format!("a {other}:// URL; {expected}"),
+            ))
+        }
     };
     // The user information ends at the last `@` (a password may hold `@`).
     let (userinfo, hosts) = match rest.rsplit_once('@') {
@@ -162,13 +163,16 @@ fn parse_url(text: &str) -> Result<Address, ConfigError> {
             .ok()
             .filter(|u| u.path().is_empty() && u.query().is_none())
             .ok_or_else(|| {
-                invalid(
+                ConfigError::invalid(
                     "url",
                     format!("a broker that is not host[:port]; {expected}"),
                 )
             })?;
         let Some(name) = url.host_str() else {
-            return Err(invalid("url", format!("a broker with no host; {expected}")));
+            return Err(ConfigError::invalid(
+                "url",
+                format!("a broker with no host; {expected}"),
+            ));
         };
         brokers.push(format!("{name}:{}", url.port().unwrap_or(9092)));
     }
@@ -227,7 +231,7 @@ impl Config for KafkaConfig {
                 "binary" => KafkaMode::Binary,
                 "structured" => KafkaMode::Structured,
                 other => {
-                    return Err(invalid(
+                    return Err(ConfigError::invalid(
                         "message_mode",
                         format!("{other:?}; expected binary or structured"),
                     ))
@@ -243,7 +247,7 @@ impl Config for KafkaConfig {
             config.sasl_mechanism.as_str(),
             "SCRAM-SHA-512" | "SCRAM-SHA-256" | "PLAIN"
         ) {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "sasl_mechanism",
                 format!(
                     "{:?}; expected SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN",
@@ -252,29 +256,22 @@ impl Config for KafkaConfig {
             ));
         }
         if config.client_id.is_empty() || config.client_id.contains('\0') {
-            return Err(invalid("client_id", "must not be empty"));
+            return Err(ConfigError::invalid("client_id", "must not be empty"));
         }
-        if config.tls_cert_file.is_empty() != config.tls_key_file.is_empty() {
-            return Err(invalid(
-                "tls_cert_file",
-                "tls_cert_file and tls_key_file go together: set both, or neither",
-            ));
-        }
-        let tls_files = !config.tls_ca_file.is_empty() || !config.tls_cert_file.is_empty();
-        if tls_files && !config.tls {
-            return Err(invalid(
-                "url",
-                "tls_ca_file, tls_cert_file and tls_key_file are for TLS: use kafka+ssl://",
-            ));
-        }
+        super::check_tls_files(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+            (!config.tls).then_some("kafka+ssl://"),
+        )?;
         check_topic(&config.topic).map_err(|why| {
-            invalid(
+            ConfigError::invalid(
                 "stream",
                 format!("{why} (the default is broadcaster.<server>: set stream when the server's name makes no topic)"),
             )
         })?;
         crate::event::validate_stream(&config.topic, &config.stream_prefix)
-            .map_err(|e| invalid("stream", e.to_string()))?;
+            .map_err(|e| ConfigError::invalid("stream", e.to_string()))?;
         Ok(config)
     }
 }
@@ -441,8 +438,7 @@ impl KafkaBackend {
             // timeout, not 30 s, and so before they would time out (an outage).
             .set("topic.metadata.propagation.max.ms", &half)
             // A batch is handed over whole before the reports are awaited: no need to linger.
-            .set("linger.ms", "1")
-            .set("log.connection.close", "false");
+            .set("linger.ms", "1");
         let protocol = match (config.tls, config.credentials.is_some()) {
             (false, false) => "plaintext",
             (true, false) => "ssl",
