@@ -8,6 +8,7 @@
 //! ceiling amqp     <url> <exchange> <routing key> <n>   confirms awaited per 1,000
 //! ceiling mqtt     <host> <port> <topic> <n>            QoS 1, PUBACKs awaited per 1,000
 //! ceiling webhook  <url> <n> <connections>              POSTs on kept-alive connections
+//! ceiling kafka    <brokers> <topic> <n>                idempotent producer, reports per 1,000
 //! ceiling nats-setup <url>            a stream BENCH taking bench.>
 //! ceiling amqp-setup <url>            exchange bench (topic), queue bench bound with #
 //! ceiling receiver <port>             answers every POST 204, until killed
@@ -15,6 +16,7 @@
 //! ceiling listen-amqp    <url> <exchange> <key> <n>      a queue of its own, bound with <key>
 //! ceiling listen-mqtt    <host> <port> <topic> <n>       QoS 1 subscription
 //! ceiling listen-webhook <port> <n>                      answers every POST 204
+//! ceiling listen-kafka   <brokers> <topic> <n>           from the end of each partition
 //! ```
 //!
 //! The ceilings print `<kind> ceiling: <n> messages in <s> s = <rate>/s`. The listeners, for
@@ -240,6 +242,69 @@ fn mqtt(host: &str, port: u16, topic: &str, n: usize) {
         }
         report("mqtt", n, started);
     });
+}
+
+/// The relay's producer settings (src/backend/kafka.rs), without its timeouts.
+fn kafka_config(brokers: &str) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1");
+    config
+}
+
+fn kafka(brokers: &str, topic: &str, n: usize) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    #[derive(Default)]
+    struct Reports(AtomicUsize);
+    impl rdkafka::ClientContext for Reports {}
+    impl ProducerContext for Reports {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if let Err((e, _)) = result {
+                panic!("not delivered: {e}");
+            }
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let producer: BaseProducer<Reports> = kafka_config(brokers)
+        .create_with_context(Reports::default())
+        .expect("producer");
+    // Connected, the topic known.
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let started = Instant::now();
+    for start in (0..n).step_by(WINDOW) {
+        let end = (start + WINDOW).min(n);
+        for i in start..end {
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in attributes(i) {
+                headers = headers.insert(Header {
+                    key: &format!("ce_{name}"),
+                    value: Some(&value),
+                });
+            }
+            headers = headers.insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+            let value = body(i);
+            let record = BaseRecord::<(), _>::to(topic)
+                .payload(&value)
+                .headers(headers);
+            producer.send(record).map_err(|(e, _)| e).expect("send");
+        }
+        while producer.context().0.load(Ordering::Relaxed) < end {
+            producer.poll(Duration::from_millis(1));
+        }
+    }
+    report("kafka", n, started);
 }
 
 fn webhook(url: &str, n: usize, connections: usize) {
@@ -481,6 +546,59 @@ fn listen_mqtt(host: &str, port: u16, topic: &str, n: usize) {
     });
 }
 
+fn listen_kafka(brokers: &str, topic: &str, n: usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-listener")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut partitions = TopicPartitionList::new();
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            partitions
+                .add_partition_offset(topic.name(), partition.id(), Offset::End)
+                .expect("partition");
+        }
+    }
+    consumer.assign(&partitions).expect("assign");
+    // Assigned at the end: wait until each partition's position is known.
+    let started = Instant::now();
+    while consumer
+        .position()
+        .map(|p| p.elements().iter().any(|e| e.offset() == Offset::End))
+        .unwrap_or(true)
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        let _ = consumer.poll(Duration::from_millis(10));
+    }
+    let mut listened = Listened::ready(n);
+    let mut quiet = Instant::now();
+    while quiet.elapsed() < QUIET {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        quiet = Instant::now();
+        let id = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == "ce_id")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        if listened.received(id) {
+            break;
+        }
+    }
+}
+
 fn listen_webhook(port: u16, n: usize) {
     let (tx, rx) = std::sync::mpsc::channel();
     let listener = bind(port);
@@ -508,6 +626,8 @@ fn main() {
         "amqp-setup" => amqp_setup(arg(1)),
         "mqtt" => mqtt(arg(1), number(2) as u16, arg(3), number(4)),
         "webhook" => webhook(arg(1), number(2), number(3)),
+        "kafka" => kafka(arg(1), arg(2), number(3)),
+        "listen-kafka" => listen_kafka(arg(1), arg(2), number(3)),
         "receiver" => receiver(number(1) as u16),
         "listen-nats" => listen_nats(arg(1), arg(2), number(3)),
         "listen-amqp" => listen_amqp(arg(1), arg(2), arg(3), number(4)),

@@ -4,7 +4,8 @@
 # with the machine it ran on; then what WAIT to a replica costs, a drain into a Redis Cluster
 # of 3 primaries, and each other backend's drain against its broker next to that broker's
 # ceiling (bench/backends.py, bench/ceiling.rs). Takes about 12 minutes. Not part of CI: timing
-# goals live here. BENCH_ONLY=backends runs only the other backends' section (a few minutes).
+# goals live here. BENCH_ONLY=backends runs only the other backends' section (a few minutes),
+# BENCH_BACKEND=<kind> only that backend's line of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -105,9 +106,23 @@ mkdir -p "$DIR/rabbit" && echo "[]." >"$DIR/rabbit/enabled_plugins"
   RABBITMQ_CONFIG_FILE="$DIR/rabbit/rabbitmq" setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$DIR/rabbit.log" 2>&1) &
 PIDS+=($!)
 AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+TANSU=/opt/broadcaster-tansu/bin/tansu
+KAFKA_PORT=$(free_port 19092)
+# In memory. On its SQLite storage (tests/kafka.rs's), with the drain's 200,000 records in its
+# file and the latency's listener asking for more every 10 ms, tansu took over 2 s to write one
+# record, every time: the relay's batches timed out and half the latency's events never came.
+setsid "$TANSU" broker --silent --storage-engine memory://tansu/ \
+  --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  >"$DIR/kafka.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 240); do "$TANSU" topic create bench.events --partitions 3 --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1 && break; sleep 0.25; done
+for topic in bench.ceiling bench.latency; do
+  "$TANSU" topic create "$topic" --partitions 3 --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null
+done
 for _ in $(seq 1 240); do "$CEILING" nats-setup "nats://127.0.0.1:$NATS_PORT" 2>/dev/null && break; sleep 0.25; done
 for _ in $(seq 1 240); do "$CEILING" amqp-setup "$AMQP_URL" 2>/dev/null && break; sleep 0.25; done
-echo "brokers: $(nats-server --version), mosquitto $(mosquitto -h | sed -n 's/mosquitto version //p'), RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server)"
+echo "brokers: $(nats-server --version), mosquitto $(mosquitto -h | sed -n 's/mosquitto version //p'), RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server), $("$TANSU" --version) (in memory)"
 python3 bench/backends.py --pg-port "$PG_PORT" --ceiling "$CEILING" \
   --nats "nats://127.0.0.1:$NATS_PORT" --amqp "$AMQP_URL" --mqtt "127.0.0.1:$MQTT_PORT" \
-  --webhook "http://127.0.0.1:$HTTP_PORT"
+  --webhook "http://127.0.0.1:$HTTP_PORT" --kafka "127.0.0.1:$KAFKA_PORT" \
+  ${BENCH_BACKEND:+--only "$BENCH_BACKEND"}
