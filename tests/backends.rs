@@ -57,7 +57,7 @@ fn servers_are_validated_when_created_and_altered() {
     let cases = [
         // No kind, an unknown kind, an unknown option, bad values.
         ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster", "22023"),
-        ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'kafka')", "22023"),
+        ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'pulsar')", "22023"),
         ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis', colour 'red')", "HV00D"),
         ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis', maxlen 'ten')", "22023"),
         ("CREATE SERVER a FOREIGN DATA WRAPPER broadcaster OPTIONS (backend 'redis', url 'http://x')", "22023"),
