@@ -14,8 +14,9 @@
 //!
 //! Where an event goes: its `stream` (or the server's `stream` option) is the topic. A record
 //! the broker refuses for itself (too large, invalid, not authorized for the topic, no such
-//! topic) is the event's fault; no broker, no report within `network_timeout`, or any other
-//! broker error is an outage. The idempotent producer drops duplicates only within one
+//! topic) is the event's fault; no broker, no report within `network_timeout` (librdkafka times
+//! each record out; the batch waits at most twice that and a second more), or any other broker
+//! error is an outage. The idempotent producer drops duplicates only within one
 //! producer session: a batch sent again after an outage may land twice, with the same `ce_id`
 //! (or `id`) for consumers to drop.
 
@@ -150,18 +151,30 @@ fn parse_url(text: &str) -> Result<Address, ConfigError> {
     let hosts = hosts.trim_end_matches('/');
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| {
+                ConfigError::invalid("url", "a user or password that is not UTF-8 once decoded")
+            })
     };
-    let credentials = userinfo.map(|u| match u.split_once(':') {
-        Some((user, password)) => (decode(user), decode(password)),
-        None => (decode(u), String::new()),
-    });
+    let credentials = match userinfo.map(|u| u.split_once(':')) {
+        None => None,
+        Some(Some((user, password))) if !user.is_empty() && !password.is_empty() => {
+            Some((decode(user)?, decode(password)?))
+        }
+        // SASL logs in with both: a refused login would be an outage forever.
+        Some(_) => {
+            return Err(ConfigError::invalid(
+                "url",
+                format!("a user needs a password, and a password a user; {expected}"),
+            ))
+        }
+    };
     let mut brokers = Vec::new();
     for host in hosts.split(',').map(str::trim) {
         let url = url::Url::parse(&format!("kafka://{host}"))
             .ok()
-            .filter(|u| u.path().is_empty() && u.query().is_none())
+            .filter(|u| u.path().is_empty() && u.query().is_none() && u.fragment().is_none())
             .ok_or_else(|| {
                 ConfigError::invalid(
                     "url",
@@ -256,7 +269,10 @@ impl Config for KafkaConfig {
             ));
         }
         if config.client_id.is_empty() || config.client_id.contains('\0') {
-            return Err(ConfigError::invalid("client_id", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "client_id",
+                "must not be empty or hold a NUL",
+            ));
         }
         super::check_tls_files(
             &config.tls_ca_file,
@@ -321,6 +337,8 @@ pub struct KafkaBackend {
     /// The number the next record is handed to the client with: reports of records given up
     /// on in an earlier batch are told apart by it.
     next_record: usize,
+    /// The last batch met `UNKNOWN_SERVER_ERROR` and dropped its client (see [`classify`]).
+    after_unknown: bool,
 }
 
 impl Backend for KafkaBackend {
@@ -331,6 +349,7 @@ impl Backend for KafkaBackend {
             config,
             producer: None,
             next_record: 0,
+            after_unknown: false,
         };
         backend.producer()?;
         Ok(backend)
@@ -375,18 +394,20 @@ fn starts_afresh(code: RDKafkaErrorCode) -> bool {
     code == RDKafkaErrorCode::MessageTimedOut || lost_producer(code)
 }
 
-/// What a delivery error means for its record.
-fn classify(code: RDKafkaErrorCode, topic: &str) -> Outcome {
+/// What a delivery error means for its record. `fresh`: the client was built for this batch
+/// after the last one met `UNKNOWN_SERVER_ERROR`; met again, it is the record's (the Java client
+/// does not retry it either), lest a record the broker cannot take be resent forever.
+fn classify(code: RDKafkaErrorCode, topic: &str, fresh: bool) -> Outcome {
     use RDKafkaErrorCode as E;
     let said = format!("the broker refused the record for topic {topic:?}: {code}");
     match code {
         // The record's own: too large, invalid, its topic missing, refused or not writable.
+        // Not InvalidTimestamp (the record's time is when it was produced: the relay's clock,
+        // not the event), nor MessageBatchTooLarge (a batch librdkafka made of several events).
         E::MessageSizeTooLarge
         | E::InvalidMessageSize
         | E::InvalidMessage
         | E::InvalidRecord
-        | E::InvalidTimestamp
-        | E::MessageBatchTooLarge
         | E::InvalidTopic
         | E::UnknownTopic
         | E::UnknownTopicOrPartition
@@ -396,6 +417,7 @@ fn classify(code: RDKafkaErrorCode, topic: &str) -> Outcome {
         E::MessageTimedOut => {
             Outcome::Deferred(format!("no delivery report for topic {topic:?} in time"))
         }
+        E::Unknown if fresh => Outcome::Rejected(format!("{said}, again on a new client")),
         code if lost_producer(code) => Outcome::Deferred(format!(
             "{said}; the broker no longer knows the producer, whose client is built again"
         )),
@@ -417,11 +439,17 @@ impl KafkaBackend {
         BatchError::Unavailable(format!("{}: {why}", self.broker()))
     }
 
-    /// The client's settings: librdkafka's names (CONFIGURATION.md of librdkafka 2.0).
+    /// The client's settings: librdkafka's names (CONFIGURATION.md of librdkafka 2.12), each
+    /// value within the range librdkafka takes whatever `network_timeout` is.
     fn client_config(&self) -> ClientConfig {
         let config = &self.config;
-        let ms = config.timeout.as_millis().max(1).to_string();
-        let half = (config.timeout.as_millis() / 2).max(1).to_string();
+        let timeout = config.timeout.as_millis();
+        // Above linger.ms; request.timeout.ms at most 900,000; the connection's at least 1,000;
+        // the wait for a missing topic's metadata at most 3,600,000.
+        let ms = timeout.clamp(10, 2_147_483_647).to_string();
+        let request = timeout.clamp(10, 900_000).to_string();
+        let connect = timeout.clamp(1000, 2_147_483_647).to_string();
+        let half = (timeout / 2).clamp(1, 3_600_000).to_string();
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
@@ -432,8 +460,8 @@ impl KafkaBackend {
             // Keys to partitions as the Java client maps them.
             .set("partitioner", "murmur2_random")
             .set("message.timeout.ms", &ms)
-            .set("request.timeout.ms", &ms)
-            .set("socket.connection.setup.timeout.ms", &ms)
+            .set("request.timeout.ms", &request)
+            .set("socket.connection.setup.timeout.ms", &connect)
             // A topic that does not exist fails its records (the event's fault) within half the
             // timeout, not 30 s, and so before they would time out (an outage).
             .set("topic.metadata.propagation.max.ms", &half)
@@ -470,7 +498,11 @@ impl KafkaBackend {
                 .client_config()
                 .create_with_context(Reports::default())
                 .map_err(|e| match e {
-                    // librdkafka's word on a setting, or a file it could not read.
+                    // A setting librdkafka refused: named, its value never shown (a password).
+                    KafkaError::ClientConfig(_, _, key, _) => BatchError::Misconfigured(format!(
+                        "the Kafka client refused its setting {key:?}"
+                    )),
+                    // librdkafka's word on its settings together, or a file it could not read.
                     KafkaError::ClientCreation(why) => BatchError::Misconfigured(format!(
                         "the Kafka client refused its settings: {why}"
                     )),
@@ -491,6 +523,15 @@ impl KafkaBackend {
         Some(format!(
             "the Kafka client stopped ({code}: {why}); it is built again"
         ))
+    }
+
+    /// Forgets the client's last error: what it says next is about what comes next.
+    fn forget_last_error(&self) {
+        if let Some(producer) = &self.producer {
+            if let Ok(mut last) = producer.context().last_error.lock() {
+                *last = None;
+            }
+        }
     }
 
     /// The client's last error, for an outage's message.
@@ -555,9 +596,11 @@ impl PublisherBackend for KafkaBackend {
         if let Some(why) = self.fatal() {
             return Err(self.unavailable(why));
         }
+        self.forget_last_error();
         let parts: Vec<Result<Parts, String>> =
             events.iter().map(|e| self.record_parts(e)).collect();
         let timeout = self.config.timeout;
+        let fresh = self.after_unknown;
         let first = self.next_record;
         self.next_record = self.next_record.wrapping_add(events.len());
         let producer = self.producer()?;
@@ -566,6 +609,8 @@ impl PublisherBackend for KafkaBackend {
         let mut waiting = 0;
         // A report said the client should start afresh ([`starts_afresh`]).
         let mut rebuild = false;
+        // A report was UNKNOWN_SERVER_ERROR.
+        let mut unknown = false;
         // librdkafka times each record out itself (message.timeout.ms); this bounds the wait
         // for its reports beyond that, and for room in its queue.
         let deadline = Instant::now() + timeout * 2 + Duration::from_secs(1);
@@ -600,7 +645,8 @@ impl PublisherBackend for KafkaBackend {
                     Err((e, _)) => {
                         let code = e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                         rebuild |= starts_afresh(code);
-                        outcomes[i] = Some(classify(code, &parts.topic));
+                        unknown |= code == RDKafkaErrorCode::Unknown;
+                        outcomes[i] = Some(classify(code, &parts.topic, fresh));
                         break;
                     }
                 }
@@ -614,16 +660,17 @@ impl PublisherBackend for KafkaBackend {
                 Err(_) => break,
             };
             for (record, error) in reports {
-                rebuild |= error.is_some_and(starts_afresh);
                 let i = record.wrapping_sub(first);
                 // A report of an earlier batch's record, given up on then.
                 if i >= events.len() || outcomes[i].is_some() {
                     continue;
                 }
+                rebuild |= error.is_some_and(starts_afresh);
+                unknown |= error == Some(RDKafkaErrorCode::Unknown);
                 waiting -= 1;
                 outcomes[i] = Some(match error {
                     None => Outcome::Delivered,
-                    Some(code) => classify(code, &topics[i]),
+                    Some(code) => classify(code, &topics[i], fresh),
                 });
             }
         }
@@ -634,15 +681,15 @@ impl PublisherBackend for KafkaBackend {
             .lock()
             .ok()
             .and_then(|last| last.clone());
-        if rebuild {
-            // Whatever it still holds goes again with a new client's next batch.
+        // Whatever the client still holds goes again with a new client's next batch: purged
+        // records leave a gap in the idempotent producer's sequence, which the broker would
+        // refuse (and librdkafka answer with an epoch bump).
+        if rebuild || waiting > 0 {
             producer.purge(PurgeConfig::default().queue().inflight());
             producer.poll(Duration::ZERO);
             self.producer = None;
-        } else if waiting > 0 {
-            // Not yet handed to a broker: dropped, to be sent again with the next batch.
-            producer.purge(PurgeConfig::default().queue());
         }
+        self.after_unknown = unknown && self.producer.is_none();
         let lost = self
             .fatal()
             .or_else(|| last_error.clone())
@@ -671,6 +718,7 @@ impl PublisherBackend for KafkaBackend {
         if let Some(why) = self.fatal() {
             return Err(self.unavailable(why));
         }
+        self.forget_last_error();
         let timeout = self.config.timeout;
         let topic = self.config.topic.clone();
         let producer = self.producer()?;
@@ -722,11 +770,16 @@ mod tests {
             "kafka://u:s3cret@h:notaport",
             "kafka://u:s3cret@h/path",
             "kafka://u:s3cret@",
+            "kafka://u:s3cret@h#x",
+            "kafka://:s3cret@h",
+            "kafka://u:s3cret%FF@h",
         ] {
             let err = config(&[("url", bad)]).expect_err(bad);
             assert!(!err.to_string().contains("s3cret"), "{err}");
             assert!(err.to_string().contains("\"url\""), "{err}");
         }
+        // A user with no password: SASL would be refused forever.
+        assert!(config(&[("url", "kafka://relay@h")]).is_err());
     }
 
     #[test]
@@ -758,7 +811,7 @@ mod tests {
             E::TopicAuthorizationFailed,
         ] {
             assert!(
-                matches!(classify(code, "t"), Outcome::Rejected(_)),
+                matches!(classify(code, "t", false), Outcome::Rejected(_)),
                 "{code:?}"
             );
         }
@@ -767,11 +820,19 @@ mod tests {
             E::AllBrokersDown,
             E::NotEnoughReplicas,
             E::LeaderNotAvailable,
+            E::InvalidTimestamp,
+            E::MessageBatchTooLarge,
+            E::Unknown,
         ] {
             assert!(
-                matches!(classify(code, "t"), Outcome::Deferred(_)),
+                matches!(classify(code, "t", false), Outcome::Deferred(_)),
                 "{code:?}"
             );
         }
+        // UNKNOWN_SERVER_ERROR again on a client built after the last one: the record's.
+        assert!(matches!(
+            classify(E::Unknown, "t", true),
+            Outcome::Rejected(why) if why.contains("again on a new client")
+        ));
     }
 }
