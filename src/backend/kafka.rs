@@ -20,6 +20,7 @@
 //! producer session: a batch sent again after an outage may land twice, with the same `ce_id`
 //! (or `id`) for consumers to drop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -299,6 +300,10 @@ struct Reports {
     /// `(record number, None when written or the error)`, in arrival order.
     deliveries: Mutex<Vec<(usize, Option<RDKafkaErrorCode>)>>,
     last_error: Mutex<Option<String>>,
+    /// librdkafka said every broker connection is down (a refused or failed connection, a
+    /// refused login): a batch waiting then gives up at once instead of waiting for each
+    /// record's timeout.
+    all_down: AtomicBool,
 }
 
 impl ClientContext for Reports {
@@ -307,6 +312,9 @@ impl ClientContext for Reports {
     fn log(&self, _level: RDKafkaLogLevel, _fac: &str, _log_message: &str) {}
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.all_down.store(true, Ordering::Relaxed);
+        }
         if let Ok(mut last) = self.last_error.lock() {
             *last = Some(format!("{error}: {reason}"));
         }
@@ -528,6 +536,7 @@ impl KafkaBackend {
     /// Forgets the client's last error: what it says next is about what comes next.
     fn forget_last_error(&self) {
         if let Some(producer) = &self.producer {
+            producer.context().all_down.store(false, Ordering::Relaxed);
             if let Ok(mut last) = producer.context().last_error.lock() {
                 *last = None;
             }
@@ -672,6 +681,10 @@ impl PublisherBackend for KafkaBackend {
                     None => Outcome::Delivered,
                     Some(code) => classify(code, &topics[i], fresh),
                 });
+            }
+            // No broker to wait for: what is unacknowledged goes again with a new client.
+            if waiting > 0 && producer.context().all_down.load(Ordering::Relaxed) {
+                break;
             }
         }
         // The client's last error (a broker unreachable, a login refused), before it may go.
