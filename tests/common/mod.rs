@@ -17,11 +17,16 @@ use redis::streams::StreamRangeReply;
 /// How long any wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A free loopback port for one server, see [`group_ports`]: never one this test process has
+/// handed out before, and below the kernel's ephemeral range.
+///
+/// Asking the kernel for port 0 is not enough here. Tests run side by side, and a server binds
+/// its port some milliseconds after the test picked it: the kernel may hand the same port to a
+/// second test in between (two servers, one port, and a test reading the other test's server),
+/// or to an outgoing connection. A NATS test in CI was refused by the port it had just seen
+/// listening, as if its server had never bound it and another test's had, then died.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    group_ports(1)[0]
 }
 
 /// Polls `probe` until it returns Some, or panics with `what` after `deadline`.
