@@ -23,19 +23,11 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
+use super::binding::Mode;
 use super::{
-    binding, Backend, BatchError, Config, ConfigError, Options, Outcome, PublisherBackend,
+    binding, Backend, BatchError, Config, ConfigError, Options, Outcome, PublisherBackend, TlsFiles,
 };
 use crate::event::OutboxEvent;
-
-/// How events are laid out in messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AmqpMode {
-    /// Attributes as `cloudEvents_*` headers, the content type the data's, the data as the body.
-    Binary,
-    /// The whole event as `application/cloudevents+json`.
-    Structured,
-}
 
 /// `CREATE SERVER ... OPTIONS (backend 'amqp', url '...', ...)`.
 #[derive(Clone)]
@@ -50,8 +42,9 @@ pub struct AmqpConfig {
     pub routing_key: String,
     /// `stream_prefix`: every routing key an event names must start with this; empty: any.
     pub stream_prefix: String,
-    /// `message_mode`: `binary` (the default) or `structured`.
-    pub mode: AmqpMode,
+    /// `message_mode`: `binary` (the default: attributes as `cloudEvents_*` application
+    /// properties, the content type the data's, the data as the body) or `structured`.
+    pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on connecting and on each confirm.
     pub timeout: Duration,
     /// `tls_ca_file`: CA certificates (PEM) to trust for `amqps://`, instead of the system's.
@@ -118,16 +111,7 @@ impl Config for AmqpConfig {
             exchange: options.text("exchange", ""),
             routing_key: options.text("stream", &default_key),
             stream_prefix: options.text("stream_prefix", ""),
-            mode: match options.get("message_mode").unwrap_or("binary") {
-                "binary" => AmqpMode::Binary,
-                "structured" => AmqpMode::Structured,
-                other => {
-                    return Err(ConfigError::invalid(
-                        "message_mode",
-                        format!("{other:?}; expected binary or structured"),
-                    ))
-                }
-            },
+            mode: options.message_mode()?,
             timeout: options.timeout("network_timeout")?,
             tls_ca_file: options.text("tls_ca_file", ""),
             tls_cert_file: options.text("tls_cert_file", ""),
@@ -210,21 +194,17 @@ impl AmqpBackend {
 
     fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, BatchError> {
         let config = &self.config;
-        let read = |option: &str, path: &str| {
-            std::fs::read(path).map_err(|e| {
-                BatchError::Misconfigured(format!("option \"{option}\": reading {path}: {e}"))
-            })
-        };
+        let files = TlsFiles::read(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+        )?;
         let mut tls = lapin::tcp::OwnedTLSConfig::default();
-        if !config.tls_ca_file.is_empty() {
-            let pem = read("tls_ca_file", &config.tls_ca_file)?;
+        if let Some(pem) = files.ca {
             tls.cert_chain = Some(String::from_utf8_lossy(&pem).into_owned());
         }
-        if !config.tls_cert_file.is_empty() {
-            tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                pem: read("tls_cert_file", &config.tls_cert_file)?,
-                key: read("tls_key_file", &config.tls_key_file)?,
-            });
+        if let Some((pem, key)) = files.identity {
+            tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key });
         }
         Ok(tls)
     }
@@ -279,7 +259,7 @@ impl AmqpBackend {
             .with_message_id(ShortString::from(event.id.clone()))
             .with_delivery_mode(2);
         let (properties, body) = match self.config.mode {
-            AmqpMode::Binary => {
+            Mode::Binary => {
                 let mut headers = FieldTable::default();
                 for (name, value) in
                     binding::attributes(event, "cloudEvents_", binding::Values::Plain)?
@@ -302,7 +282,7 @@ impl AmqpBackend {
                     body,
                 )
             }
-            AmqpMode::Structured => (
+            Mode::Structured => (
                 properties.with_content_type(ShortString::from(binding::STRUCTURED_CONTENT_TYPE)),
                 event.structured_json().map_err(|e| e.to_string())?,
             ),
@@ -562,12 +542,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<AmqpConfig, ConfigError> {
-        let context = crate::backend::Context {
-            server: Some("billing".into()),
-            database: "db".into(),
-            ..Default::default()
-        };
-        AmqpConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
+        AmqpConfig::from_options(&crate::backend::test_options(Some("billing"), pairs))
     }
 
     #[test]

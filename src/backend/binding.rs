@@ -11,6 +11,19 @@ use crate::event::OutboxEvent;
 /// Content type of a structured-mode message (the CloudEvents JSON format).
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 
+/// How a binding lays one event out in one message: the CloudEvents content modes (spec 1.0,
+/// "Message"), named by the `message_mode` option ([`super::Options::message_mode`]). Each
+/// backend's docs say where its binding puts the attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The attributes in the message's metadata (headers, properties, stream fields), the
+    /// data's content type as the message's own, the data as the payload, byte for byte.
+    #[default]
+    Binary,
+    /// The whole event as one [`STRUCTURED_CONTENT_TYPE`] document.
+    Structured,
+}
+
 /// Characters of an attribute value a header carries percent-encoded: outside printable ASCII,
 /// space, `"` and `%` (HTTP binding 3.1.3.2, which the NATS binding follows). Non-ASCII is
 /// always encoded.

@@ -32,20 +32,11 @@ use rdkafka::producer::{
     BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
 };
 
+use super::binding::Mode;
 use super::{
     binding, Backend, BatchError, Config, ConfigError, Options, Outcome, PublisherBackend,
 };
 use crate::event::OutboxEvent;
-
-/// How events are laid out in records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KafkaMode {
-    /// Attributes as `ce_<name>` headers (UTF-8), the data's content type as `content-type`,
-    /// the data as the value.
-    Binary,
-    /// The whole event as `application/cloudevents+json; charset=UTF-8`.
-    Structured,
-}
 
 /// How long one [`BaseProducer::poll`] serves the client's reports: it returns only then, so
 /// this is also the most a delivered batch waits to be seen as delivered.
@@ -72,8 +63,10 @@ pub struct KafkaConfig {
     pub topic: String,
     /// `stream_prefix`: every topic an event names must start with this; empty: any.
     pub stream_prefix: String,
-    /// `message_mode`: `binary` (the default) or `structured`.
-    pub mode: KafkaMode,
+    /// `message_mode`: `binary` (the default: attributes as `ce_<name>` headers in UTF-8, the
+    /// data's content type as `content-type`, the data as the value) or `structured`
+    /// (`application/cloudevents+json; charset=UTF-8`).
+    pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on each record's delivery report, from the
     /// moment it is handed to the client, and on connecting.
     pub timeout: Duration,
@@ -241,16 +234,7 @@ impl Config for KafkaConfig {
             sasl_mechanism: options.text("sasl_mechanism", "SCRAM-SHA-512"),
             topic: options.text("stream", &default_topic),
             stream_prefix: options.text("stream_prefix", ""),
-            mode: match options.get("message_mode").unwrap_or("binary") {
-                "binary" => KafkaMode::Binary,
-                "structured" => KafkaMode::Structured,
-                other => {
-                    return Err(ConfigError::invalid(
-                        "message_mode",
-                        format!("{other:?}; expected binary or structured"),
-                    ))
-                }
-            },
+            mode: options.message_mode()?,
             timeout: options.timeout("network_timeout")?,
             client_id: options.text("client_id", &default_id),
             tls_ca_file: options.text("tls_ca_file", ""),
@@ -557,7 +541,7 @@ impl KafkaBackend {
             .map_err(|e| e.to_string())?;
         let mut headers = OwnedHeaders::new();
         let value = match self.config.mode {
-            KafkaMode::Binary => {
+            Mode::Binary => {
                 for (name, value) in binding::attributes(event, "ce_", binding::Values::Plain)? {
                     headers = headers.insert(Header {
                         key: &name,
@@ -573,7 +557,7 @@ impl KafkaBackend {
                     .map_err(|e| e.to_string())?
                     .map(|d| d.into_owned())
             }
-            KafkaMode::Structured => {
+            Mode::Structured => {
                 headers = headers.insert(Header {
                     key: "content-type",
                     value: Some(STRUCTURED.as_bytes()),
@@ -751,13 +735,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<KafkaConfig, ConfigError> {
-        let context = crate::backend::Context {
-            server: Some("orders".into()),
-            database: "db".into(),
-            cluster: 0x7441_0b2c,
-            ..Default::default()
-        };
-        KafkaConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
+        KafkaConfig::from_options(&crate::backend::test_options(Some("orders"), pairs))
     }
 
     #[test]

@@ -209,6 +209,39 @@ pub fn check_tls_files(
     }
 }
 
+/// The TLS files a backend's options name, read when the relay connects (never at
+/// `CREATE SERVER`: the files are the relay's, on the database server's machine).
+#[derive(Default)]
+pub struct TlsFiles {
+    /// `tls_ca_file`'s bytes (PEM): the CA certificates to trust instead of the system's.
+    pub ca: Option<Vec<u8>>,
+    /// `tls_cert_file`'s and `tls_key_file`'s bytes (PEM): the client certificate and its key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Reads the files of `tls_ca_file`, `tls_cert_file` and `tls_key_file` (empty when unset;
+    /// [`check_tls_files`] made sure the certificate and its key go together). A file that
+    /// can't be read is [`BatchError::Misconfigured`], naming the option and the path.
+    pub fn read(ca: &str, cert: &str, key: &str) -> Result<TlsFiles, BatchError> {
+        let read = |option: &str, path: &str| {
+            std::fs::read(path).map_err(|e| {
+                BatchError::Misconfigured(format!("option \"{option}\": reading {path}: {e}"))
+            })
+        };
+        Ok(TlsFiles {
+            ca: match ca {
+                "" => None,
+                path => Some(read("tls_ca_file", path)?),
+            },
+            identity: match (cert, key) {
+                ("", _) | (_, "") => None,
+                (cert, key) => Some((read("tls_cert_file", cert)?, read("tls_key_file", key)?)),
+            },
+        })
+    }
+}
+
 impl BatchError {
     /// What went wrong, without the kind's words ("broker unavailable: ").
     pub fn reason(&self) -> &str {
@@ -339,6 +372,18 @@ impl Context {
     }
 }
 
+/// Options from `pairs` as the relay of database `db` in cluster `7441_0b2c` (hex) would give
+/// them to server `server` (None: the default backend): what backends' unit tests configure.
+#[cfg(test)]
+pub fn test_options(server: Option<&str>, pairs: &[(&str, &str)]) -> Options {
+    Options::new(pairs.iter().copied()).with_context(Context {
+        server: server.map(str::to_string),
+        database: "db".into(),
+        cluster: 0x7441_0b2c,
+        ..Default::default()
+    })
+}
+
 impl std::fmt::Debug for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut names: Vec<&String> = self.values.keys().collect();
@@ -429,6 +474,18 @@ impl Options {
                 }
                 Ok(Duration::from_millis(ms))
             }
+        }
+    }
+
+    /// The `message_mode` option: `binary` (the default) or `structured`.
+    pub fn message_mode(&self) -> Result<binding::Mode, ConfigError> {
+        match self.get("message_mode").unwrap_or("binary") {
+            "binary" => Ok(binding::Mode::Binary),
+            "structured" => Ok(binding::Mode::Structured),
+            other => Err(ConfigError::invalid(
+                &self.label("message_mode"),
+                format!("{other:?}; expected binary or structured"),
+            )),
         }
     }
 

@@ -26,20 +26,11 @@ use rumqttc::Outgoing;
 use tokio::sync::mpsc;
 use url::Url;
 
+use super::binding::Mode;
 use super::{
-    binding, Backend, BatchError, Config, ConfigError, Options, Outcome, PublisherBackend,
+    binding, Backend, BatchError, Config, ConfigError, Options, Outcome, PublisherBackend, TlsFiles,
 };
 use crate::event::OutboxEvent;
-
-/// How events are laid out in messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MqttMode {
-    /// Attributes as user properties (named as the attributes), the content type property the
-    /// data's, the data as the payload.
-    Binary,
-    /// The whole event as `application/cloudevents+json`.
-    Structured,
-}
 
 /// `CREATE SERVER ... OPTIONS (backend 'mqtt', url '...', ...)`.
 #[derive(Clone)]
@@ -55,8 +46,10 @@ pub struct MqttConfig {
     pub topic: String,
     /// `stream_prefix`: every topic an event names must start with this; empty: any.
     pub stream_prefix: String,
-    /// `message_mode`: `binary` (the default) or `structured`.
-    pub mode: MqttMode,
+    /// `message_mode`: `binary` (the default: attributes as user properties named as the
+    /// attributes, the content type property the data's, the data as the payload) or
+    /// `structured`.
+    pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on connecting and on each batch's `PUBACK`s.
     pub timeout: Duration,
     /// `client_id`: default `broadcaster-<system identifier, hex>-<database>-<server>`.
@@ -170,16 +163,7 @@ impl Config for MqttConfig {
             credentials,
             topic: options.text("stream", &default_topic),
             stream_prefix: options.text("stream_prefix", ""),
-            mode: match options.get("message_mode").unwrap_or("binary") {
-                "binary" => MqttMode::Binary,
-                "structured" => MqttMode::Structured,
-                other => {
-                    return Err(ConfigError::invalid(
-                        "message_mode",
-                        format!("{other:?}; expected binary or structured"),
-                    ))
-                }
-            },
+            mode: options.message_mode()?,
             timeout: options.timeout("network_timeout")?,
             client_id: options.text("client_id", &default_id),
             tls_ca_file: options.text("tls_ca_file", ""),
@@ -314,22 +298,19 @@ impl MqttBackend {
             options.set_credentials(user, password);
         }
         if config.tls {
-            let read = |option: &str, path: &str| {
-                std::fs::read(path).map_err(|e| {
-                    BatchError::Misconfigured(format!("option \"{option}\": reading {path}: {e}"))
-                })
-            };
+            let files = TlsFiles::read(
+                &config.tls_ca_file,
+                &config.tls_cert_file,
+                &config.tls_key_file,
+            )?;
             let mut tls = native_tls::TlsConnector::builder();
-            if !config.tls_ca_file.is_empty() {
-                let pem = read("tls_ca_file", &config.tls_ca_file)?;
+            if let Some(pem) = files.ca {
                 let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| {
                     BatchError::Misconfigured(format!("option \"tls_ca_file\": {e}"))
                 })?;
                 tls.add_root_certificate(ca).disable_built_in_roots(true);
             }
-            if !config.tls_cert_file.is_empty() {
-                let cert = read("tls_cert_file", &config.tls_cert_file)?;
-                let key = read("tls_key_file", &config.tls_key_file)?;
+            if let Some((cert, key)) = files.identity {
                 let identity = native_tls::Identity::from_pkcs8(&cert, &key).map_err(|e| {
                     BatchError::Misconfigured(format!(
                         "options \"tls_cert_file\", \"tls_key_file\": {e}"
@@ -390,7 +371,7 @@ impl MqttBackend {
             .map_err(|e| e.to_string())?;
         let mut properties = PublishProperties::default();
         let payload = match self.config.mode {
-            MqttMode::Binary => {
+            Mode::Binary => {
                 properties.user_properties =
                     binding::attributes(event, "", binding::Values::Plain)?;
                 properties.content_type = Some(event.datacontenttype.clone());
@@ -400,7 +381,7 @@ impl MqttBackend {
                     .map(|d| d.into_owned())
                     .unwrap_or_default()
             }
-            MqttMode::Structured => {
+            Mode::Structured => {
                 properties.content_type = Some(binding::STRUCTURED_CONTENT_TYPE.to_string());
                 event.structured_json().map_err(|e| e.to_string())?
             }
@@ -584,13 +565,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<MqttConfig, ConfigError> {
-        let context = crate::backend::Context {
-            server: Some("devices".into()),
-            database: "db".into(),
-            cluster: 0x7441_0b2c,
-            ..Default::default()
-        };
-        MqttConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
+        MqttConfig::from_options(&crate::backend::test_options(Some("devices"), pairs))
     }
 
     #[test]

@@ -21,20 +21,12 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::{ConnectOptions, HeaderMap, HeaderValue};
 use url::Url;
 
+use super::binding::Mode;
 use super::{
     binding, split_urls, Backend, BatchError, Config, ConfigError, Options, Outcome,
     PublisherBackend,
 };
 use crate::event::OutboxEvent;
-
-/// How events are laid out in messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NatsMode {
-    /// Attributes as `ce-*` headers, `content-type` the data's, the data as the payload.
-    Binary,
-    /// The whole event as `application/cloudevents+json`.
-    Structured,
-}
 
 /// `CREATE SERVER ... OPTIONS (backend 'nats', url '...', ...)`.
 #[derive(Clone)]
@@ -50,8 +42,9 @@ pub struct NatsConfig {
     pub subject: String,
     /// `stream_prefix`: every subject an event names must start with this; empty: any.
     pub stream_prefix: String,
-    /// `message_mode`: `binary` (the default) or `structured`.
-    pub mode: NatsMode,
+    /// `message_mode`: `binary` (the default: attributes as `ce-*` headers, `content-type` the
+    /// data's, the data as the payload) or `structured`.
+    pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on connecting and on each acknowledgement.
     pub timeout: Duration,
     /// `tls_ca_file`: CA certificates (PEM) to trust instead of the system's; implies TLS.
@@ -165,16 +158,7 @@ impl Config for NatsConfig {
             credentials,
             subject: options.text("stream", &default_subject),
             stream_prefix: options.text("stream_prefix", ""),
-            mode: match options.get("message_mode").unwrap_or("binary") {
-                "binary" => NatsMode::Binary,
-                "structured" => NatsMode::Structured,
-                other => {
-                    return Err(ConfigError::invalid(
-                        "message_mode",
-                        format!("{other:?}; expected binary or structured"),
-                    ))
-                }
-            },
+            mode: options.message_mode()?,
             timeout: options.timeout("network_timeout")?,
             tls_ca_file: options.text("tls_ca_file", ""),
             tls_cert_file: options.text("tls_cert_file", ""),
@@ -305,7 +289,7 @@ impl NatsBackend {
         };
         headers.insert(async_nats::header::NATS_MESSAGE_ID, header(&event.id)?);
         let payload = match self.config.mode {
-            NatsMode::Binary => {
+            Mode::Binary => {
                 for (name, value) in
                     binding::attributes(event, "ce-", binding::Values::PercentEncoded)?
                 {
@@ -318,7 +302,7 @@ impl NatsBackend {
                     .map(|data| bytes::Bytes::copy_from_slice(&data))
                     .unwrap_or_default()
             }
-            NatsMode::Structured => {
+            Mode::Structured => {
                 headers.insert("content-type", header(binding::STRUCTURED_CONTENT_TYPE)?);
                 bytes::Bytes::from(event.structured_json().map_err(|e| e.to_string())?)
             }
@@ -532,12 +516,7 @@ mod tests {
     use super::*;
 
     fn config(pairs: &[(&str, &str)]) -> Result<NatsConfig, ConfigError> {
-        let context = crate::backend::Context {
-            server: Some("orders".into()),
-            database: "db".into(),
-            ..Default::default()
-        };
-        NatsConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
+        NatsConfig::from_options(&crate::backend::test_options(Some("orders"), pairs))
     }
 
     #[test]

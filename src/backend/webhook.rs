@@ -45,7 +45,7 @@ use url::Url;
 
 use super::{
     binding, Backend, BatchError, Config, ConfigError, Options, Outcome, Pipelined,
-    PublisherBackend,
+    PublisherBackend, TlsFiles,
 };
 use crate::event::OutboxEvent;
 
@@ -374,11 +374,6 @@ impl ureq::unversioned::resolver::Resolver for Resolver {
 /// the client certificate and key. Read here, at the relay's start, not at `CREATE SERVER`.
 fn tls_config(config: &WebhookConfig) -> Result<ureq::tls::TlsConfig, BatchError> {
     use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsProvider};
-    let read = |option: &str, path: &str| {
-        std::fs::read(path).map_err(|e| {
-            BatchError::Misconfigured(format!("option \"{option}\": reading {path}: {e}"))
-        })
-    };
     let certificates =
         |option: &str, pem: &[u8]| -> Result<Vec<Certificate<'static>>, BatchError> {
             let certificates: Vec<Certificate<'static>> = ureq::tls::parse_pem(pem)
@@ -394,22 +389,22 @@ fn tls_config(config: &WebhookConfig) -> Result<ureq::tls::TlsConfig, BatchError
             }
             Ok(certificates)
         };
+    let files = TlsFiles::read(
+        &config.tls_ca_file,
+        &config.tls_cert_file,
+        &config.tls_key_file,
+    )?;
     let mut tls = ureq::tls::TlsConfig::builder().provider(TlsProvider::NativeTls);
-    if !config.tls_ca_file.is_empty() {
-        let pem = read("tls_ca_file", &config.tls_ca_file)?;
-        tls = tls.root_certs(RootCerts::new_with_certs(&certificates(
+    tls = match files.ca {
+        Some(pem) => tls.root_certs(RootCerts::new_with_certs(&certificates(
             "tls_ca_file",
             &pem,
-        )?));
-    } else {
-        tls = tls.root_certs(RootCerts::PlatformVerifier);
-    }
-    if !config.tls_cert_file.is_empty() {
-        let chain = certificates(
-            "tls_cert_file",
-            &read("tls_cert_file", &config.tls_cert_file)?,
-        )?;
-        let key = PrivateKey::from_pem(&read("tls_key_file", &config.tls_key_file)?)
+        )?)),
+        None => tls.root_certs(RootCerts::PlatformVerifier),
+    };
+    if let Some((cert, key)) = files.identity {
+        let chain = certificates("tls_cert_file", &cert)?;
+        let key = PrivateKey::from_pem(&key)
             .map_err(|e| BatchError::Misconfigured(format!("option \"tls_key_file\": {e}")))?;
         tls = tls.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
     }
@@ -861,11 +856,7 @@ mod tests {
     use crate::backend::Kind;
 
     fn config(pairs: &[(&str, &str)]) -> Result<WebhookConfig, ConfigError> {
-        let context = crate::backend::Context {
-            database: "db".into(),
-            ..Default::default()
-        };
-        WebhookConfig::from_options(&Options::new(pairs.iter().copied()).with_context(context))
+        WebhookConfig::from_options(&crate::backend::test_options(None, pairs))
     }
 
     #[test]

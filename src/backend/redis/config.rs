@@ -5,21 +5,11 @@ use std::time::Duration;
 
 use redis::{Client, RedisError};
 
+use crate::backend::binding::Mode;
 use crate::backend::{Config, ConfigError, Options};
 
 /// Most replicas `wait_replicas` may ask for: `broadcaster.redis_wait_replicas`'s bound too.
 pub const MAX_WAIT_REPLICAS: u32 = 64;
-
-/// How an event is laid out in a stream entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MessageMode {
-    /// One field per attribute (`ce_id`, `ce_type`, ...), `content-type` and `data`: the
-    /// CloudEvents Kafka binding's binary mode.
-    #[default]
-    Binary,
-    /// One field holding the whole event as `application/cloudevents+json`.
-    Structured,
-}
 
 /// A Redis backend's configuration.
 #[derive(Clone)]
@@ -41,8 +31,10 @@ pub struct RedisConfig {
     pub stream: String,
     /// `maxlen`: approximate `MAXLEN` for `XADD`; 0 leaves streams untrimmed.
     pub maxlen: u64,
-    /// `message_mode`: `binary` or `structured`.
-    pub mode: MessageMode,
+    /// `message_mode`: `binary` (one field per attribute, `ce_id`, `ce_type`, ..., then
+    /// `content-type` and `data`, as the CloudEvents Kafka binding's binary mode) or
+    /// `structured` (one `cloudevent` field).
+    pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on every network operation; default
     /// `broadcaster.network_timeout`.
     pub timeout: Duration,
@@ -90,7 +82,7 @@ impl Default for RedisConfig {
             stream_prefix: String::new(),
             stream: "events".into(),
             maxlen: 0,
-            mode: MessageMode::Binary,
+            mode: Mode::Binary,
             timeout: Duration::from_secs(2),
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
@@ -136,16 +128,7 @@ impl Config for RedisConfig {
             stream_prefix: options.text("stream_prefix", ""),
             stream: options.text("stream", &default_stream),
             maxlen: options.parse("maxlen", 0)?,
-            mode: match options.get("message_mode").unwrap_or("binary") {
-                "binary" => MessageMode::Binary,
-                "structured" => MessageMode::Structured,
-                other => {
-                    return Err(invalid(
-                        "message_mode",
-                        format!("{other:?}; expected binary or structured"),
-                    ))
-                }
-            },
+            mode: options.message_mode()?,
             timeout: options.timeout("network_timeout")?,
             wait_replicas: options.parse("wait_replicas", 0)?,
             wait_timeout: Duration::from_millis(options.parse("wait_timeout", 1000)?),

@@ -9,7 +9,8 @@ use cloudevents::event::SpecVersion;
 use cloudevents::message::{BinaryDeserializer, BinarySerializer, MessageAttributeValue};
 use redis::{Cmd, RedisWrite};
 
-use super::config::{MessageMode, RedisConfig};
+use super::config::RedisConfig;
+use crate::backend::binding::Mode;
 use crate::backend::Outcome;
 use crate::event::OutboxEvent;
 
@@ -401,18 +402,14 @@ pub(super) static BATCH_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("batch.lua")));
 
 /// Writes the fields of the stream entry for `event` to `out`, as name, value arguments.
-pub(super) fn write_entry(
-    event: &OutboxEvent,
-    mode: MessageMode,
-    out: &mut Cmd,
-) -> Result<(), String> {
+pub(super) fn write_entry(event: &OutboxEvent, mode: Mode, out: &mut Cmd) -> Result<(), String> {
     let serialize_error =
         |e: cloudevents::message::Error| format!("cannot serialize the CloudEvent: {e}");
     let invalid = |e: crate::event::EventError| e.to_string();
     match mode {
         // The attributes through the SDK's binary serializer; the data's bytes as they are,
         // without parsing them.
-        MessageMode::Binary => {
+        Mode::Binary => {
             event
                 .attributes()
                 .map_err(invalid)?
@@ -427,7 +424,7 @@ pub(super) fn write_entry(
         }
         // The stored JSON text as the event's data, unchanged (duplicate keys, formatting):
         // never parsed into a value and printed again.
-        MessageMode::Structured => {
+        Mode::Structured => {
             out.arg("content-type")
                 .arg(STRUCTURED_CONTENT_TYPE)
                 .arg("cloudevent")

@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 
 use redis::{Connection, ConnectionInfo, RedisError};
 
-use super::{Backend, BatchError, Outcome, Pipelined, PublisherBackend};
+use super::{Backend, BatchError, Outcome, Pipelined, PublisherBackend, TlsFiles};
 use crate::event::OutboxEvent;
 
 mod cluster;
@@ -26,7 +26,7 @@ mod tests;
 
 pub use cluster::slot;
 use cluster::ClusterRouter;
-pub use config::{MessageMode, RedisConfig};
+pub use config::RedisConfig;
 pub use encode::STRUCTURED_CONTENT_TYPE;
 use encode::{AheadEncoder, Dialect, Encoded, Encoder, Shape};
 use reply::{classify, receive_script_reply, receive_transaction_replies, script_outcomes};
@@ -86,21 +86,18 @@ impl Backend for RedisStreamBackend {
     type Config = RedisConfig;
 
     fn new(config: RedisConfig) -> Result<Self, BatchError> {
-        let read = |option: &str, path: &str| {
-            std::fs::read(path)
-                .map_err(|e| BatchError::Misconfigured(format!("cannot read {option} {path}: {e}")))
-        };
-        let client_tls = match (config.tls_cert_file.as_str(), config.tls_key_file.as_str()) {
-            ("", _) | (_, "") => None,
-            (cert, key) => Some(redis::ClientTlsConfig {
-                client_cert: read("tls_cert_file", cert)?,
-                client_key: read("tls_key_file", key)?,
-            }),
-        };
-        let root_cert = match config.tls_ca_file.as_str() {
-            "" => None,
-            ca => Some(read("tls_ca_file", ca)?),
-        };
+        let files = TlsFiles::read(
+            &config.tls_ca_file,
+            &config.tls_cert_file,
+            &config.tls_key_file,
+        )?;
+        let client_tls = files
+            .identity
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            });
+        let root_cert = files.ca;
         let certificates =
             (client_tls.is_some() || root_cert.is_some()).then_some(redis::TlsCertificates {
                 client_tls,

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::encode::{arg_bytes, write_entry, BATCH_SCRIPT};
 use super::reply::{classify_message, entry_outcome, script_entry_outcome, server_version};
 use super::*;
+use crate::backend::binding::Mode;
 use crate::backend::{Config, Kind, Options};
 
 fn event() -> OutboxEvent {
@@ -160,7 +161,7 @@ proptest! {
                 extensions: extensions.as_object().cloned().unwrap_or_default(),
                 stream: None,
             };
-            for mode in [MessageMode::Binary, MessageMode::Structured] {
+            for mode in [Mode::Binary, Mode::Structured] {
                 let mut b = backend(RedisConfig {
                     stream: "events".into(),
                     max_event_size: max,
@@ -179,7 +180,7 @@ proptest! {
 }
 
 /// The entry's fields as name, value pairs.
-fn encode(event: &OutboxEvent, mode: MessageMode) -> Result<Fields, String> {
+fn encode(event: &OutboxEvent, mode: Mode) -> Result<Fields, String> {
     let mut cmd = Cmd::new();
     write_entry(event, mode, &mut cmd)?;
     let args: Vec<Vec<u8>> = cmd.args_iter().map(|a| arg_bytes(&a).to_vec()).collect();
@@ -198,7 +199,7 @@ fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
 
 #[test]
 fn binary_mode_has_one_field_per_attribute() {
-    let fields = encode(&event(), MessageMode::Binary).expect("encodes");
+    let fields = encode(&event(), Mode::Binary).expect("encodes");
     assert_eq!(field(&fields, "ce_specversion"), Some("1.0"));
     assert_eq!(
         field(&fields, "ce_id"),
@@ -218,7 +219,7 @@ fn binary_mode_has_one_field_per_attribute() {
 
 #[test]
 fn structured_mode_is_one_cloudevents_json_field() {
-    let fields = encode(&event(), MessageMode::Structured).expect("encodes");
+    let fields = encode(&event(), Mode::Structured).expect("encodes");
     assert_eq!(fields.len(), 2);
     assert_eq!(
         field(&fields, "content-type"),
@@ -270,7 +271,7 @@ fn batch_is_one_transaction_naming_streams_trimming_and_using_idmp_when_availabl
     routed.stream = Some("audit".into());
     routed.partition_key = Some("c-2".into());
     let events = [event(), routed];
-    let fields = encode(&event(), MessageMode::Binary).expect("encodes");
+    let fields = encode(&event(), Mode::Binary).expect("encodes");
     let plain = sent_commands(&mut b, &events);
     assert_eq!(plain.len(), 4, "MULTI, two XADDs, EXEC");
     assert_eq!(plain[0], ["MULTI"]);
@@ -318,7 +319,7 @@ fn a_key_going_to_two_streams_goes_through_the_script() {
     assert_eq!(script[0], "EVALSHA");
     assert_eq!(script[1], BATCH_SCRIPT.get_hash());
     assert_eq!(script[2..9], ["2", "events", "audit", "0", "", "c-1", ""]);
-    let fields = encode(&event(), MessageMode::Binary).expect("encodes");
+    let fields = encode(&event(), Mode::Binary).expect("encodes");
     assert_eq!(script[9], fields.len().to_string());
     assert_eq!(script[10], "ce_specversion");
     assert_eq!(script.len(), 7 + 2 * (3 + 2 * fields.len()));
@@ -469,7 +470,7 @@ fn bad_options_are_refused_without_the_secret() {
     .expect("valid");
     assert_eq!(
         (config.stream.as_str(), config.maxlen, config.mode),
-        ("audit", 100, MessageMode::Structured)
+        ("audit", 100, Mode::Structured)
     );
     assert_eq!(config.timeout, std::time::Duration::from_millis(250));
 }
