@@ -288,12 +288,6 @@ fn publish(c: &mut PgClient, backend: &str, data: &str, key: Option<&str>) -> St
     .get(0)
 }
 
-fn pending(c: &mut PgClient) -> i64 {
-    c.query_one("SELECT count(*) FROM broadcaster_outbox", &[])
-        .expect("count")
-        .get(0)
-}
-
 #[test]
 fn every_attribute_arrives_over_mqtt_5_in_binary_and_structured_mode() {
     let broker = Broker::start();
@@ -307,20 +301,10 @@ fn every_attribute_arrives_over_mqtt_5_in_binary_and_structured_mode() {
         &broker.url(),
         ", stream 'devices/str', message_mode 'structured', client_id 'relay-structured'",
     );
-    let data = r#"{"b": 1, "a": [1.50, "x"], "big": 12345678901234567890}"#;
+    let data = common::EVERY_ATTRIBUTE_DATA;
     let mut ids = HashMap::new();
     for backend in ["mbin", "mstr"] {
-        let id: String = c
-            .query_one(
-                "INSERT INTO broadcaster_outbox (type, source, subject, dataschema, data,
-                    partition_key, extensions, backend)
-                 VALUES ('order.created', '/shop', 'Zürich 100%', 'https://example.com/order.json',
-                    $1::text::json, 'o-1', '{\"tenant\": \"acme\", \"priority\": 3}', $2)
-                 RETURNING id::text",
-                &[&data, &backend],
-            )
-            .expect("insert")
-            .get(0);
+        let id = common::insert_every_attribute(&mut c, backend);
         ids.insert(backend, id);
     }
     let received = subscriber.wait(2);
@@ -388,15 +372,7 @@ fn an_event_over_the_brokers_packet_size_goes_dead_while_others_flow() {
     }
     subscriber.wait(others.len());
     Tally::count(&others, &subscriber.ids()).assert_exactly_once("mqtt, poison beside");
-    let (attempts, error): (i32, String) = wait_for("the big event dead", DEADLINE, || {
-        c.query_opt(
-            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
-            &[&poison],
-        )
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
-    });
+    let (attempts, error) = common::wait_dead(&mut c, &poison);
     assert_eq!(attempts, 2);
     assert!(error.contains(&format!("at most {MAX_PACKET}")), "{error}");
 }
@@ -435,7 +411,7 @@ fn the_broker_restarted_mid_drain_loses_nothing() {
     for chunk in 6..16 {
         commit(&mut c, chunk);
     }
-    let pending_at_restart = pending(&mut c);
+    let pending_at_restart = common::pending(&mut c);
     broker.restart();
     for chunk in 16..20 {
         commit(&mut c, chunk);
@@ -449,31 +425,15 @@ fn the_broker_restarted_mid_drain_loses_nothing() {
         let unique: HashSet<&String> = ids.iter().collect();
         (unique.len() >= TOTAL).then_some(ids)
     });
-    wait_for("the outbox drained", DEADLINE, || {
-        (pending(&mut c) == 0).then_some(())
-    });
+    common::wait_drained(&mut c);
     let tally = Tally::count(&produced, &delivered);
-    println!(
-        "| mqtt, broker restarted mid-drain | {} | {} | {} | {} |",
-        tally.produced, tally.delivered, tally.duplicates, tally.lost
-    );
     // MQTT has no de-duplication: a message whose PUBACK was lost may arrive twice, with its id.
-    assert_eq!((tally.lost, tally.unexpected), (0, 0), "{tally:?}");
+    tally.assert_none_lost("mqtt, broker restarted mid-drain");
     assert!(
         s.cluster.log().contains("broker unavailable"),
         "the relay met the stopped broker"
     );
-    let mut position = HashMap::new();
-    for (n, id) in delivered.iter().enumerate() {
-        position.entry(id.clone()).or_insert(n);
-    }
-    for (key, ids) in &order {
-        let positions: Vec<usize> = ids.iter().map(|id| position[id]).collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
-    }
+    common::assert_commit_order(&delivered, &order);
 }
 
 #[test]
@@ -509,19 +469,14 @@ fn tls_with_a_client_certificate_and_a_password_from_a_user_mapping() {
     // A wrong password: the broker refuses the connection; an outage, nothing counted, and
     // neither password in the log.
     let refused = publish(&mut c, "wrong", "{}", None);
-    wait_for("the refused login in the log", DEADLINE, || {
-        s.cluster
-            .log()
-            .lines()
-            .any(|l| l.contains("backend \"wrong\"") && l.contains("broker unavailable"))
-            .then_some(())
-    });
-    let failures: i64 = c
-        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
-        .expect("failures")
-        .get(0);
+    common::wait_outage(&s.cluster, "wrong");
+    let failures = common::failures(&mut c);
     assert_eq!(failures, 0, "a refused login is no event's fault");
-    assert_eq!(pending(&mut c), 1, "{refused} waits for the login to work");
+    assert_eq!(
+        common::pending(&mut c),
+        1,
+        "{refused} waits for the login to work"
+    );
     assert_eq!(
         subscriber.received().len(),
         1,

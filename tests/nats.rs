@@ -282,20 +282,10 @@ fn every_attribute_arrives_through_jetstream_in_binary_and_structured_mode() {
         &nats.url(),
         ", stream 'orders.str', message_mode 'structured'",
     );
-    let data = r#"{"b": 1, "a": [1.50, "x"], "big": 12345678901234567890}"#;
+    let data = common::EVERY_ATTRIBUTE_DATA;
     let mut ids = HashMap::new();
     for backend in ["nbin", "nstr"] {
-        let id: String = c
-            .query_one(
-                "INSERT INTO broadcaster_outbox (type, source, subject, dataschema, data,
-                    partition_key, extensions, backend)
-                 VALUES ('order.created', '/shop', 'Zürich 100%', 'https://example.com/order.json',
-                    $1::text::json, 'o-1', '{\"tenant\": \"acme\", \"priority\": 3}', $2)
-                 RETURNING id::text",
-                &[&data, &backend],
-            )
-            .expect("insert")
-            .get(0);
+        let id = common::insert_every_attribute(&mut c, backend);
         ids.insert(backend, id);
     }
     let messages = nats.wait_messages("ORDERS", 2);
@@ -396,15 +386,7 @@ fn an_event_to_a_subject_no_stream_listens_on_goes_dead_while_others_flow() {
         .filter_map(|m| header(m, "Nats-Msg-Id"))
         .collect();
     Tally::count(&others, &delivered).assert_exactly_once("nats, poison beside");
-    let (attempts, error): (i32, String) = wait_for("the poison event dead", DEADLINE, || {
-        c.query_opt(
-            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
-            &[&poison],
-        )
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
-    });
+    let (attempts, error) = common::wait_dead(&mut c, &poison);
     assert_eq!(attempts, 2);
     assert!(error.contains("no JetStream stream"), "{error}");
     // An event naming the server's own API as its subject never reaches it: the stream it
@@ -474,7 +456,7 @@ fn the_server_killed_and_restarted_mid_drain_loses_nothing_and_stores_nothing_tw
     for chunk in 6..16 {
         commit(&mut c, chunk);
     }
-    let pending_at_restart = pending(&mut c);
+    let pending_at_restart = common::pending(&mut c);
     nats.restart();
     for chunk in 16..20 {
         commit(&mut c, chunk);
@@ -492,9 +474,7 @@ fn the_server_killed_and_restarted_mid_drain_loses_nothing_and_stores_nothing_tw
         let unique: HashSet<&String> = ids.iter().collect();
         (unique.len() >= TOTAL).then_some(ids)
     });
-    wait_for("the outbox drained", DEADLINE, || {
-        (pending(&mut c) == 0).then_some(())
-    });
+    common::wait_drained(&mut c);
     let tally = Tally::count(&produced, &delivered);
     tally.assert_exactly_once("nats, server killed mid-drain");
     let log = s.cluster.log();
@@ -506,23 +486,7 @@ fn the_server_killed_and_restarted_mid_drain_loses_nothing_and_stores_nothing_tw
         log.contains("broker unavailable"),
         "the relay met the dead server"
     );
-    let mut position = HashMap::new();
-    for (n, id) in delivered.iter().enumerate() {
-        position.entry(id.clone()).or_insert(n);
-    }
-    for (key, ids) in &order {
-        let positions: Vec<usize> = ids.iter().map(|id| position[id]).collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
-    }
-}
-
-fn pending(c: &mut PgClient) -> i64 {
-    c.query_one("SELECT count(*) FROM broadcaster_outbox", &[])
-        .expect("count")
-        .get(0)
+    common::assert_commit_order(&delivered, &order);
 }
 
 #[test]
@@ -539,9 +503,7 @@ fn a_batch_larger_than_the_clients_ack_window_goes_out_whole() {
          SELECT 't', '{}', 'n' FROM generate_series(1, 6000)",
     )
     .expect("insert");
-    wait_for("the outbox drained", DEADLINE, || {
-        (pending(&mut c) == 0).then_some(())
-    });
+    common::wait_drained(&mut c);
     assert_eq!(nats.count("ORDERS"), 6000);
     assert!(
         !s.cluster.log().contains("broker unavailable"),
@@ -582,17 +544,8 @@ fn tls_with_a_client_certificate_and_a_password_from_a_user_mapping() {
     assert_eq!(header(&messages[0], "Nats-Msg-Id"), Some(id));
     // A wrong password: an outage, nothing counted, and neither password in the log.
     let refused = publish(&mut c, "wrong", None, None);
-    wait_for("the refused login in the log", DEADLINE, || {
-        s.cluster
-            .log()
-            .lines()
-            .any(|l| l.contains("backend \"wrong\"") && l.contains("broker unavailable"))
-            .then_some(())
-    });
-    let failures: i64 = c
-        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
-        .expect("failures")
-        .get(0);
+    common::wait_outage(&s.cluster, "wrong");
+    let failures = common::failures(&mut c);
     assert_eq!(failures, 0, "a refused login is no event's fault");
     assert_eq!(nats.count("ORDERS"), 1, "{refused} not stored");
     let log = s.cluster.log();

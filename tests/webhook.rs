@@ -517,10 +517,7 @@ fn a_refused_event_goes_dead_while_others_flow_and_a_5xx_counts_nothing() {
     wait_for("the 503s", DEADLINE, || {
         (receiver.received().len() >= 3).then_some(())
     });
-    let counted: i64 = c
-        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
-        .expect("failures")
-        .get(0);
+    let counted = common::failures(&mut c);
     assert_eq!(counted, 0, "a 503 is an outage, never the event's fault");
     let last_error: Option<String> = c
         .query_one(
@@ -550,23 +547,9 @@ fn a_refused_event_goes_dead_while_others_flow_and_a_5xx_counts_nothing() {
     }
     let delivered = receiver.wait_delivered(others.len());
     Tally::count(&others, &delivered).assert_exactly_once("webhook, poison beside");
-    let (attempts, error): (i32, String) = wait_for("the poison event dead", DEADLINE, || {
-        c.query_opt(
-            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
-            &[&poison],
-        )
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)))
-    });
+    let (attempts, error) = common::wait_dead(&mut c, &poison);
     assert_eq!(attempts, 2);
     assert!(error.contains("HTTP 422"), "{error}");
-}
-
-fn pending(c: &mut PgClient) -> i64 {
-    c.query_one("SELECT count(*) FROM broadcaster_outbox", &[])
-        .expect("count")
-        .get(0)
 }
 
 #[test]
@@ -603,7 +586,7 @@ fn the_receiver_killed_and_restarted_mid_drain_loses_nothing() {
         if !killed && receiver.delivered_ids().len() >= TOTAL / 4 {
             receiver.kill();
             killed = true;
-            pending_at_kill = pending(&mut c);
+            pending_at_kill = common::pending(&mut c);
             std::thread::sleep(Duration::from_secs(1));
             receiver.restart();
         }
@@ -611,7 +594,7 @@ fn the_receiver_killed_and_restarted_mid_drain_loses_nothing() {
     if !killed {
         receiver.wait_delivered(TOTAL / 4);
         receiver.kill();
-        pending_at_kill = pending(&mut c);
+        pending_at_kill = common::pending(&mut c);
         std::thread::sleep(Duration::from_secs(1));
         receiver.restart();
     }
@@ -625,28 +608,14 @@ fn the_receiver_killed_and_restarted_mid_drain_loses_nothing() {
         (unique.len() >= TOTAL).then_some(ids)
     });
     let tally = Tally::count(&produced, &delivered);
-    println!(
-        "| webhook, receiver killed mid-drain | {} | {} | {} | {} |",
-        tally.produced, tally.delivered, tally.duplicates, tally.lost
-    );
-    assert_eq!((tally.lost, tally.unexpected), (0, 0), "{tally:?}");
+    tally.assert_none_lost("webhook, receiver killed mid-drain");
     assert!(
         s.cluster.log().contains("broker unavailable"),
         "the relay met the dead receiver"
     );
     // Duplicates only of an event already delivered, with its id; and each key's events in
     // commit order (by first arrival).
-    let mut first_seen = HashMap::new();
-    for (n, id) in delivered.iter().enumerate() {
-        first_seen.entry(id.clone()).or_insert(n);
-    }
-    for (key, ids) in &order {
-        let positions: Vec<usize> = ids.iter().map(|id| first_seen[id]).collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
-    }
+    common::assert_commit_order(&delivered, &order);
 }
 
 #[test]
@@ -696,10 +665,7 @@ fn https_with_a_client_certificate_and_basic_authentication() {
             .any(|l| l.contains("broker unavailable") && l.contains("certificate verify failed"))
             .then_some(())
     });
-    let failures: i64 = c
-        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
-        .expect("failures")
-        .get(0);
+    let failures = common::failures(&mut c);
     assert_eq!(
         failures, 0,
         "a certificate the relay does not trust is no event's fault"

@@ -779,6 +779,95 @@ pub fn wait_backend(
     )
 }
 
+/// Rows in `c`'s outbox: events pending, and dead ones not yet purged.
+pub fn pending(c: &mut PgClient) -> i64 {
+    c.query_one("SELECT count(*) FROM broadcaster_outbox", &[])
+        .expect("count")
+        .get(0)
+}
+
+/// Waits until `c`'s outbox is empty: every event delivered.
+pub fn wait_drained(c: &mut PgClient) {
+    wait_for("the outbox drained", DEADLINE, || {
+        (pending(c) == 0).then_some(())
+    });
+}
+
+/// Waits until event `id` is dead, and returns its `(attempts, last_error)`.
+pub fn wait_dead(c: &mut PgClient, id: &str) -> (i32, String) {
+    wait_for(&format!("event {id} dead"), DEADLINE, || {
+        c.query_opt(
+            "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
+            &[&id],
+        )
+        .ok()
+        .flatten()
+        .map(|r| (r.get(0), r.get(1)))
+    })
+}
+
+/// Failed attempts counted against events (`broadcaster_failures`' rows): none when the
+/// broker, not an event, was at fault.
+pub fn failures(c: &mut PgClient) -> i64 {
+    c.query_one("SELECT count(*) FROM broadcaster_failures", &[])
+        .expect("failures")
+        .get(0)
+}
+
+/// The data of [`insert_every_attribute`]'s event, as JSON text: key order, a trailing zero and
+/// an integer past 64 bits, all of which a JSON parser on the way would lose.
+pub const EVERY_ATTRIBUTE_DATA: &str = r#"{"b": 1, "a": [1.50, "x"], "big": 12345678901234567890}"#;
+
+/// Commits, for `backend`, an event with every attribute set (`order.created` from `/shop`,
+/// subject `Zürich 100%` to be escaped where a binding escapes, a `dataschema`, partition key
+/// `o-1`, extensions `tenant` = `acme` and `priority` = 3) and [`EVERY_ATTRIBUTE_DATA`];
+/// returns its id.
+pub fn insert_every_attribute(c: &mut PgClient, backend: &str) -> String {
+    c.query_one(
+        "INSERT INTO broadcaster_outbox (type, source, subject, dataschema, data,
+            partition_key, extensions, backend)
+         VALUES ('order.created', '/shop', 'Zürich 100%', 'https://example.com/order.json',
+            $1::text::json, 'o-1', '{\"tenant\": \"acme\", \"priority\": 3}', $2)
+         RETURNING id::text",
+        &[&EVERY_ATTRIBUTE_DATA, &backend],
+    )
+    .expect("insert")
+    .get(0)
+}
+
+/// Asserts that each key's events (`order`: key to ids, in commit order) first arrived in
+/// commit order among `delivered` (ids in arrival order, duplicates included).
+pub fn assert_commit_order(delivered: &[String], order: &HashMap<String, Vec<String>>) {
+    let mut first_seen = HashMap::new();
+    for (n, id) in delivered.iter().enumerate() {
+        first_seen.entry(id.as_str()).or_insert(n);
+    }
+    for (key, ids) in order {
+        let positions: Vec<Option<&usize>> =
+            ids.iter().map(|id| first_seen.get(id.as_str())).collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]) && positions.iter().all(Option::is_some),
+            "key {key} out of order or incomplete: {positions:?}"
+        );
+    }
+}
+
+/// Waits until the server log says backend `name` met an outage (`broker unavailable`).
+pub fn wait_outage(cluster: &Cluster, name: &str) {
+    let backend = format!("backend \"{name}\"");
+    wait_for(
+        &format!("an outage of {backend} in the log"),
+        DEADLINE,
+        || {
+            cluster
+                .log()
+                .lines()
+                .any(|l| l.contains(&backend) && l.contains("broker unavailable"))
+                .then_some(())
+        },
+    );
+}
+
 /// Lines of `text` that contain `needle`.
 pub fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.contains(needle)).collect()
@@ -809,6 +898,21 @@ impl Tally {
             lost: want.iter().filter(|id| !unique.contains(*id)).count(),
             unexpected: unique.iter().filter(|id| !want.contains(*id)).count(),
         }
+    }
+
+    /// Prints the tally as a table row and asserts every produced event arrived, and nothing
+    /// else did: duplicates allowed, for a broker that has no de-duplication (a message sent
+    /// again after its acknowledgement was lost arrives twice, with its id).
+    pub fn assert_none_lost(&self, name: &str) {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            self.produced, self.delivered, self.duplicates, self.lost
+        );
+        assert_eq!(
+            (self.lost, self.unexpected),
+            (0, 0),
+            "{name}: lost, unexpected in {self:?}"
+        );
     }
 
     /// Prints the tally as a table row and asserts every produced event arrived exactly once
