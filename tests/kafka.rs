@@ -123,11 +123,16 @@ impl Broker {
                 file("server.key"),
                 file("ca.pem"),
             );
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("socat.log"))
+                .expect("socat.log");
             tls.child = Some(
                 Command::new("socat")
                     .args([listen, format!("TCP:127.0.0.1:{}", self.port)])
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(log)
                     .spawn()
                     .expect("socat is installed (scripts/setup.sh)"),
             );
@@ -150,9 +155,10 @@ impl Broker {
         });
     }
 
-    /// A tansu command against this broker (`topic create ...`, `user create ...`).
+    /// A tansu command against this broker (`topic create ...`, `user create ...`), on its
+    /// own port: never through its TLS front.
     fn admin(&self, args: &[&str]) {
-        let broker = format!("tcp://{}", self.address());
+        let broker = format!("tcp://127.0.0.1:{}", self.port);
         let out = Command::new(tansu_binary())
             .args(args)
             .args(["--broker", &broker])
@@ -228,11 +234,13 @@ impl Drop for Broker {
             let _ = front.wait();
         }
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- tansu's log, last lines ----");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
+            for (name, file) in [("tansu", "broker.log"), ("socat", "socat.log")] {
+                let log = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {name}'s log, last lines ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -439,9 +447,9 @@ fn the_broker_killed_and_restarted_mid_drain_loses_nothing() {
     for chunk in 6..16 {
         commit(&mut c, chunk);
     }
-    // Away for longer than the client retries on its own (network_timeout, 2 s), so that the
-    // relay meets the outage.
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    // Away for longer than the client waits for a record on its own (twice network_timeout,
+    // 4 s; a refused connection is an outage at once anyway), so that the relay meets it.
+    std::thread::sleep(std::time::Duration::from_secs(6));
     let pending_at_restart = common::pending(&mut c);
     broker.restart();
     for chunk in 16..20 {

@@ -14,9 +14,10 @@
 //!
 //! Where an event goes: its `stream` (or the server's `stream` option) is the topic. A record
 //! the broker refuses for itself (too large, invalid, not authorized for the topic, no such
-//! topic) is the event's fault; no broker, no report within twice `network_timeout` (once to
-//! connect, once for the acknowledgement; librdkafka times each record out, the batch waits at
-//! most a `network_timeout` and a second more), or any other broker error is an outage. The idempotent producer drops duplicates only within one
+//! topic) is the event's fault; no broker, no report within [`record_timeout`] (twice
+//! `network_timeout`, at least 2 s: a new client connects and gets its producer id first;
+//! librdkafka times each record out, the batch waits a second more), or any other broker
+//! error is an outage. The idempotent producer drops duplicates only within one
 //! producer session: a batch sent again after an outage may land twice, with the same `ce_id`
 //! (or `id`) for consumers to drop.
 
@@ -68,13 +69,7 @@ pub struct KafkaConfig {
     /// (`application/cloudevents+json; charset=UTF-8`).
     pub mode: Mode,
     /// `network_timeout` (milliseconds): bound on connecting, and on each request. A record's
-    /// delivery report is awaited for twice that from the moment it is handed to the client:
-    /// a new client connects (TLS, SASL, metadata, then each partition leader) and acquires its
-    /// producer id first. librdkafka waits 0.5 s before it connects to a broker the metadata
-    /// named, and about as long before it asks for the producer id: through TLS and SCRAM on
-    /// loopback, Confluent's Python client took 1.07 s for its first record, and with both
-    /// bounds at 1 s the relay never delivered (each try timed out, the next began with a new
-    /// client).
+    /// delivery report is awaited for longer, see [`record_timeout`].
     pub timeout: Duration,
     /// `client_id`: default `broadcaster-<system identifier, hex>-<database>-<server>`; brokers
     /// log and apply quotas by it.
@@ -95,6 +90,18 @@ impl std::fmt::Debug for KafkaConfig {
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
+}
+
+/// How long a record's delivery report is awaited from the moment it is handed to the client
+/// (librdkafka's `message.timeout.ms`): twice `network_timeout`, and at least 2 s. A new
+/// client connects (TLS, SASL, metadata, then each partition leader) and gets its producer id
+/// before it sends a record, and librdkafka waits about 0.5 s before it connects to a broker
+/// the metadata named and about as long again before it asks for the producer id, whatever the
+/// network. Through TLS and SCRAM on loopback, Confluent's Python client took 1.07 s for its
+/// first record; with this bound at 1 s the relay never delivered there, since each timeout
+/// also starts a new client.
+pub fn record_timeout(network_timeout: Duration) -> Duration {
+    (network_timeout * 2).max(Duration::from_secs(2))
 }
 
 /// Whether `topic` is a Kafka topic name a record can be produced to: 1 to 249 characters of
@@ -444,7 +451,10 @@ impl KafkaBackend {
         let timeout = config.timeout.as_millis();
         // Above linger.ms; request.timeout.ms at most 900,000; the connection's at least 1,000;
         // the wait for a missing topic's metadata at most 3,600,000.
-        let ms = (timeout * 2).clamp(10, 2_147_483_647).to_string();
+        let ms = record_timeout(config.timeout)
+            .as_millis()
+            .clamp(10, 2_147_483_647)
+            .to_string();
         let request = timeout.clamp(10, 900_000).to_string();
         let connect = timeout.clamp(1000, 2_147_483_647).to_string();
         let half = (timeout / 2).clamp(1, 3_600_000).to_string();
@@ -611,8 +621,8 @@ impl PublisherBackend for KafkaBackend {
         // A report was UNKNOWN_SERVER_ERROR.
         let mut unknown = false;
         // librdkafka times each record out itself (message.timeout.ms); this bounds the wait
-        // for its reports beyond that, and for room in its queue.
-        let deadline = Instant::now() + timeout * 3 + Duration::from_secs(1);
+        // for its reports a second beyond that, and for room in its queue.
+        let deadline = Instant::now() + record_timeout(timeout) + Duration::from_secs(1);
         for (i, (event, parts)) in events.iter().zip(parts).enumerate() {
             let parts = match parts {
                 Ok(parts) => parts,
@@ -797,6 +807,15 @@ mod tests {
             "tls_cert_file",
         );
         assert!(check_topic("orders.eu-1_v2").is_ok());
+    }
+
+    #[test]
+    fn a_record_waits_for_a_new_clients_start_at_least() {
+        let ms = |ms: u64| record_timeout(Duration::from_millis(ms)).as_millis();
+        assert_eq!(ms(10), 2000);
+        assert_eq!(ms(1000), 2000);
+        assert_eq!(ms(2000), 4000);
+        assert_eq!(ms(30_000), 60_000);
     }
 
     #[test]
