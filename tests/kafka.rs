@@ -481,23 +481,78 @@ fn the_broker_killed_and_restarted_mid_drain_loses_nothing() {
     common::assert_commit_order(&delivered, &order);
 }
 
-/// The relay's password on the broker of [`sasl_scram_with_a_password_from_a_user_mapping`].
+/// The relay's password on the broker of [`Broker::with_login`].
 const PASSWORD: &str = "s3cret-kafka-pw";
 
-#[test]
-fn sasl_scram_with_a_password_from_a_user_mapping() {
-    // The user and topic made first, then the broker restarted requiring a login: tansu
-    // takes no administration from a client that has not logged in.
-    let mut broker = Broker::start();
-    broker.create_topic("secure.k", 1);
-    broker.admin(&["user", "create", "relay", PASSWORD]);
-    broker.authentication = true;
-    broker.restart();
-    let s = setup(&[
+impl Broker {
+    /// A broker with topic `topic` (one partition) requiring a SASL/SCRAM login, user `relay`
+    /// with [`PASSWORD`]; reached through TLS only when `tls` names the certificates' folder.
+    /// The user and topic are made first, then the broker restarted requiring a login: tansu
+    /// takes no administration from a client that has not logged in.
+    fn with_login(topic: &str, tls: Option<PathBuf>) -> Broker {
+        let mut broker = Broker::start();
+        broker.create_topic(topic, 1);
+        broker.admin(&["user", "create", "relay", PASSWORD]);
+        broker.authentication = true;
+        if let Some(dir) = tls {
+            broker.require_tls(dir);
+        }
+        broker.restart();
+        broker
+    }
+}
+
+/// The login test's cluster: outages retried within a second, the Kafka client's bounds short.
+fn login_setup() -> common::Setup {
+    setup(&[
         ("broadcaster.poll_interval", "200ms"),
         ("broadcaster.retry_max_delay", "1s"),
         ("broadcaster.network_timeout", "1s"),
-    ]);
+    ])
+}
+
+/// Server `good` delivers to `topic`; server `refused`'s event is an outage, nothing counted,
+/// until `fix` (SQL) mends its configuration; then both events are in `topic` once each, in
+/// order, and no password of `passwords` is in the log.
+fn refused_until_fixed(
+    broker: &Broker,
+    s: &common::Setup,
+    topic: &str,
+    (good, refused): (&str, &str),
+    fix: &str,
+    passwords: &[&str],
+) {
+    let mut c = s.cluster.connect();
+    let id = publish(&mut c, good, None);
+    let login = Some(("relay", PASSWORD));
+    let records = broker.records(topic, 1, login);
+    assert_eq!(records[0].id(), id);
+    let waiting = publish(&mut c, refused, None);
+    common::wait_outage(&s.cluster, refused);
+    assert_eq!(
+        common::failures(&mut c),
+        0,
+        "{refused}: an outage, no event's fault"
+    );
+    assert_eq!(common::pending(&mut c), 1, "{waiting} waits for {fix}");
+    c.batch_execute(fix).expect("the fix");
+    common::wait_drained(&mut c);
+    let records = broker.records(topic, 2, login);
+    assert_eq!(
+        ids_in_offset_order(&records),
+        vec![id, waiting],
+        "each once, in order"
+    );
+    let log = s.cluster.log();
+    for password in passwords {
+        assert!(!log.contains(password), "passwords stay out of the log");
+    }
+}
+
+#[test]
+fn sasl_scram_with_a_password_from_a_user_mapping() {
+    let broker = Broker::with_login("secure.k", None);
+    let s = login_setup();
     let mut c = s.cluster.connect();
     let address = broker.address();
     for (name, password) in [("k", PASSWORD), ("wrong", "nope-kafka-pw")] {
@@ -509,38 +564,17 @@ fn sasl_scram_with_a_password_from_a_user_mapping() {
         ))
         .expect("server");
     }
-    let id = publish(&mut c, "k", None);
-    let login = Some(("relay", PASSWORD));
-    let records = broker.records("secure.k", 1, login);
-    assert_eq!(records[0].id(), id);
-    // A wrong password: the broker refuses the login; an outage, nothing counted, and neither
-    // password in the log.
-    let refused = publish(&mut c, "wrong", None);
-    common::wait_outage(&s.cluster, "wrong");
-    let failures = common::failures(&mut c);
-    assert_eq!(failures, 0, "a refused login is no event's fault");
-    assert_eq!(
-        common::pending(&mut c),
-        1,
-        "{refused} waits for the login to work"
-    );
-    // Fixed in the user mapping: it goes out.
-    c.batch_execute(&format!(
-        "ALTER USER MAPPING FOR PUBLIC SERVER wrong
-           OPTIONS (SET url 'kafka://relay:{PASSWORD}@{address}')"
-    ))
-    .expect("fix the password");
-    common::wait_drained(&mut c);
-    let records = broker.records("secure.k", 2, login);
-    assert_eq!(
-        ids_in_offset_order(&records),
-        vec![id, refused],
-        "each once, in order"
-    );
-    let log = s.cluster.log();
-    assert!(
-        !log.contains(PASSWORD) && !log.contains("nope-kafka-pw"),
-        "passwords stay out of the log"
+    // A wrong password: the broker refuses the login. Fixed in the user mapping.
+    refused_until_fixed(
+        &broker,
+        &s,
+        "secure.k",
+        ("k", "wrong"),
+        &format!(
+            "ALTER USER MAPPING FOR PUBLIC SERVER wrong
+               OPTIONS (SET url 'kafka://relay:{PASSWORD}@{address}')"
+        ),
+        &[PASSWORD, "nope-kafka-pw"],
     );
     // Without a login, the broker serves nothing.
     let anonymous = Command::new("python3")
@@ -559,27 +593,17 @@ fn tls_with_a_client_certificate_and_sasl_scram_from_a_user_mapping() {
     let dir = std::env::temp_dir().join(format!("bc-kafka-tls-{}", std::process::id()));
     common::make_certificates(&dir);
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let mut broker = Broker::start();
-    broker.create_topic("secure.t", 1);
-    broker.admin(&["user", "create", "relay", PASSWORD]);
-    broker.authentication = true;
-    broker.require_tls(dir.clone());
-    broker.restart();
-    let s = setup(&[
-        ("broadcaster.poll_interval", "200ms"),
-        ("broadcaster.retry_max_delay", "1s"),
-        ("broadcaster.network_timeout", "1s"),
-    ]);
+    let broker = Broker::with_login("secure.t", Some(dir.clone()));
+    let s = login_setup();
     let mut c = s.cluster.connect();
-    let url = broker.url();
-    let address = broker.address();
+    let (url, address) = (broker.url(), broker.address());
     let ca = format!("tls_ca_file '{}'", path("ca.pem"));
     let identity = format!(
         "tls_cert_file '{}', tls_key_file '{}'",
         path("client.pem"),
         path("client.key")
     );
-    for (name, files) in [("k", format!("{ca}, {identity}")), ("nocert", ca.clone())] {
+    for (name, files) in [("k", format!("{ca}, {identity}")), ("nocert", ca)] {
         c.batch_execute(&format!(
             "CREATE SERVER {name} FOREIGN DATA WRAPPER broadcaster
                OPTIONS (backend 'kafka', url '{url}', stream 'secure.t', {files});
@@ -588,40 +612,18 @@ fn tls_with_a_client_certificate_and_sasl_scram_from_a_user_mapping() {
         ))
         .expect("server");
     }
-    let id = publish(&mut c, "k", None);
-    let login = Some(("relay", PASSWORD));
-    let records = broker.records("secure.t", 1, login);
-    assert_eq!(records[0].id(), id);
-    // Without its certificate the relay gets no TLS session: an outage, nothing counted.
-    let refused = publish(&mut c, "nocert", None);
-    common::wait_outage(&s.cluster, "nocert");
-    assert_eq!(
-        common::failures(&mut c),
-        0,
-        "a refused handshake is no event's fault"
-    );
-    assert_eq!(
-        common::pending(&mut c),
-        1,
-        "{refused} waits for the certificate"
-    );
-    // Given its certificate: it goes out, after the first.
-    c.batch_execute(&format!(
-        "ALTER SERVER nocert OPTIONS (ADD tls_cert_file '{}', ADD tls_key_file '{}')",
-        path("client.pem"),
-        path("client.key")
-    ))
-    .expect("give the certificate");
-    common::wait_drained(&mut c);
-    let records = broker.records("secure.t", 2, login);
-    assert_eq!(
-        ids_in_offset_order(&records),
-        vec![id, refused],
-        "each once, in order"
-    );
-    assert!(
-        !s.cluster.log().contains(PASSWORD),
-        "the password stays out of the log"
+    // Without its certificate the relay gets no TLS session. Given it with ALTER SERVER.
+    refused_until_fixed(
+        &broker,
+        &s,
+        "secure.t",
+        ("k", "nocert"),
+        &format!(
+            "ALTER SERVER nocert OPTIONS (ADD tls_cert_file '{}', ADD tls_key_file '{}')",
+            path("client.pem"),
+            path("client.key")
+        ),
+        &[PASSWORD],
     );
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
